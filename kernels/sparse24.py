@@ -1,0 +1,263 @@
+"""Triton kernels for 2:4 semi-structured sparse matmul.
+
+The weight arrives compressed (see ``sparsekit.formats.sparse24``): ``values``
+``(N, Kp/2)`` and 4-bit-per-group ``meta`` ``(N, Kp/8)`` uint8.  Every kernel
+reads only the compressed bytes from memory and expands a ``(BLOCK_N,
+BLOCK_K)`` dense tile in registers (two selects per element), so the DRAM
+traffic for the weight is ~56% of a dense fp16 weight.  All bit handling is
+plain integer ops, so the same code runs under ``TRITON_INTERPRET=1``.
+
+Kernels:
+  * ``_sp24_fwd``:    Y = X @ W^T (+ bias); tiles (M, N), loops over K, with an
+                       optional split over K (fp32 atomics) for small M.
+  * ``_sp24_dx``:     dX = dY @ W; tiles (M, K), loops over N.
+  * ``_sp24_dvalues``: dW = dY^T @ X on (N, K) tiles, then only the stored
+                       positions are written, in ``values`` layout.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += a @ b with fp32 accumulation.
+
+    UPCAST (interpreter launches with bf16 operands only): the Triton
+    interpreter's bf16 ``tl.dot`` is wrong, so operands are widened to fp32
+    first -- exact for bf16 inputs, so the math is unchanged.
+    """
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _expand_tile(v_ptr, m_ptr, offs_n, offs_g, stride_vn, stride_mn, N, G,
+                 BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Dense (BLOCK_N, 4*BLOCK_G) tile of W for rows offs_n and groups offs_g."""
+    mask = (offs_n[:, None] < N) & (offs_g[None, :] < G)
+    vp = v_ptr + offs_n[:, None] * stride_vn + 2 * offs_g[None, :]
+    v0 = tl.load(vp, mask=mask, other=0.0)
+    v1 = tl.load(vp + 1, mask=mask, other=0.0)
+    byte = tl.load(m_ptr + offs_n[:, None] * stride_mn + (offs_g[None, :] >> 1), mask=mask, other=0).to(tl.int32)
+    nib = (byte >> ((offs_g[None, :] & 1) * 4)) & 0xF
+    i0 = nib & 3
+    i1 = nib >> 2
+    c = tl.arange(0, 4)[None, None, :]
+    zero = tl.zeros((BLOCK_N, BLOCK_G, 4), dtype=v0.dtype)
+    w3 = tl.where(c == i0[:, :, None], v0[:, :, None], tl.where(c == i1[:, :, None], v1[:, :, None], zero))
+    return tl.reshape(w3, (BLOCK_N, 4 * BLOCK_G))
+
+
+@triton.jit
+def _sp24_fwd(X, V, MT, B, Y,
+              M, N, K, G,
+              stride_xm, stride_xk, stride_vn, stride_mn, stride_ym, stride_yn,
+              HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_n = (N + BLOCK_N - 1) // BLOCK_N
+    # grouped ordering: GROUP_M row-tiles share each column of W tiles in L2
+    width = GROUP_M * num_n
+    group_id = pid // width
+    first_m = group_id * GROUP_M
+    gsize = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gsize
+    pid_n = (pid % width) // gsize
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    BLOCK_G: tl.constexpr = BLOCK_K // 4
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_tiles = (K + BLOCK_K - 1) // BLOCK_K
+    for kt in range(pid_k, k_tiles, SPLIT_K):
+        offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        offs_g = kt * BLOCK_G + tl.arange(0, BLOCK_G)
+        w = _expand_tile(V, MT, offs_n, offs_g, stride_vn, stride_mn, N, G, BLOCK_N, BLOCK_G)
+        acc = _dot(x, tl.trans(w), acc, IEEE, UPCAST)
+    ymask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    yp = Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(B + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(yp, acc.to(Y.dtype.element_ty), mask=ymask)
+    else:
+        if HAS_BIAS:
+            if pid_k == 0:
+                acc += tl.load(B + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.atomic_add(yp, acc, mask=ymask)
+
+
+@triton.jit
+def _sp24_dx(DY, V, MT, DX,
+             M, N, K, G,
+             stride_dym, stride_dyn, stride_vn, stride_mn, stride_dxm, stride_dxk,
+             IEEE: tl.constexpr, UPCAST: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    BLOCK_G: tl.constexpr = BLOCK_K // 4
+    offs_g = pid_k * BLOCK_G + tl.arange(0, BLOCK_G)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        dy = tl.load(DY + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+        w = _expand_tile(V, MT, offs_n, offs_g, stride_vn, stride_mn, N, G, BLOCK_N, BLOCK_G)
+        acc = _dot(dy, w, acc, IEEE, UPCAST)
+    tl.store(DX + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk, acc.to(DX.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+
+
+@triton.jit
+def _sp24_dvalues(DY, X, MT, DV,
+                  M, N, K, G,
+                  stride_dym, stride_dyn, stride_xm, stride_xk, stride_mn, stride_dvn,
+                  IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    BLOCK_G: tl.constexpr = BLOCK_K // 4
+    offs_g = pid_k * BLOCK_G + tl.arange(0, BLOCK_G)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        dyt = tl.load(DY + offs_n[:, None] * stride_dyn + offs_m[None, :] * stride_dym,
+                      mask=(offs_n[:, None] < N) & (offs_m[None, :] < M), other=0.0)
+        x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        acc = _dot(dyt, x, acc, IEEE, UPCAST)
+    # keep only the stored positions of each group, in values layout
+    gmask = (offs_n[:, None] < N) & (offs_g[None, :] < G)
+    byte = tl.load(MT + offs_n[:, None] * stride_mn + (offs_g[None, :] >> 1), mask=gmask, other=0).to(tl.int32)
+    nib = (byte >> ((offs_g[None, :] & 1) * 4)) & 0xF
+    i0 = nib & 3
+    i1 = nib >> 2
+    c = tl.arange(0, 4)[None, None, :]
+    a3 = tl.reshape(acc, (BLOCK_N, BLOCK_G, 4))
+    g0 = tl.sum(tl.where(c == i0[:, :, None], a3, 0.0), axis=2)
+    g1 = tl.sum(tl.where(c == i1[:, :, None], a3, 0.0), axis=2)
+    dp = DV + offs_n[:, None] * stride_dvn + 2 * offs_g[None, :]
+    tl.store(dp, g0.to(DV.dtype.element_ty), mask=gmask)
+    tl.store(dp + 1, g1.to(DV.dtype.element_ty), mask=gmask)
+
+
+# ----------------------------------------------------------------------------
+# launch configuration
+
+def _is_ieee(dtype: torch.dtype) -> bool:
+    if dtype != torch.float32:
+        return False
+    return not torch.backends.cuda.matmul.allow_tf32
+
+
+def fwd_config(M: int, N: int, K: int, dtype: torch.dtype, num_sms: int = 132) -> dict:
+    """Tile configuration for the forward kernel by M bucket (GemLite-style).
+
+    Small M is memory bound: a 16-row tile (the smallest tensor-core M) with a
+    long K step, and split-K when the N tiles alone cannot fill the GPU.
+    """
+    if M <= 16:
+        cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+    elif M <= 64:
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4, num_stages=4)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    if dtype == torch.float32:
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 32)
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    k_tiles = triton.cdiv(K, cfg["BLOCK_K"])
+    split = 1
+    if M <= 64:
+        while tiles * split < num_sms and split * 2 <= k_tiles // 4 and split < 16:
+            split *= 2
+    cfg["SPLIT_K"] = split
+    return cfg
+
+
+_INTERP_FWD = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2, SPLIT_K=1)
+
+
+def _interpreting(t: torch.Tensor) -> bool:
+    return not t.is_cuda
+
+
+def _upcast(t: torch.Tensor) -> bool:
+    return _interpreting(t) and t.dtype == torch.bfloat16
+
+
+def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, K: int,
+                    bias: torch.Tensor | None, out: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """``out[M, N] = x[M, K] @ W^T (+ bias)``; x 2-D (any strides), out preallocated."""
+    M = x.shape[0]
+    N = values.shape[0]
+    G = values.shape[1] // 2
+    if config is None:
+        if _interpreting(x):
+            config = dict(_INTERP_FWD)
+        else:
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+            config = fwd_config(M, N, K, x.dtype, sms)
+    cfg = dict(config)
+    split = cfg.pop("SPLIT_K", 1)
+    target = out if split == 1 else torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
+    _sp24_fwd[grid](x, values, meta, bias if bias is not None else values, target,
+                    M, N, K, G,
+                    x.stride(0), x.stride(1), values.stride(0), meta.stride(0), target.stride(0), target.stride(1),
+                    HAS_BIAS=bias is not None, IEEE=_is_ieee(x.dtype), UPCAST=_upcast(x), SPLIT_K=split, **cfg)
+    if split != 1:
+        out.copy_(target)
+    return out
+
+
+def sparse24_grad_input(dy: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, K: int,
+                        out: torch.Tensor) -> torch.Tensor:
+    """``out[M, K] = dy[M, N] @ W``."""
+    M, N = dy.shape
+    G = values.shape[1] // 2
+    if _interpreting(dy):
+        cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)
+    elif dy.dtype == torch.float32:
+        cfg = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=3)
+    else:
+        cfg = dict(BLOCK_M=64 if M <= 64 else 128, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=3)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]))
+    _sp24_dx[grid](dy, values, meta, out, M, N, K, G,
+                   dy.stride(0), dy.stride(1), values.stride(0), meta.stride(0), out.stride(0), out.stride(1),
+                   IEEE=_is_ieee(dy.dtype), UPCAST=_upcast(dy), **cfg)
+    return out
+
+
+def sparse24_grad_values(dy: torch.Tensor, x: torch.Tensor, meta: torch.Tensor, K: int,
+                         out: torch.Tensor) -> torch.Tensor:
+    """``out`` (values layout, ``(N, Kp/2)``) = (dy^T @ x) at the stored positions."""
+    M, N = dy.shape
+    G = out.shape[1] // 2
+    if _interpreting(dy):
+        cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)
+    elif dy.dtype == torch.float32:
+        cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+    else:
+        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(4 * G, cfg["BLOCK_K"]))
+    _sp24_dvalues[grid](dy, x, meta, out, M, N, K, G,
+                        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), meta.stride(0), out.stride(0),
+                        IEEE=_is_ieee(dy.dtype), UPCAST=_upcast(dy), **cfg)
+    return out

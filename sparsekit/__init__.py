@@ -1,0 +1,8 @@
+"""sparsekit: kernels for sparse and low-bit neural networks on NVIDIA GPUs."""
+__version__ = "0.1.0"
+
+from . import formats, ops, prune, testing  # noqa: E402
+from . import nn  # noqa: E402
+from .convert import Sparse24Config, sparsify_  # noqa: E402
+
+__all__ = ["__version__", "formats", "ops", "prune", "testing", "nn", "Sparse24Config", "sparsify_"]

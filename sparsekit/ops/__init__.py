@@ -1,0 +1,14 @@
+"""Public functional ops (registered with torch.library) and backend dispatch."""
+from .dispatch import BACKENDS, ENV_VAR, available_backends, resolve
+from .sparse24 import sparse24_linear, sparse24_linear_packed
+
+
+def select_backend(op: str, x, weight=None) -> str:
+    """The backend ``op`` would choose for input ``x`` (no forcing argument)."""
+    k = x.shape[-1] if x.dim() else 1
+    m = x.numel() // max(k, 1)
+    return resolve(op, x.device, None, m)
+
+
+__all__ = ["BACKENDS", "ENV_VAR", "available_backends", "resolve", "select_backend",
+           "sparse24_linear", "sparse24_linear_packed"]

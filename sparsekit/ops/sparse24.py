@@ -1,0 +1,215 @@
+"""2:4 sparse linear: ``y = x @ W^T + bias`` with a compressed 2:4 weight.
+
+Three ``torch.library`` custom ops (fake implementations included, so they
+trace under ``torch.compile``):
+
+* ``sparsekit::sparse24_linear``       forward, with autograd
+* ``sparsekit::sparse24_grad_input``   dX = dY @ W
+* ``sparsekit::sparse24_grad_values``  dValues = (dY^T @ X) at the stored positions
+
+The gradient of the weight is taken with respect to the stored ``values``
+only, so the 2:4 mask is preserved through fine-tuning.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import testing as _testing
+from ..formats.sparse24 import Sparse24Weight, padded_k
+from . import dispatch
+
+__all__ = ["sparse24_linear", "sparse24_linear_packed"]
+
+for _op in ("sparse24_linear", "sparse24_grad_input", "sparse24_grad_values"):
+    dispatch.register(_op)
+
+
+def _kernels(backend: str):
+    from .. import kernels  # sparsekit.kernels
+
+    return kernels.load("sparse24", interpret=(backend == "interpret"))
+
+
+def _dense_from(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Tensor:
+    n = values.shape[0]
+    return Sparse24Weight(values, meta, (n, k)).to_dense()
+
+
+def _cols(meta: torch.Tensor) -> torch.Tensor:
+    idx = Sparse24Weight.decode_indices(meta)
+    base = 4 * torch.arange(idx.shape[1], device=meta.device).view(1, -1, 1)
+    return (base + idx).reshape(meta.shape[0], -1)
+
+
+def _as_2d(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+# ---------------------------------------------------------------------- forward
+@torch.library.custom_op("sparsekit::sparse24_linear", mutates_args=())
+def _sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, in_features: int,
+                     bias: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+    n = values.shape[0]
+    lead = x.shape[:-1]
+    if backend == "reference":
+        w = _dense_from(values, meta, in_features)
+        return F.linear(x, w, bias).contiguous()
+    x2 = _as_2d(x)
+    out = _testing.alloc_output((x2.shape[0], n), x.dtype, x.device)
+    if x2.shape[0] > 0 and n > 0:
+        if in_features == 0:
+            out.zero_()
+            if bias is not None:
+                out += bias
+        elif backend == "cuda":
+            from . import _cuda
+
+            out = _cuda.sparse24_linear(x2, values, meta, in_features, bias)
+        else:
+            _kernels(backend).sparse24_linear(x2, values, meta, in_features, bias, out)
+    return out.reshape(*lead, n)
+
+
+@_sparse24_linear.register_fake
+def _(x, values, meta, in_features, bias, backend):
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+# ---------------------------------------------------------------------- backward ops
+@torch.library.custom_op("sparsekit::sparse24_grad_input", mutates_args=())
+def _sparse24_grad_input(grad: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, in_features: int,
+                         backend: str) -> torch.Tensor:
+    lead = grad.shape[:-1]
+    if backend == "reference":
+        w = _dense_from(values, meta, in_features)
+        return (grad @ w).contiguous()
+    g2 = _as_2d(grad)
+    out = _testing.alloc_output((g2.shape[0], in_features), grad.dtype, grad.device)
+    if out.numel():
+        if values.shape[0] == 0:
+            out.zero_()
+        else:
+            _kernels(backend).sparse24_grad_input(g2, values, meta, in_features, out)
+    return out.reshape(*lead, in_features)
+
+
+@_sparse24_grad_input.register_fake
+def _(grad, values, meta, in_features, backend):
+    return grad.new_empty((*grad.shape[:-1], in_features))
+
+
+@torch.library.custom_op("sparsekit::sparse24_grad_values", mutates_args=())
+def _sparse24_grad_values(grad: torch.Tensor, x: torch.Tensor, meta: torch.Tensor, in_features: int,
+                          backend: str) -> torch.Tensor:
+    n = meta.shape[0]
+    kp = padded_k(in_features)
+    g2 = _as_2d(grad)
+    x2 = _as_2d(x)
+    if backend == "reference":
+        dw = g2.transpose(0, 1) @ x2
+        if kp != in_features:
+            dw = F.pad(dw, (0, kp - in_features))
+        return torch.gather(dw, 1, _cols(meta)).contiguous()
+    out = _testing.alloc_output((n, kp // 2), grad.dtype, grad.device)
+    if out.numel():
+        if g2.shape[0] == 0:
+            out.zero_()
+        else:
+            _kernels(backend).sparse24_grad_values(g2, x2, meta, in_features, out)
+    return out
+
+
+@_sparse24_grad_values.register_fake
+def _(grad, x, meta, in_features, backend):
+    return grad.new_empty((meta.shape[0], padded_k(in_features) // 2))
+
+
+# ---------------------------------------------------------------------- autograd
+def _setup_context(ctx, inputs, output):
+    x, values, meta, in_features, bias, backend = inputs
+    ctx.save_for_backward(x, values, meta)
+    ctx.in_features = in_features
+    ctx.backend = backend
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, values, meta = ctx.saved_tensors
+    k = ctx.in_features
+    gx = gv = gb = None
+    m = grad.numel() // max(grad.shape[-1], 1)
+    forced = ctx.backend if ctx.backend != "auto" else None
+    if ctx.needs_input_grad[0]:
+        b = dispatch.resolve("sparse24_grad_input", grad.device, forced, m)
+        gx = _sparse24_grad_input(grad, values, meta, k, b)
+    if ctx.needs_input_grad[1]:
+        b = dispatch.resolve("sparse24_grad_values", grad.device, forced, m)
+        gv = _sparse24_grad_values(grad, x, meta, k, b)
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        gb = _as_2d(grad).sum(0)
+    return gx, gv, None, None, gb, None
+
+
+_sparse24_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------- public API
+def _check(x, values, meta, in_features, bias):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., in_features)")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dim but the weight expects in_features={in_features}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be floating point, got {x.dtype}")
+    if x.dtype != values.dtype:
+        raise TypeError(f"x dtype {x.dtype} does not match the weight dtype {values.dtype}; cast one of them")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"sparse24_linear supports float16, bfloat16 and float32, got {x.dtype}")
+    if x.device != values.device:
+        raise ValueError(f"x is on {x.device} but the weight is on {values.device}")
+    if meta.device != values.device or meta.dtype != torch.uint8:
+        raise ValueError("meta must be a uint8 tensor on the weight's device")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
+        if bias.shape != (values.shape[0],):
+            raise ValueError(f"bias must have shape ({values.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype or bias.device != x.device:
+            raise TypeError(f"bias must match x ({x.dtype} on {x.device}), got {bias.dtype} on {bias.device}")
+
+
+def sparse24_linear_packed(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, in_features: int,
+                           bias: Optional[torch.Tensor] = None, *, backend: Optional[str] = None) -> torch.Tensor:
+    """:func:`sparse24_linear` on the raw ``values``/``meta`` tensors (what modules hold)."""
+    _check(x, values, meta, in_features, bias)
+    m = x.numel() // max(in_features, 1) if in_features else x.numel()
+    chosen = dispatch.resolve("sparse24_linear", x.device, backend, m)
+    if chosen == "cuda":
+        from . import _cuda
+
+        if m > _cuda.MAX_M:
+            if backend is not None:
+                raise ValueError(f"the 'cuda' 2:4 kernel handles at most {_cuda.MAX_M} rows, got {m}")
+            chosen = "triton"
+    return _sparse24_linear(x, values, meta, in_features, bias, chosen)
+
+
+def sparse24_linear(x: torch.Tensor, weight: Sparse24Weight, bias: Optional[torch.Tensor] = None, *,
+                    backend: Optional[str] = None) -> torch.Tensor:
+    """``y = x @ W^T (+ bias)`` for a 2:4 :class:`Sparse24Weight` ``W`` of shape (N, K).
+
+    ``x`` is ``(..., K)`` in the weight's dtype (float16, bfloat16 or float32)
+    with any strides; the result is ``(..., N)``.  ``backend`` forces one of
+    ``cuda``, ``triton``, ``interpret``, ``reference`` (default: chosen per
+    device and M, or ``SPARSEKIT_BACKEND``).  Differentiable in ``x``, the
+    stored values and ``bias``.
+    """
+    if not isinstance(weight, Sparse24Weight):
+        raise TypeError(f"weight must be a Sparse24Weight, got {type(weight).__name__} "
+                        "(compress a dense weight with Sparse24Weight.from_dense)")
+    return sparse24_linear_packed(x, weight.values, weight.meta, weight.in_features, bias, backend=backend)
