@@ -39,17 +39,33 @@ def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _expand_tile(v_ptr, m_ptr, offs_n, offs_g, stride_vn, stride_mn, N, G,
+def _group_codes(m_ptr, offs_n, g_start, stride_mn, N, G, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """(i0, i1): kept positions (0..3) of groups g_start .. g_start+BLOCK_G-1,
+    each (BLOCK_N, BLOCK_G) int32.
+
+    g_start is even (BLOCK_G is), so each metadata byte (two groups) is loaded
+    once and both nibbles are unpacked.
+    """
+    offs_b = g_start // 2 + tl.arange(0, BLOCK_G // 2)
+    bmask = (offs_n[:, None] < N) & (2 * offs_b[None, :] < G)
+    byte = tl.load(m_ptr + offs_n[:, None] * stride_mn + offs_b[None, :], mask=bmask, other=0).to(tl.int32)
+    nib = tl.reshape(tl.join(byte & 0xF, byte >> 4), (BLOCK_N, BLOCK_G))
+    return nib & 3, nib >> 2
+
+
+@triton.jit
+def _expand_tile(v_ptr, m_ptr, offs_n, g_start, stride_vn, stride_mn, N, G,
                  BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
-    """Dense (BLOCK_N, 4*BLOCK_G) tile of W for rows offs_n and groups offs_g."""
-    mask = (offs_n[:, None] < N) & (offs_g[None, :] < G)
-    vp = v_ptr + offs_n[:, None] * stride_vn + 2 * offs_g[None, :]
-    v0 = tl.load(vp, mask=mask, other=0.0)
-    v1 = tl.load(vp + 1, mask=mask, other=0.0)
-    byte = tl.load(m_ptr + offs_n[:, None] * stride_mn + (offs_g[None, :] >> 1), mask=mask, other=0).to(tl.int32)
-    nib = (byte >> ((offs_g[None, :] & 1) * 4)) & 0xF
-    i0 = nib & 3
-    i1 = nib >> 2
+    """Dense (BLOCK_N, 4*BLOCK_G) tile of W for rows offs_n, groups from g_start.
+
+    Reads BLOCK_G value pairs per row as one contiguous run, then places each
+    pair at its two decoded positions with two selects per dense element.
+    """
+    offs_v = 2 * g_start + tl.arange(0, 2 * BLOCK_G)
+    vmask = (offs_n[:, None] < N) & (offs_v[None, :] < 2 * G)
+    v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_v[None, :], mask=vmask, other=0.0)
+    v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, BLOCK_G, 2)))
+    i0, i1 = _group_codes(m_ptr, offs_n, g_start, stride_mn, N, G, BLOCK_N, BLOCK_G)
     c = tl.arange(0, 4)[None, None, :]
     zero = tl.zeros((BLOCK_N, BLOCK_G, 4), dtype=v0.dtype)
     w3 = tl.where(c == i0[:, :, None], v0[:, :, None], tl.where(c == i1[:, :, None], v1[:, :, None], zero))
@@ -84,8 +100,7 @@ def _sp24_fwd(X, V, MT, B, Y,
         offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        offs_g = kt * BLOCK_G + tl.arange(0, BLOCK_G)
-        w = _expand_tile(V, MT, offs_n, offs_g, stride_vn, stride_mn, N, G, BLOCK_N, BLOCK_G)
+        w = _expand_tile(V, MT, offs_n, kt * BLOCK_G, stride_vn, stride_mn, N, G, BLOCK_N, BLOCK_G)
         acc = _dot(x, tl.trans(w), acc, IEEE, UPCAST)
     ymask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     yp = Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
@@ -111,13 +126,12 @@ def _sp24_dx(DY, V, MT, DX,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     BLOCK_G: tl.constexpr = BLOCK_K // 4
-    offs_g = pid_k * BLOCK_G + tl.arange(0, BLOCK_G)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         dy = tl.load(DY + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
-        w = _expand_tile(V, MT, offs_n, offs_g, stride_vn, stride_mn, N, G, BLOCK_N, BLOCK_G)
+        w = _expand_tile(V, MT, offs_n, pid_k * BLOCK_G, stride_vn, stride_mn, N, G, BLOCK_N, BLOCK_G)
         acc = _dot(dy, w, acc, IEEE, UPCAST)
     tl.store(DX + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk, acc.to(DX.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
@@ -134,7 +148,6 @@ def _sp24_dvalues(DY, X, MT, DV,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     BLOCK_G: tl.constexpr = BLOCK_K // 4
-    offs_g = pid_k * BLOCK_G + tl.arange(0, BLOCK_G)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -144,18 +157,16 @@ def _sp24_dvalues(DY, X, MT, DV,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         acc = _dot(dyt, x, acc, IEEE, UPCAST)
     # keep only the stored positions of each group, in values layout
-    gmask = (offs_n[:, None] < N) & (offs_g[None, :] < G)
-    byte = tl.load(MT + offs_n[:, None] * stride_mn + (offs_g[None, :] >> 1), mask=gmask, other=0).to(tl.int32)
-    nib = (byte >> ((offs_g[None, :] & 1) * 4)) & 0xF
-    i0 = nib & 3
-    i1 = nib >> 2
+    i0, i1 = _group_codes(MT, offs_n, pid_k * BLOCK_G, stride_mn, N, G, BLOCK_N, BLOCK_G)
     c = tl.arange(0, 4)[None, None, :]
     a3 = tl.reshape(acc, (BLOCK_N, BLOCK_G, 4))
     g0 = tl.sum(tl.where(c == i0[:, :, None], a3, 0.0), axis=2)
     g1 = tl.sum(tl.where(c == i1[:, :, None], a3, 0.0), axis=2)
-    dp = DV + offs_n[:, None] * stride_dvn + 2 * offs_g[None, :]
-    tl.store(dp, g0.to(DV.dtype.element_ty), mask=gmask)
-    tl.store(dp + 1, g1.to(DV.dtype.element_ty), mask=gmask)
+    # interleave back to the (v0, v1) pair layout: one contiguous run per row
+    offs_v = 2 * pid_k * BLOCK_G + tl.arange(0, 2 * BLOCK_G)
+    gv = tl.reshape(tl.join(g0, g1), (BLOCK_N, 2 * BLOCK_G))
+    tl.store(DV + offs_n[:, None] * stride_dvn + offs_v[None, :], gv.to(DV.dtype.element_ty),
+             mask=(offs_n[:, None] < N) & (offs_v[None, :] < 2 * G))
 
 
 # ----------------------------------------------------------------------------
