@@ -36,8 +36,8 @@ def _cuda_extensions():
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"] + gencode,
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + gencode,
         },
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

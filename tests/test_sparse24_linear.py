@@ -198,6 +198,8 @@ def test_dispatch_tables_are_well_formed():
             assert rows and rows[-1]["max_m"] is None, f"{name}:{op} needs a catch-all last row"
             for r in rows:
                 assert r["backend"] in dispatch.BACKENDS
+                if r["backend"] == "cuda":
+                    assert r["max_m"] is not None and r["max_m"] <= 16
 
 
 # ------------------------------------------------------------------ torch.library

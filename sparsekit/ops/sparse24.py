@@ -23,8 +23,10 @@ from . import dispatch
 
 __all__ = ["sparse24_linear", "sparse24_linear_packed"]
 
-for _op in ("sparse24_linear", "sparse24_grad_input", "sparse24_grad_values"):
-    dispatch.register(_op)
+dispatch.register("sparse24_linear")
+# the backward ops run on the forward's backend (the csrc kernel is forward-only:
+# a 'cuda' forward differentiates with the Triton kernels)
+_BACKWARD_BACKEND = {"cuda": "triton", "triton": "triton", "interpret": "interpret", "reference": "reference"}
 
 
 def _kernels(backend: str):
@@ -139,15 +141,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     x, values, meta = ctx.saved_tensors
     k = ctx.in_features
+    backend = _BACKWARD_BACKEND[ctx.backend]
     gx = gv = gb = None
-    m = grad.numel() // max(grad.shape[-1], 1)
-    forced = ctx.backend if ctx.backend != "auto" else None
     if ctx.needs_input_grad[0]:
-        b = dispatch.resolve("sparse24_grad_input", grad.device, forced, m)
-        gx = _sparse24_grad_input(grad, values, meta, k, b)
+        gx = _sparse24_grad_input(grad, values, meta, k, backend)
     if ctx.needs_input_grad[1]:
-        b = dispatch.resolve("sparse24_grad_values", grad.device, forced, m)
-        gv = _sparse24_grad_values(grad, x, meta, k, b)
+        gv = _sparse24_grad_values(grad, x, meta, k, backend)
     if ctx.has_bias and ctx.needs_input_grad[4]:
         gb = _as_2d(grad).sum(0)
     return gx, gv, None, None, gb, None
@@ -187,15 +186,14 @@ def sparse24_linear_packed(x: torch.Tensor, values: torch.Tensor, meta: torch.Te
                            bias: Optional[torch.Tensor] = None, *, backend: Optional[str] = None) -> torch.Tensor:
     """:func:`sparse24_linear` on the raw ``values``/``meta`` tensors (what modules hold)."""
     _check(x, values, meta, in_features, bias)
-    m = x.numel() // max(in_features, 1) if in_features else x.numel()
+    m = x.numel() // in_features if in_features else x.numel()
     chosen = dispatch.resolve("sparse24_linear", x.device, backend, m)
     if chosen == "cuda":
         from . import _cuda
 
         if m > _cuda.MAX_M:
-            if backend is not None:
-                raise ValueError(f"the 'cuda' 2:4 kernel handles at most {_cuda.MAX_M} rows, got {m}")
-            chosen = "triton"
+            raise ValueError(f"the 'cuda' 2:4 kernel handles at most {_cuda.MAX_M} rows (M), got M={m}; "
+                             "use backend='triton' or automatic dispatch")
     return _sparse24_linear(x, values, meta, in_features, bias, chosen)
 
 
