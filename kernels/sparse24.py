@@ -22,20 +22,36 @@ import triton.language as tl
 
 
 @triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+def _dot(a, b, acc, IEEE: tl.constexpr, INTERP_BF16: tl.constexpr):
     """acc += a @ b with fp32 accumulation.
 
-    UPCAST (interpreter launches with bf16 operands only): the Triton
+    INTERP_BF16 (interpreter launches with bf16 operands only): the Triton
     interpreter's bf16 ``tl.dot`` is wrong, so operands are widened to fp32
     first -- exact for bf16 inputs, so the math is unchanged.
     """
-    if UPCAST:
+    if INTERP_BF16:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     if IEEE:
         return tl.dot(a, b, acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _cast_out(acc, OUT_DTYPE: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """fp32 -> output dtype, round to nearest even.
+
+    The interpreter truncates fp32 -> bf16 casts, so interpreted bf16 launches
+    round by hand: add 0x7FFF plus the kept LSB to the bit pattern, then keep
+    the high half.  Compiled launches use the hardware conversion.
+    """
+    if INTERP_BF16:
+        bits = acc.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return acc.to(OUT_DTYPE)
 
 
 @triton.jit
@@ -76,7 +92,7 @@ def _expand_tile(v_ptr, m_ptr, offs_n, g_start, stride_vn, stride_mn, N, G,
 def _sp24_fwd(X, V, MT, B, Y,
               M, N, K, G,
               stride_xm, stride_xk, stride_vn, stride_mn, stride_ym, stride_yn,
-              HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+              HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, INTERP_BF16: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
@@ -101,13 +117,13 @@ def _sp24_fwd(X, V, MT, B, Y,
         x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         w = _expand_tile(V, MT, offs_n, kt * BLOCK_G, stride_vn, stride_mn, N, G, BLOCK_N, BLOCK_G)
-        acc = _dot(x, tl.trans(w), acc, IEEE, UPCAST)
+        acc = _dot(x, tl.trans(w), acc, IEEE, INTERP_BF16)
     ymask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     yp = Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     if SPLIT_K == 1:
         if HAS_BIAS:
             acc += tl.load(B + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(yp, acc.to(Y.dtype.element_ty), mask=ymask)
+        tl.store(yp, _cast_out(acc, Y.dtype.element_ty, INTERP_BF16), mask=ymask)
     else:
         if HAS_BIAS:
             if pid_k == 0:
@@ -119,7 +135,7 @@ def _sp24_fwd(X, V, MT, B, Y,
 def _sp24_dx(DY, V, MT, DX,
              M, N, K, G,
              stride_dym, stride_dyn, stride_vn, stride_mn, stride_dxm, stride_dxk,
-             IEEE: tl.constexpr, UPCAST: tl.constexpr,
+             IEEE: tl.constexpr, INTERP_BF16: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -132,8 +148,8 @@ def _sp24_dx(DY, V, MT, DX,
         dy = tl.load(DY + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
         w = _expand_tile(V, MT, offs_n, pid_k * BLOCK_G, stride_vn, stride_mn, N, G, BLOCK_N, BLOCK_G)
-        acc = _dot(dy, w, acc, IEEE, UPCAST)
-    tl.store(DX + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk, acc.to(DX.dtype.element_ty),
+        acc = _dot(dy, w, acc, IEEE, INTERP_BF16)
+    tl.store(DX + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk, _cast_out(acc, DX.dtype.element_ty, INTERP_BF16),
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
@@ -141,7 +157,7 @@ def _sp24_dx(DY, V, MT, DX,
 def _sp24_dvalues(DY, X, MT, DV,
                   M, N, K, G,
                   stride_dym, stride_dyn, stride_xm, stride_xk, stride_mn, stride_dvn,
-                  IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                  IEEE: tl.constexpr, INTERP_BF16: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -155,7 +171,7 @@ def _sp24_dvalues(DY, X, MT, DV,
                       mask=(offs_n[:, None] < N) & (offs_m[None, :] < M), other=0.0)
         x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        acc = _dot(dyt, x, acc, IEEE, UPCAST)
+        acc = _dot(dyt, x, acc, IEEE, INTERP_BF16)
     # keep only the stored positions of each group, in values layout
     i0, i1 = _group_codes(MT, offs_n, pid_k * BLOCK_G, stride_mn, N, G, BLOCK_N, BLOCK_G)
     c = tl.arange(0, 4)[None, None, :]
@@ -165,7 +181,7 @@ def _sp24_dvalues(DY, X, MT, DV,
     # interleave back to the (v0, v1) pair layout: one contiguous run per row
     offs_v = 2 * pid_k * BLOCK_G + tl.arange(0, 2 * BLOCK_G)
     gv = tl.reshape(tl.join(g0, g1), (BLOCK_N, 2 * BLOCK_G))
-    tl.store(DV + offs_n[:, None] * stride_dvn + offs_v[None, :], gv.to(DV.dtype.element_ty),
+    tl.store(DV + offs_n[:, None] * stride_dvn + offs_v[None, :], _cast_out(gv, DV.dtype.element_ty, INTERP_BF16),
              mask=(offs_n[:, None] < N) & (offs_v[None, :] < 2 * G))
 
 
@@ -209,7 +225,7 @@ def _interpreting(t: torch.Tensor) -> bool:
     return not t.is_cuda
 
 
-def _upcast(t: torch.Tensor) -> bool:
+def _interp_bf16(t: torch.Tensor) -> bool:
     return _interpreting(t) and t.dtype == torch.bfloat16
 
 
@@ -232,7 +248,7 @@ def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, K
     _sp24_fwd[grid](x, values, meta, bias if bias is not None else values, target,
                     M, N, K, G,
                     x.stride(0), x.stride(1), values.stride(0), meta.stride(0), target.stride(0), target.stride(1),
-                    HAS_BIAS=bias is not None, IEEE=_is_ieee(x.dtype), UPCAST=_upcast(x), SPLIT_K=split, **cfg)
+                    HAS_BIAS=bias is not None, IEEE=_is_ieee(x.dtype), INTERP_BF16=_interp_bf16(x), SPLIT_K=split, **cfg)
     if split != 1:
         out.copy_(target)
     return out
@@ -252,7 +268,7 @@ def sparse24_grad_input(dy: torch.Tensor, values: torch.Tensor, meta: torch.Tens
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]))
     _sp24_dx[grid](dy, values, meta, out, M, N, K, G,
                    dy.stride(0), dy.stride(1), values.stride(0), meta.stride(0), out.stride(0), out.stride(1),
-                   IEEE=_is_ieee(dy.dtype), UPCAST=_upcast(dy), **cfg)
+                   IEEE=_is_ieee(dy.dtype), INTERP_BF16=_interp_bf16(dy), **cfg)
     return out
 
 
@@ -270,5 +286,5 @@ def sparse24_grad_values(dy: torch.Tensor, x: torch.Tensor, meta: torch.Tensor, 
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(4 * G, cfg["BLOCK_K"]))
     _sp24_dvalues[grid](dy, x, meta, out, M, N, K, G,
                         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), meta.stride(0), out.stride(0),
-                        IEEE=_is_ieee(dy.dtype), UPCAST=_upcast(dy), **cfg)
+                        IEEE=_is_ieee(dy.dtype), INTERP_BF16=_interp_bf16(dy), **cfg)
     return out

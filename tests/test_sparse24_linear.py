@@ -252,3 +252,13 @@ def test_auto_dispatch_on_gpu_matches_reference():
     for m in (1, 16, 17, 512):
         w, s, x, b = _case(m, 256, 512, torch.float16, device="cuda")
         assert_close_rel(sparse24_linear(x, s, b), _ref64(x, w, b))
+
+
+def test_interpreter_bf16_output_rounds_to_nearest():
+    # the kernel's bf16 epilogue must round like torch (nearest even), not truncate
+    w = random_2to4(64, 256, dtype=torch.bfloat16)
+    s = Sparse24Weight.from_dense(w)
+    x = torch.randn(33, 256).bfloat16()
+    y = sparse24_linear(x, s, backend="interpret")
+    same = (y == (x.float() @ w.float().T).bfloat16()).float().mean().item()
+    assert same > 0.97, f"only {same:.1%} of outputs equal the rounded fp32 result"

@@ -1,0 +1,324 @@
+"""Benchmark and CPU correctness sweep for ``sparse24_linear`` (y = x @ W^T + b, W 2:4).
+
+GPU (``run_gpu``): for each dtype, weight shape (N, K) and batch M, time in
+the same run
+
+* ``dense``          ``F.linear(x, W, b)`` on the pruned dense weight (cuBLAS; the baseline)
+* ``triton``         sparsekit's Triton kernel
+* ``cuda``           sparsekit's csrc kernel (only where built, and only for M <= 16)
+* ``sparsekit_auto`` sparsekit's own choice (``chosen_backend`` says which)
+* ``cutlass24``      torch ``to_sparse_semi_structured`` with CUTLASS
+* ``cusparselt``     torch ``to_sparse_semi_structured`` with cuSPARSELt
+
+Every backend's output is first checked against fp32 math on the same pruned
+weight (rel err < 1e-2); a failing backend is reported and not timed.  A peer
+that cannot run here (missing library, shape constraint) gives a ``skip`` row
+with the reason.
+
+CPU (``cpu_sweep``): no timings; the ``interpret`` (Triton interpreter) and
+``reference`` backends, and the automatic choice, are compared against
+float64 math on small odd shapes for fp32 / fp16 / bf16.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import harness
+from .harness import Row, format_case
+
+OP = "sparse24_linear"
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192)]
+MS = [1, 4, 16, 64, 256, 1024, 4096]
+QUICK_SHAPES = [(4096, 4096), (11008, 4096)]
+QUICK_MS = [1, 16, 256, 4096]
+CUDA_MAX_M = 16           # the csrc kernel is a small-batch (GEMV-like) kernel
+GPU_TOL = 1e-2            # rel err bound for the pre-timing check (fp16/bf16)
+BACKENDS = ("dense", "triton", "cuda", "sparsekit_auto", "cutlass24", "cusparselt")
+OWN_FORCED = ("triton", "cuda", "interpret", "reference")   # sparsekit backends forced by name
+CPU_TIMING_BACKENDS = ("dense", "interpret", "reference", "sparsekit_auto", "cutlass24", "cusparselt")
+
+# CPU sweep
+CPU_SHAPES = [(33, 100), (64, 72)]
+CPU_MS = [1, 3, 17]
+CPU_QUICK_SHAPES = [(33, 100)]
+CPU_QUICK_MS = [1, 17]
+CPU_DTYPES = ("fp32", "fp16", "bf16")
+CPU_TOL = {"fp32": 1e-5, "fp16": 5e-3, "bf16": 1e-2}
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def dtype_name(dt: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dt]
+
+
+def _ops():
+    import sparsekit.ops as ops
+    return ops
+
+
+def _short(e: BaseException, n: int = 200) -> str:
+    msg = f"{type(e).__name__}: {e}".replace("\n", " ").replace(",", ";")
+    return msg if len(msg) <= n else msg[: n - 3] + "..."
+
+
+def make_weight(n: int, k: int, dtype: torch.dtype, device, gen: torch.Generator | None = None):
+    """Random 2:4-pruned dense weight ``(n, k)``, its ``Sparse24Weight`` and a bias."""
+    from sparsekit.formats import Sparse24Weight
+    from sparsekit.prune import mask_2to4
+
+    w = torch.randn(n, k, device=device, dtype=torch.float32, generator=gen) * (k ** -0.5)
+    w = (w * mask_2to4(w)).to(dtype)
+    b = (torch.randn(n, device=device, dtype=torch.float32, generator=gen) * 0.1).to(dtype)
+    return w, Sparse24Weight.from_dense(w), b
+
+
+def _semi_structured_bytes(ws) -> int | None:
+    total = 0
+    for name in ("packed", "meta"):
+        t = getattr(ws, name, None)
+        if isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size()
+    return total or None
+
+
+def build_semi_structured(w_dense: torch.Tensor, cutlass: bool):
+    """torch's own 2:4 layout of the same pruned dense weight (CUTLASS or cuSPARSELt)."""
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    old = SparseSemiStructuredTensor._FORCE_CUTLASS
+    SparseSemiStructuredTensor._FORCE_CUTLASS = bool(cutlass)
+    try:
+        return to_sparse_semi_structured(w_dense)
+    finally:
+        SparseSemiStructuredTensor._FORCE_CUTLASS = old
+
+
+# --------------------------------------------------------------------------- GPU benchmark
+
+class _Backend:
+    """One timed implementation: ``fn(x, w)`` with per-set weights ``weights``."""
+
+    def __init__(self, name: str, fn: Callable, weights: Sequence, weight_bytes: int,
+                 skip: str = "", note: str = ""):
+        self.name, self.fn, self.weights, self.weight_bytes = name, fn, list(weights), weight_bytes
+        self.skip, self.note = skip, note
+
+
+def _prepare_backends(n: int, k: int, dtype: torch.dtype, n_sets: int, wanted: Sequence[str],
+                      gen: torch.Generator, device="cuda", log=print):
+    """Weights for every backend, ``n_sets`` distinct copies each (for rotation)."""
+    ops = _ops()
+    dev = torch.device(device)
+    dense_w, sparse_w = [], []
+    bias = None
+    for _ in range(n_sets):
+        w, sw, b = make_weight(n, k, dtype, dev, gen)
+        dense_w.append(w)
+        sparse_w.append(sw)
+        bias = b if bias is None else bias
+    it = torch.empty((), dtype=dtype).element_size()
+    out: dict[str, _Backend] = {}
+    if "dense" in wanted:
+        out["dense"] = _Backend("dense", lambda x, w: F.linear(x, w, bias), dense_w, n * k * it)
+    sp_bytes = sparse_w[0].nbytes()
+    for name in OWN_FORCED:
+        if name not in wanted:
+            continue
+        try:
+            have = name in ops.available_backends(OP, dev)
+            why = "" if have else f"{name} backend not available on {dev.type}" + (
+                " (csrc extension not built)" if name == "cuda" else "")
+        except Exception as e:
+            have, why = False, _short(e)
+        out[name] = _Backend(name, lambda x, w, _b=name: ops.sparse24_linear(x, w, bias, backend=_b),
+                             sparse_w, sp_bytes, skip=why)
+    if "sparsekit_auto" in wanted:
+        out["sparsekit_auto"] = _Backend("sparsekit_auto", lambda x, w: ops.sparse24_linear(x, w, bias),
+                                         sparse_w, sp_bytes)
+    for name, cutlass in (("cutlass24", True), ("cusparselt", False)):
+        if name not in wanted:
+            continue
+        try:
+            if not cutlass and not torch.backends.cusparselt.is_available():
+                raise RuntimeError("torch.backends.cusparselt.is_available() is False")
+            ws = [build_semi_structured(w, cutlass) for w in dense_w]
+            nbytes = _semi_structured_bytes(ws[0]) or sp_bytes
+            out[name] = _Backend(name, lambda x, w: F.linear(x, w, bias), ws, nbytes)
+        except Exception as e:
+            out[name] = _Backend(name, None, [], 0, skip=f"unavailable: {_short(e)}")
+    return out, dense_w, bias
+
+
+def run_gpu(shapes: Iterable[tuple[int, int]] = SHAPES, ms: Iterable[int] = MS,
+            dtypes: Iterable[str] = ("fp16",), backends: Sequence[str] = BACKENDS,
+            warmup_ms: float = 10.0, rep_ms: float = 50.0, ctx: dict | None = None,
+            on_rows: Callable[[list[Row]], None] | None = None, log=print, seed: int = 0,
+            device="cuda", timer: Callable | None = None) -> list[Row]:
+    """Time every backend on every case; ``on_rows`` gets each (dtype, shape) group as it finishes.
+
+    ``device="cpu"`` (with ``timer=harness.time_rotating_cpu``) runs the same
+    logic on CPU tensors: a dry run of the harness, not a benchmark.
+    """
+    ops = _ops()
+    ctx = dict(ctx or {})
+    ceilings = ctx.pop("ceilings", None)
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    timer = timer or harness.time_rotating
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    all_rows: list[Row] = []
+    ms = list(ms)
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        it = torch.empty((), dtype=dtype).element_size()
+        for (n, k) in shapes:
+            # rotate enough distinct weight/x sets that the working set of the
+            # smallest (sparse) weight alone is > 2x L2
+            sp_bytes = (n * ((k + 7) // 8 * 8) // 2) * it + n * ((k + 7) // 8)
+            n_sets = harness.n_rotating_sets(sp_bytes) if on_gpu else 2
+            bk, dense_w, bias = _prepare_backends(n, k, dtype, n_sets, backends, gen, device, log)
+            group: list[Row] = []
+            for m in ms:
+                case = format_case(M=m, N=n, K=k)
+                xs = [torch.randn(m, k, device=device, dtype=torch.float32, generator=gen).to(dtype)
+                      for _ in range(n_sets)]
+                ref = F.linear(xs[0].float(), dense_w[0].float(), bias.float())
+                io_bytes = (m * k + m * n + n) * it
+                for name in backends:
+                    b = bk.get(name)
+                    if b is None:
+                        continue
+                    row = Row(op=OP, case=case, backend=name, dtype=dname, n_sets=n_sets,
+                              flops=2 * m * n * k, bytes=b.weight_bytes + io_bytes, **ctx)
+                    if name == "cuda" and m > CUDA_MAX_M:
+                        continue
+                    if b.skip:
+                        row.status, row.note = "skip", b.skip
+                        row.bytes = row.flops = None
+                        group.append(row)
+                        continue
+                    if name in ("cutlass24", "cusparselt") and m % 8:
+                        row.note = f"torch pads M {m}->{(m + 7) // 8 * 8} internally"
+                    try:
+                        if name == "sparsekit_auto":
+                            row.chosen_backend = ops.select_backend(OP, xs[0], b.weights[0])
+                        out = b.fn(xs[0], b.weights[0])
+                        sync()
+                        if tuple(out.shape) != (m, n):
+                            raise ValueError(f"output shape {tuple(out.shape)} != {(m, n)}")
+                        row.rel_err = harness.rel_err(out.float(), ref)
+                    except Exception as e:
+                        peer = name in harness.PEER_BACKENDS and name != "dense"
+                        row.status = "skip" if peer else "fail"
+                        row.note = ("could not run: " if peer else "error: ") + _short(e)
+                        group.append(row)
+                        log(f"[{OP}] {case} {dname} {name}: {row.status}: {row.note}")
+                        continue
+                    if not (row.rel_err < GPU_TOL):
+                        row.status = "fail"
+                        row.note = f"rel_err {row.rel_err:.3g} >= {GPU_TOL:g} vs fp32 math: not timed"
+                        group.append(row)
+                        log(f"[{OP}] {case} {dname} {name}: FAIL {row.note}")
+                        continue
+                    try:
+                        row.p20_ms, row.p50_ms, row.p80_ms = timer(
+                            b.fn, list(zip(xs, b.weights)), warmup_ms=warmup_ms, rep_ms=rep_ms)
+                    except Exception as e:
+                        row.status, row.note = "fail", "timing error: " + _short(e)
+                    harness.fill_throughput(row, ceilings)
+                    group.append(row)
+                del xs, ref
+            harness.fill_ratios(group)
+            for r in group:
+                if r.status == "ok":
+                    log(f"[{OP}] {r.case:>22} {r.dtype} {r.backend:>14}: p50 {r.p50_ms:8.4f} ms  "
+                        f"x dense {r.speedup_vs_dense or float('nan'):5.2f}  "
+                        f"{(r.tbps or 0):5.2f} TB/s  {(r.tflops or 0):6.1f} TFLOP/s"
+                        + (f"  (chose {r.chosen_backend})" if r.chosen_backend else ""))
+            if on_rows is not None:
+                on_rows(group)
+            all_rows.extend(group)
+            del bk, dense_w, bias
+            if on_gpu:
+                torch.cuda.empty_cache()
+    return all_rows
+
+
+# --------------------------------------------------------------------------- CPU correctness sweep
+
+def _cpu_cases(quick: bool):
+    shapes = CPU_QUICK_SHAPES if quick else CPU_SHAPES
+    ms = CPU_QUICK_MS if quick else CPU_MS
+    for (n, k) in shapes:
+        for m in ms:
+            yield format_case(M=m, N=n, K=k), (m,), n, k, False
+    if not quick:
+        # leading batch dims and a non-contiguous (transposed) x
+        n, k = CPU_SHAPES[-1]
+        yield format_case(B=2, M=3, N=n, K=k), (2, 3), n, k, False
+        yield format_case(M=5, N=n, K=k, x="transposed"), (5,), n, k, True
+
+
+def cpu_sweep(quick: bool = False, dtypes: Sequence[str] = CPU_DTYPES,
+              backends: Sequence[str] = ("interpret", "reference", "sparsekit_auto"),
+              cases=None, seed: int = 0, log=print) -> tuple[list[Row], bool]:
+    """Compare sparsekit's CPU backends with float64 math; returns (rows, all passed)."""
+    ops = _ops()
+    gen = torch.Generator().manual_seed(seed)
+    rows: list[Row] = []
+    ctx = dict(gpu="cpu", commit=harness.git_commit(), date=harness.now_iso())
+    ctx["torch"], ctx["triton"] = harness.versions()
+    for case, lead, n, k, transposed in (cases if cases is not None else _cpu_cases(quick)):
+        for dname in dtypes:
+            dtype = DTYPES[dname]
+            w, sw, b = make_weight(n, k, dtype, "cpu", gen)
+            if transposed:
+                x = torch.randn(k, *lead, generator=gen).to(dtype).t()
+            else:
+                x = torch.randn(*lead, k, generator=gen).to(dtype)
+            ref = F.linear(x.double(), w.double(), b.double())
+            try:
+                torch_err = harness.rel_err(F.linear(x, w, b), ref)
+            except Exception:
+                torch_err = None
+            for name in backends:
+                row = Row(op=OP, case=case, backend=name, dtype=dname, **ctx)
+                try:
+                    if name == "sparsekit_auto":
+                        row.chosen_backend = ops.select_backend(OP, x, sw)
+                        out = ops.sparse24_linear(x, sw, b)
+                    else:
+                        out = ops.sparse24_linear(x, sw, b, backend=name)
+                    if tuple(out.shape) != tuple(ref.shape):
+                        raise ValueError(f"output shape {tuple(out.shape)} != {tuple(ref.shape)}")
+                    if out.dtype != dtype:
+                        raise TypeError(f"output dtype {out.dtype} != {dtype}")
+                    row.rel_err = harness.rel_err(out, ref)
+                    finite = bool(torch.isfinite(out).all())
+                    tol = CPU_TOL[dname]
+                    ok = finite and row.rel_err < tol
+                    row.status = "ok" if ok else "fail"
+                    row.note = f"tol {tol:g}" + (f"; torch {dname} err {torch_err:.1e}" if torch_err is not None else "")
+                    if not finite:
+                        row.note += "; non-finite output"
+                except Exception as e:
+                    row.status, row.note = "fail", "error: " + _short(e)
+                rows.append(row)
+    return rows, all(r.status == "ok" for r in rows)
+
+
+def print_cpu_table(rows: Sequence[Row], file=None) -> None:
+    table = []
+    for r in rows:
+        be = r.backend + (f" ({r.chosen_backend})" if r.chosen_backend else "")
+        table.append([r.case, r.dtype, be, "" if r.rel_err is None else f"{r.rel_err:.2e}",
+                      "PASS" if r.status == "ok" else "FAIL", r.note])
+    harness.print_table(["case", "dtype", "backend", "rel_err", "pass", "note"], table, file=file)
