@@ -98,12 +98,16 @@ class Sparse24Weight:
         nib = torch.stack([m & 0xF, m >> 4], dim=-1).reshape(m.shape[0], -1)  # (N, Kp/4)
         return torch.stack([nib & 3, nib >> 2], dim=-1)
 
+    @staticmethod
+    def columns_from_meta(meta: torch.Tensor) -> torch.Tensor:
+        """``(N, Kp/8)`` uint8 -> ``(N, Kp/2)`` int64 dense column of each stored value."""
+        idx = Sparse24Weight.decode_indices(meta)
+        base = 4 * torch.arange(idx.shape[1], device=idx.device).view(1, -1, 1)
+        return (base + idx).reshape(meta.shape[0], -1)
+
     def dense_columns(self) -> torch.Tensor:
         """``(N, Kp/2)`` int64: the dense column index of each stored value."""
-        n = self.shape[0]
-        idx = self.decode_indices(self.meta)
-        base = 4 * torch.arange(idx.shape[1], device=idx.device).view(1, -1, 1)
-        return (base + idx).reshape(n, -1)
+        return self.columns_from_meta(self.meta)
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> "Sparse24Weight":

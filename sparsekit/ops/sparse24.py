@@ -40,12 +40,6 @@ def _dense_from(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Tenso
     return Sparse24Weight(values, meta, (n, k)).to_dense()
 
 
-def _cols(meta: torch.Tensor) -> torch.Tensor:
-    idx = Sparse24Weight.decode_indices(meta)
-    base = 4 * torch.arange(idx.shape[1], device=meta.device).view(1, -1, 1)
-    return (base + idx).reshape(meta.shape[0], -1)
-
-
 def _as_2d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
@@ -114,7 +108,7 @@ def _sparse24_grad_values(grad: torch.Tensor, x: torch.Tensor, meta: torch.Tenso
         dw = g2.transpose(0, 1) @ x2
         if kp != in_features:
             dw = F.pad(dw, (0, kp - in_features))
-        return torch.gather(dw, 1, _cols(meta)).contiguous()
+        return torch.gather(dw, 1, Sparse24Weight.columns_from_meta(meta)).contiguous()
     out = _testing.alloc_output((n, kp // 2), grad.dtype, grad.device)
     if out.numel():
         if g2.shape[0] == 0:
