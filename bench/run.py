@@ -25,8 +25,8 @@ CPU_MESSAGE = "No CUDA device: GPU timings skipped; ran the CPU correctness swee
 
 
 def _known_ops() -> dict:
-    from . import sparse24
-    return {sparse24.OP: sparse24}
+    from . import block_sparse, sparse24
+    return {sparse24.OP: sparse24, block_sparse.OP: block_sparse}
 
 
 def _parse_shapes(s: str) -> list[tuple[int, int]]:

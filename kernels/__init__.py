@@ -14,7 +14,7 @@ import threading
 
 __all__ = ["load", "FAMILIES"]
 
-FAMILIES = ("sparse24",)
+FAMILIES = ("sparse24", "block_sparse")
 
 _lock = threading.Lock()
 _interp_modules: dict = {}

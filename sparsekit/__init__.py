@@ -3,6 +3,6 @@ __version__ = "0.1.0"
 
 from . import formats, ops, prune, testing  # noqa: E402
 from . import nn  # noqa: E402
-from .convert import Sparse24Config, sparsify_  # noqa: E402
+from .convert import BlockSparseConfig, Sparse24Config, sparsify_  # noqa: E402
 
-__all__ = ["__version__", "formats", "ops", "prune", "testing", "nn", "Sparse24Config", "sparsify_"]
+__all__ = ["__version__", "formats", "ops", "prune", "testing", "nn", "Sparse24Config", "BlockSparseConfig", "sparsify_"]

@@ -2,22 +2,23 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
+import torch
 from torch import nn
 
-__all__ = ["Sparse24Config", "sparsify_"]
+__all__ = ["Sparse24Config", "BlockSparseConfig", "sparsify_"]
 
 
 @dataclass
-class Sparse24Config:
-    """Swap ``nn.Linear`` layers for 2:4 :class:`~sparsekit.nn.SparseLinear`.
+class _LinearConfig:
+    """Which ``nn.Linear`` layers a config converts.
 
     include / exclude: regular expressions matched (``re.search``) against the
         module's qualified name; a layer is converted when it matches
         ``include`` (or ``include`` is None) and does not match ``exclude``.
-    types: module classes to convert (subclasses of ``nn.Linear``).
+    types: module classes to convert (``nn.Linear`` or subclasses; exact type match).
     backend: forced backend for the new modules (None = automatic).
     """
 
@@ -29,7 +30,7 @@ class Sparse24Config:
     def __post_init__(self):
         for t in self.types:
             if not (isinstance(t, type) and issubclass(t, nn.Linear)):
-                raise TypeError(f"Sparse24Config.types must be nn.Linear subclasses, got {t!r}")
+                raise TypeError(f"{type(self).__name__}.types must be nn.Linear subclasses, got {t!r}")
 
     def matches(self, name: str, module: nn.Module) -> bool:
         if type(module) not in self.types:
@@ -40,32 +41,76 @@ class Sparse24Config:
             return False
         return True
 
-    def convert(self, module: nn.Linear) -> nn.Module:
+    def convert(self, module: nn.Linear, name: str) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass
+class Sparse24Config(_LinearConfig):
+    """Swap ``nn.Linear`` layers for 2:4 :class:`~sparsekit.nn.SparseLinear` (magnitude mask)."""
+
+    def convert(self, module: nn.Linear, name: str) -> nn.Module:
         from .nn import SparseLinear
 
         return SparseLinear.from_dense(module, pattern="2:4", backend=self.backend)
 
 
+@dataclass
+class BlockSparseConfig(_LinearConfig):
+    """Swap ``nn.Linear`` layers for :class:`~sparsekit.nn.BlockSparseLinear`.
+
+    block_size: ``(bm, bk)``, each in {16, 32, 64, 128}.
+    sparsity: fraction of blocks dropped (smallest Frobenius norm first) in
+        every converted layer, unless the layer is in ``per_layer``.
+    per_layer: layer name -> sparsity (e.g. the result of
+        :func:`sparsekit.prune.allocate_block_sparsity`), or -> a bool block
+        mask (e.g. from :func:`sparsekit.prune.apply_block_masks`).
+    """
+
+    block_size: tuple = (32, 32)
+    sparsity: float = 0.5
+    per_layer: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        super().__post_init__()
+        from .formats.block_sparse import check_block_size
+
+        self.block_size = check_block_size(self.block_size)
+        if not 0.0 <= float(self.sparsity) <= 1.0:
+            raise ValueError(f"sparsity must be in [0, 1], got {self.sparsity}")
+
+    def convert(self, module: nn.Linear, name: str) -> nn.Module:
+        from .nn import BlockSparseLinear
+
+        spec = self.per_layer.get(name, self.sparsity)
+        if isinstance(spec, torch.Tensor):
+            return BlockSparseLinear.from_dense(module, self.block_size, block_mask=spec, backend=self.backend)
+        return BlockSparseLinear.from_dense(module, self.block_size, sparsity=float(spec), backend=self.backend)
+
+
 _NAMED = {"2:4": Sparse24Config}
 
 
-def _resolve(config) -> Sparse24Config:
+def _resolve(config) -> _LinearConfig:
     if isinstance(config, str):
         try:
             return _NAMED[config]()
         except KeyError:
-            raise ValueError(f"unknown sparsity config {config!r}; known: {sorted(_NAMED)}") from None
-    if isinstance(config, Sparse24Config):
+            raise ValueError(f"unknown sparsity config {config!r}; known: {sorted(_NAMED)} "
+                             "(or pass a Sparse24Config / BlockSparseConfig)") from None
+    if isinstance(config, _LinearConfig):
         return config
     raise TypeError(f"config must be a config object or one of {sorted(_NAMED)}, got {type(config).__name__}")
 
 
-def sparsify_(model: nn.Module, config: Union[str, Sparse24Config] = "2:4",
+def sparsify_(model: nn.Module, config: Union[str, _LinearConfig] = "2:4",
               filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, progress: bool = True) -> nn.Module:
     """Replace matching layers of ``model`` in place; returns ``model``.
 
-    ``filter_fn(module, name)`` further restricts which matching layers are
-    converted.  A tqdm bar shows progress (``progress=False`` hides it).
+    ``config`` is ``"2:4"``, a :class:`Sparse24Config` or a
+    :class:`BlockSparseConfig`.  ``filter_fn(module, name)`` further restricts
+    which matching layers are converted.  A tqdm bar shows progress
+    (``progress=False`` hides it).
     """
     cfg = _resolve(config)
     if not isinstance(model, nn.Module):
@@ -74,13 +119,17 @@ def sparsify_(model: nn.Module, config: Union[str, Sparse24Config] = "2:4",
                if cfg.matches(name, mod) and (filter_fn is None or filter_fn(mod, name))]
     if not targets:
         return model
+    if any(name == "" for name, _ in targets):
+        raise ValueError("sparsify_ converts submodules; wrap a bare nn.Linear in a container "
+                         "or use SparseLinear.from_dense directly")
+    if isinstance(cfg, BlockSparseConfig):
+        unknown = set(cfg.per_layer) - {name for name, _ in targets}
+        if unknown:
+            raise ValueError(f"BlockSparseConfig.per_layer names layers that are not converted: {sorted(unknown)}")
     from tqdm.auto import tqdm
 
     for name, mod in tqdm(targets, desc="sparsify_", unit="layer", disable=not progress):
-        new = cfg.convert(mod)
-        if name == "":
-            raise ValueError("sparsify_ converts submodules; wrap a bare nn.Linear in a container "
-                             "or use SparseLinear.from_dense directly")
+        new = cfg.convert(mod, name)
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, new)

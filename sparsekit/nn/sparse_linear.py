@@ -13,6 +13,7 @@ from ..prune.masks import mask_2to4
 __all__ = ["SparseLinear"]
 
 _PATTERNS = ("2:4",)
+_FACTORY_PATTERNS = ("2:4", "block")
 # meta byte for two groups that both keep positions (0, 1): code 0b0100 per nibble
 _EMPTY_META = 0x44
 
@@ -30,6 +31,9 @@ class SparseLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, pattern: str = "2:4",
                  device=None, dtype=None, backend: Optional[str] = None):
         super().__init__()
+        if pattern == "block":
+            raise ValueError("construct block-sparse layers with BlockSparseLinear (or SparseLinear.from_dense("
+                             "linear, pattern='block', ...))")
         if pattern not in _PATTERNS:
             raise ValueError(f"unsupported sparsity pattern {pattern!r}; supported: {_PATTERNS}")
         if in_features < 1 or out_features < 1:
@@ -50,16 +54,31 @@ class SparseLinear(nn.Module):
     # ----------------------------------------------------------------- builders
     @classmethod
     def from_dense(cls, linear: nn.Linear, pattern: str = "2:4", mask: Optional[torch.Tensor] = None,
-                   scores: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> "SparseLinear":
+                   scores: Optional[torch.Tensor] = None, backend: Optional[str] = None,
+                   block_size=(32, 32), sparsity: Optional[float] = None) -> nn.Module:
         """Prune ``linear`` to ``pattern`` and compress it.
 
-        The mask is ``mask`` if given (it must be 2:4), else
+        ``pattern="2:4"``: the mask is ``mask`` if given (it must be 2:4), else
         :func:`sparsekit.prune.mask_2to4` of ``scores`` (default ``|W|``).
+
+        ``pattern="block"``: returns a :class:`~sparsekit.nn.BlockSparseLinear`
+        with ``block_size=(bm, bk)``; ``mask`` is then a bool block grid
+        (e.g. from :func:`sparsekit.prune.block_mask_from_scores`), else
+        ``sparsity`` drops that fraction of blocks by magnitude.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
-        if pattern not in _PATTERNS:
-            raise ValueError(f"unsupported sparsity pattern {pattern!r}; supported: {_PATTERNS}")
+        if pattern not in _FACTORY_PATTERNS:
+            raise ValueError(f"unsupported sparsity pattern {pattern!r}; supported: {_FACTORY_PATTERNS}")
+        if pattern == "block":
+            if scores is not None:
+                raise ValueError("pattern='block' takes a block mask or a sparsity, not element scores")
+            from .block_sparse_linear import BlockSparseLinear
+
+            return BlockSparseLinear.from_dense(linear, block_size=block_size, sparsity=sparsity,
+                                                block_mask=mask, backend=backend)
+        if sparsity is not None:
+            raise ValueError("pattern='2:4' has a fixed sparsity of 50%; sparsity= applies to pattern='block'")
         w = linear.weight.detach()
         if mask is None:
             mask = mask_2to4(w, scores)

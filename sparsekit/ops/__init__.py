@@ -1,4 +1,5 @@
 """Public functional ops (registered with torch.library) and backend dispatch."""
+from .block_sparse import block_sparse_linear, block_sparse_linear_packed
 from .dispatch import BACKENDS, ENV_VAR, available_backends, resolve
 from .sparse24 import sparse24_linear, sparse24_linear_packed
 
@@ -11,4 +12,4 @@ def select_backend(op: str, x, weight=None) -> str:
 
 
 __all__ = ["BACKENDS", "ENV_VAR", "available_backends", "resolve", "select_backend",
-           "sparse24_linear", "sparse24_linear_packed"]
+           "sparse24_linear", "sparse24_linear_packed", "block_sparse_linear", "block_sparse_linear_packed"]

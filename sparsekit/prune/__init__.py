@@ -1,4 +1,25 @@
-"""Compression algorithms that produce sparsity masks."""
-from .masks import mask_2to4, is_2to4
+"""Compression algorithms that produce sparsity masks.
 
-__all__ = ["mask_2to4", "is_2to4"]
+* 2:4: :func:`mask_2to4` (magnitude or any per-weight score, e.g. Wanda's).
+* blocks (LPViT-style): block scores (magnitude, first- and second-order
+  Taylor with an empirical-Fisher diagonal), hardware-aware costs, calibration
+  statistics, and per-layer sparsity allocation by rate-distortion (equal-slope
+  lambda search and an exact dynamic program under a FLOP/latency budget).
+"""
+from .allocation import (DEFAULT_SPARSITIES, allocate_block_sparsity, allocate_dp, allocate_equal_slope,
+                         apply_block_masks, distortion_curves, layer_costs, make_score_fn)
+from .block import (BLOCK_SIDES, SCORE_METHODS, block_cost, block_grid, block_mask_from_scores, block_reduce,
+                    block_scores, expand_block_mask, hardware_aware_scores, keep_count, latency_key,
+                    load_latency_table)
+from .calibration import collect_layer_stats
+from .masks import is_2to4, mask_2to4
+
+__all__ = [
+    "mask_2to4", "is_2to4",
+    "BLOCK_SIDES", "SCORE_METHODS", "block_grid", "block_reduce", "block_scores", "block_cost",
+    "hardware_aware_scores", "block_mask_from_scores", "expand_block_mask", "keep_count",
+    "load_latency_table", "latency_key",
+    "collect_layer_stats",
+    "DEFAULT_SPARSITIES", "make_score_fn", "distortion_curves", "layer_costs", "allocate_equal_slope",
+    "allocate_dp", "allocate_block_sparsity", "apply_block_masks",
+]

@@ -1,0 +1,351 @@
+"""Block-sparse (BSR-like) weight container.
+
+A weight ``W`` of shape ``(N, K)`` (out_features, in_features) is cut into
+``(bm, bk)`` blocks; ``N`` is zero-padded up to ``NB * bm`` and ``K`` up to
+``KB * bk`` (``NB = ceil(N / bm)``, ``KB = ceil(K / bk)``).  Only kept blocks
+are stored:
+
+* ``blocks``   ``(nnzb, bm, bk)`` in the weight's dtype, block-row major
+  (all kept blocks of block-row 0, then row 1, ...), each block row-major.
+* ``crow``     int32 ``(NB + 1,)``: the kept blocks of block-row ``r`` are
+  ``blocks[crow[r]:crow[r + 1]]``.
+* ``col``      int32 ``(nnzb,)``: block-column of each kept block, strictly
+  increasing within a block-row.
+* the transposed (block-column major) index, used by the input-gradient
+  kernel: ``tcol_ptr`` int32 ``(KB + 1,)``; entries ``tcol_ptr[c]:tcol_ptr[c+1]``
+  list the kept blocks of block-column ``c`` in increasing block-row order,
+  as ``trow`` (their block-row) and ``tblk`` (their index into ``blocks``).
+
+Whole empty block-rows and ``nnzb == 0`` are allowed.  Block sides are 16,
+32, 64 or 128 (the tile sizes the kernels use for ``tl.dot``); non-square
+blocks are fine.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["BlockSparseWeight", "block_grid", "keep_count", "check_block_size", "BLOCK_SIDES"]
+
+BLOCK_SIDES = (16, 32, 64, 128)
+
+
+def check_block_size(block_size) -> tuple:
+    """Normalize ``block_size`` (an int for square blocks, or ``(bm, bk)``)."""
+    if isinstance(block_size, int) and not isinstance(block_size, bool):
+        block_size = (block_size, block_size)
+    try:
+        vals = tuple(block_size)
+        if len(vals) != 2 or any(isinstance(v, bool) or int(v) != v for v in vals):
+            raise ValueError
+        bm, bk = (int(v) for v in vals)
+    except (TypeError, ValueError):
+        raise ValueError(f"block_size must be an int or a pair (bm, bk), got {block_size!r}") from None
+    if bm not in BLOCK_SIDES or bk not in BLOCK_SIDES:
+        raise ValueError(f"block_size sides must each be one of {BLOCK_SIDES}, got {(bm, bk)}")
+    return bm, bk
+
+
+def block_grid(shape, block_size) -> tuple:
+    """``(NB, KB) = (ceil(N / bm), ceil(K / bk))`` for an ``(N, K)`` weight."""
+    try:
+        n, k = (int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"shape must be a pair (out_features, in_features), got {shape!r}") from None
+    if n < 0 or k < 0:
+        raise ValueError(f"shape must be non-negative, got {(n, k)}")
+    bm, bk = check_block_size(block_size)
+    return -(-n // bm), -(-k // bk)
+
+
+def keep_count(nblocks: int, sparsity: float) -> int:
+    """Blocks kept at ``sparsity``: ``round((1 - sparsity) * nblocks)``, halves rounded up.
+
+    The one rounding rule used everywhere in sparsekit (magnitude packing,
+    block pruning, allocation), so a per-layer sparsity ``1 - k / nblocks``
+    maps back to exactly ``k`` blocks.
+    """
+    s = float(sparsity)
+    if not (0.0 <= s <= 1.0):
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity!r}")
+    # the small epsilon absorbs float error in (1 - (1 - k/n)) * n
+    return int(min(nblocks, max(0, math.floor((1.0 - s) * nblocks + 0.5 + 1e-9))))
+
+
+def transpose_index(crow: torch.Tensor, col: torch.Tensor, n_block_cols: int):
+    """``(tcol_ptr, trow, tblk)`` (int32) from the block-row index ``crow``/``col``."""
+    dev = col.device
+    nnzb = col.numel()
+    nb = crow.numel() - 1
+    col64 = col.to(torch.int64)
+    rows = torch.repeat_interleave(torch.arange(nb, device=dev), (crow[1:] - crow[:-1]).to(torch.int64),
+                                   output_size=nnzb)
+    # order by (column, row); within a row columns are unique, so the key is unique
+    key = col64 * max(nb, 1) + rows
+    tblk = torch.argsort(key)
+    trow = rows[tblk]
+    counts = torch.bincount(col64, minlength=n_block_cols)[:n_block_cols]
+    tcol_ptr = torch.zeros(n_block_cols + 1, dtype=torch.int64, device=dev)
+    tcol_ptr[1:] = torch.cumsum(counts, 0)
+    return tcol_ptr.to(torch.int32), trow.to(torch.int32), tblk.to(torch.int32)
+
+
+def block_rows(crow: torch.Tensor, nnzb: int) -> torch.Tensor:
+    """int64 ``(nnzb,)``: the block-row of each stored block."""
+    nb = crow.numel() - 1
+    return torch.repeat_interleave(torch.arange(nb, device=crow.device), (crow[1:] - crow[:-1]).to(torch.int64),
+                                   output_size=nnzb)
+
+
+def dense_from_blocks(blocks: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, shape) -> torch.Tensor:
+    """Dense ``(N, K)`` weight from the stored blocks (zeros elsewhere)."""
+    n, k = (int(s) for s in shape)
+    nnzb, bm, bk = blocks.shape
+    nb, kb = crow.numel() - 1, -(-k // bk)
+    grid = torch.zeros(nb, kb, bm, bk, dtype=blocks.dtype, device=blocks.device)
+    if nnzb:
+        grid[block_rows(crow, nnzb), col.to(torch.int64)] = blocks
+    return grid.permute(0, 2, 1, 3).reshape(nb * bm, kb * bk)[:n, :k].contiguous()
+
+
+def _pad_to_blocks(w: torch.Tensor, bm: int, bk: int) -> torch.Tensor:
+    n, k = w.shape
+    nb, kb = -(-n // bm), -(-k // bk)
+    if (nb * bm, kb * bk) != (n, k):
+        w = torch.nn.functional.pad(w, (0, kb * bk - k, 0, nb * bm - n))
+    return w.reshape(nb, bm, kb, bk).permute(0, 2, 1, 3)  # (NB, KB, bm, bk) view
+
+
+@dataclass
+class BlockSparseWeight:
+    """A block-sparse weight: kept ``(bm, bk)`` blocks plus block-row and block-column indices."""
+
+    blocks: torch.Tensor
+    crow: torch.Tensor
+    col: torch.Tensor
+    tcol_ptr: torch.Tensor
+    trow: torch.Tensor
+    tblk: torch.Tensor
+    shape: tuple
+    block_size: tuple
+
+    def __post_init__(self):
+        if len(tuple(self.shape)) != 2:
+            raise ValueError(f"BlockSparseWeight.shape must be (out_features, in_features), got {tuple(self.shape)}")
+        self.shape = tuple(int(s) for s in self.shape)
+        self.block_size = check_block_size(self.block_size)
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self, check_values: bool = True) -> None:
+        """Check shapes, dtypes and devices; with ``check_values`` also the index contents
+        (monotone ``crow``, in-range sorted ``col``, a consistent transposed index)."""
+        n, k = self.shape
+        if n < 0 or k < 0:
+            raise ValueError(f"BlockSparseWeight.shape must be non-negative, got {self.shape}")
+        bm, bk = self.block_size
+        nb, kb = -(-n // bm), -(-k // bk)
+        names = ("blocks", "crow", "col", "tcol_ptr", "trow", "tblk")
+        for name in names:
+            if not isinstance(getattr(self, name), torch.Tensor):
+                raise TypeError(f"BlockSparseWeight.{name} must be a torch.Tensor, got {type(getattr(self, name)).__name__}")
+        b = self.blocks
+        if b.dim() != 3 or tuple(b.shape[1:]) != (bm, bk):
+            raise ValueError(f"blocks must have shape (nnzb, {bm}, {bk}) for block_size {(bm, bk)}, got {tuple(b.shape)}")
+        if not b.is_floating_point():
+            raise TypeError(f"blocks must be floating point, got {b.dtype}")
+        nnzb = b.shape[0]
+        want = {"crow": nb + 1, "col": nnzb, "tcol_ptr": kb + 1, "trow": nnzb, "tblk": nnzb}
+        for name, size in want.items():
+            t = getattr(self, name)
+            if t.dtype != torch.int32:
+                raise TypeError(f"{name} must be int32, got {t.dtype}")
+            if t.dim() != 1 or t.numel() != size:
+                raise ValueError(f"{name} must have shape ({size},) for a {self.shape} weight with "
+                                 f"block_size {(bm, bk)} and {nnzb} blocks, got {tuple(t.shape)}")
+            if t.device != b.device:
+                raise ValueError(f"{name} is on {t.device} but blocks are on {b.device}")
+        if check_values:
+            self._validate_values(nb, kb, nnzb)
+
+    def _validate_values(self, nb: int, kb: int, nnzb: int) -> None:
+        crow = self.crow.to(torch.int64)
+        if int(crow[0]) != 0 or int(crow[-1]) != nnzb:
+            raise ValueError(f"crow must start at 0 and end at nnzb={nnzb}, got {int(crow[0])} .. {int(crow[-1])}")
+        if bool((crow[1:] < crow[:-1]).any()):
+            r = int((crow[1:] < crow[:-1]).nonzero()[0])
+            raise ValueError(f"crow must be non-decreasing: crow[{r}]={int(crow[r])} > crow[{r + 1}]={int(crow[r + 1])}")
+        if nnzb == 0:
+            if bool((self.tcol_ptr != 0).any()):
+                raise ValueError("tcol_ptr must be all zeros when there are no blocks")
+            return
+        col = self.col.to(torch.int64)
+        if bool(((col < 0) | (col >= kb)).any()):
+            i = int(((col < 0) | (col >= kb)).nonzero()[0])
+            raise ValueError(f"col[{i}]={int(col[i])} is out of range: block-columns are 0..{kb - 1}")
+        rows = block_rows(crow, nnzb)
+        same_row = rows[1:] == rows[:-1]
+        bad = same_row & (col[1:] <= col[:-1])
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"col must be strictly increasing within a block-row: block-row {int(rows[i])} "
+                             f"has col {int(col[i])} then {int(col[i + 1])}")
+        tcol_ptr, trow, tblk = transpose_index(self.crow, self.col, kb)
+        if not (torch.equal(tcol_ptr, self.tcol_ptr) and torch.equal(trow, self.trow)
+                and torch.equal(tblk, self.tblk)):
+            raise ValueError("the transposed index (tcol_ptr, trow, tblk) does not match crow/col; "
+                             "rebuild it with BlockSparseWeight.from_blocks(...)")
+
+    # ------------------------------------------------------------- properties
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def grid(self) -> tuple:
+        """``(NB, KB)``."""
+        return block_grid(self.shape, self.block_size)
+
+    @property
+    def nnzb(self) -> int:
+        return int(self.blocks.shape[0])
+
+    @property
+    def density(self) -> float:
+        """Fraction of the ``NB x KB`` blocks that are stored (0.0 for an empty grid)."""
+        nb, kb = self.grid
+        return self.nnzb / (nb * kb) if nb * kb else 0.0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.blocks.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks.device
+
+    def index_tensors(self) -> tuple:
+        """``(crow, col, tcol_ptr, trow, tblk)``, the order the ops take them in."""
+        return self.crow, self.col, self.tcol_ptr, self.trow, self.tblk
+
+    def nbytes(self) -> int:
+        total = self.blocks.numel() * self.blocks.element_size()
+        for t in self.index_tensors():
+            total += t.numel() * t.element_size()
+        return total
+
+    def to(self, *args, **kwargs) -> "BlockSparseWeight":
+        """Move/cast like ``Tensor.to``; the index tensors keep dtype int32."""
+        blocks = self.blocks.to(*args, **kwargs)
+        idx = [t.to(device=blocks.device) for t in self.index_tensors()]
+        out = BlockSparseWeight.__new__(BlockSparseWeight)
+        out.blocks, (out.crow, out.col, out.tcol_ptr, out.trow, out.tblk) = blocks, idx
+        out.shape, out.block_size = self.shape, self.block_size
+        out.validate(check_values=False)   # contents were checked when self was built
+        return out
+
+    # ------------------------------------------------------------- conversion
+    @classmethod
+    def from_blocks(cls, blocks: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, shape,
+                    block_size=None) -> "BlockSparseWeight":
+        """Build from ``blocks``/``crow``/``col``, computing the transposed index."""
+        if block_size is None:
+            block_size = tuple(blocks.shape[1:])
+        bm, bk = check_block_size(block_size)
+        kb = -(-int(shape[1]) // bk)
+        crow = crow.to(torch.int32)
+        col = col.to(torch.int32)
+        tcol_ptr, trow, tblk = transpose_index(crow, col, kb)
+        return cls(blocks, crow, col, tcol_ptr, trow, tblk, tuple(shape), (bm, bk))
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, block_size=(32, 32),
+                   block_mask: torch.Tensor | None = None) -> "BlockSparseWeight":
+        """Pack a dense ``(N, K)`` weight.
+
+        With ``block_mask`` (bool ``(ceil(N/bm), ceil(K/bk))``) exactly those
+        blocks are kept (values outside them are dropped); without it every
+        block holding any non-zero is kept.
+        """
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+        if not weight.is_floating_point():
+            raise TypeError(f"weight must be floating point, got {weight.dtype}")
+        bm, bk = check_block_size(block_size)
+        w = weight.detach()
+        n, k = w.shape
+        nb, kb = -(-n // bm), -(-k // bk)
+        tiles = _pad_to_blocks(w, bm, bk)
+        if block_mask is None:
+            keep = (tiles != 0).flatten(2).any(-1)
+        else:
+            if not isinstance(block_mask, torch.Tensor):
+                raise TypeError(f"block_mask must be a bool tensor, got {type(block_mask).__name__}")
+            if tuple(block_mask.shape) != (nb, kb):
+                raise ValueError(f"block_mask must have shape {(nb, kb)} (block grid of a {(n, k)} weight with "
+                                 f"block_size {(bm, bk)}), got {tuple(block_mask.shape)}")
+            if block_mask.dtype != torch.bool:
+                raise TypeError(f"block_mask must be bool, got {block_mask.dtype}")
+            keep = block_mask.to(device=w.device)
+        rows, cols = keep.nonzero(as_tuple=True)          # row-major order: sorted by (row, col)
+        blocks = tiles[rows, cols].contiguous()
+        counts = torch.bincount(rows, minlength=nb)[:nb] if nb else rows.new_zeros(0)
+        crow = torch.zeros(nb + 1, dtype=torch.int64, device=w.device)
+        crow[1:] = torch.cumsum(counts, 0)
+        return cls.from_blocks(blocks.reshape(-1, bm, bk), crow, cols, (n, k), (bm, bk))
+
+    @staticmethod
+    def magnitude_block_mask(weight: torch.Tensor, block_size, sparsity: float) -> torch.Tensor:
+        """Keep the :func:`keep_count` ``(nblocks, sparsity)`` blocks of largest
+        Frobenius norm (ties go to the lower row-major block index)."""
+        bm, bk = check_block_size(block_size)
+        tiles = _pad_to_blocks(weight.detach().to(torch.float32), bm, bk)
+        nb, kb = tiles.shape[:2]
+        total = nb * kb
+        keep_n = keep_count(total, sparsity)
+        norms = tiles.square().sum((-1, -2)).flatten()
+        # stable descending sort: equal norms keep index order
+        order = torch.sort(norms, descending=True, stable=True).indices[:keep_n]
+        mask = torch.zeros(total, dtype=torch.bool, device=weight.device)
+        mask[order] = True
+        return mask.reshape(nb, kb)
+
+    @classmethod
+    def from_dense_magnitude(cls, weight: torch.Tensor, block_size=(32, 32), sparsity: float = 0.5
+                             ) -> "BlockSparseWeight":
+        """Prune ``weight`` to its largest-norm blocks (see :meth:`magnitude_block_mask`) and pack it."""
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError("weight must be a 2-D tensor (out_features, in_features)")
+        mask = cls.magnitude_block_mask(weight, block_size, sparsity)
+        return cls.from_dense(weight, block_size, block_mask=mask)
+
+    def to_dense(self) -> torch.Tensor:
+        """Exact dense ``(N, K)`` weight (zeros outside the kept blocks)."""
+        return dense_from_blocks(self.blocks, self.crow, self.col, self.shape)
+
+    def block_mask(self) -> torch.Tensor:
+        """Boolean ``(NB, KB)`` grid of the kept blocks."""
+        nb, kb = self.grid
+        m = torch.zeros(nb, kb, dtype=torch.bool, device=self.device)
+        if self.nnzb:
+            m[block_rows(self.crow, self.nnzb), self.col.to(torch.int64)] = True
+        return m
+
+    def mask(self) -> torch.Tensor:
+        """Boolean ``(N, K)`` mask of the positions covered by kept blocks."""
+        bm, bk = self.block_size
+        n, k = self.shape
+        m = self.block_mask().repeat_interleave(bm, 0).repeat_interleave(bk, 1)
+        return m[:n, :k]
+
+    def __repr__(self) -> str:
+        return (f"BlockSparseWeight(shape={self.shape}, block_size={self.block_size}, nnzb={self.nnzb}, "
+                f"density={self.density:.3f}, dtype={self.dtype}, device={self.device}, nbytes={self.nbytes()})")

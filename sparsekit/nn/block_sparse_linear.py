@@ -1,0 +1,150 @@
+"""Drop-in block-sparse replacement for ``nn.Linear``."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..formats.block_sparse import BlockSparseWeight, check_block_size
+from ..ops.block_sparse import block_sparse_linear_packed
+
+__all__ = ["BlockSparseLinear"]
+
+# tensors whose length is the number of kept blocks (resized on load)
+_NNZ_PARAMS = ("blocks",)
+_NNZ_BUFFERS = ("col", "trow", "tblk")
+
+
+class BlockSparseLinear(nn.Module):
+    """``nn.Linear`` whose weight keeps only some ``(bm, bk)`` blocks.
+
+    Holds the kept ``blocks`` (a trainable ``nn.Parameter``, ``(nnzb, bm, bk)``),
+    the int32 index buffers of :class:`~sparsekit.formats.BlockSparseWeight`
+    (``crow, col, tcol_ptr, trow, tblk``) and an optional ``bias``.  The
+    state_dict holds exactly these, and loading resizes the module to the saved
+    number of blocks.  Fine-tuning updates kept blocks only; the block pattern
+    never changes.  Build one with :meth:`from_dense` (or
+    ``SparseLinear.from_dense(linear, pattern="block", ...)``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, block_size=(32, 32),
+                 device=None, dtype=None, backend: Optional[str] = None):
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.block_size = check_block_size(block_size)
+        self.backend = backend
+        bm, bk = self.block_size
+        nb = -(-self.out_features // bm)
+        kb = -(-self.in_features // bk)
+        factory = dict(device=device, dtype=dtype if dtype is not None else torch.get_default_dtype())
+        idx = dict(device=device, dtype=torch.int32)
+        # an empty pattern: no kept blocks (the layer computes bias only)
+        self.blocks = nn.Parameter(torch.zeros(0, bm, bk, **factory))
+        self.register_buffer("crow", torch.zeros(nb + 1, **idx))
+        self.register_buffer("col", torch.zeros(0, **idx))
+        self.register_buffer("tcol_ptr", torch.zeros(kb + 1, **idx))
+        self.register_buffer("trow", torch.zeros(0, **idx))
+        self.register_buffer("tblk", torch.zeros(0, **idx))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+
+    # ----------------------------------------------------------------- builders
+    @classmethod
+    def from_weight(cls, weight: BlockSparseWeight, bias: Optional[torch.Tensor] = None,
+                    backend: Optional[str] = None) -> "BlockSparseLinear":
+        """A module holding ``weight`` (copied) and ``bias``."""
+        if not isinstance(weight, BlockSparseWeight):
+            raise TypeError(f"weight must be a BlockSparseWeight, got {type(weight).__name__}")
+        n, k = weight.shape
+        mod = cls(k, n, bias=bias is not None, block_size=weight.block_size, device=weight.device,
+                  dtype=weight.dtype, backend=backend)
+        mod._set_pattern(weight)
+        if bias is not None:
+            with torch.no_grad():
+                mod.bias.copy_(bias.detach())
+        return mod
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, block_size=(32, 32), sparsity: Optional[float] = None,
+                   block_mask: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> "BlockSparseLinear":
+        """Prune ``linear`` to blocks and pack it.
+
+        ``block_mask`` (bool block grid) keeps exactly those blocks;
+        otherwise ``sparsity`` drops that fraction of blocks, smallest
+        Frobenius norm first; with neither, every block holding a non-zero is
+        kept (for a weight pruned beforehand).
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
+        if block_mask is not None and sparsity is not None:
+            raise ValueError("give either block_mask or sparsity, not both")
+        w = linear.weight.detach()
+        if block_mask is None and sparsity is not None:
+            block_mask = BlockSparseWeight.magnitude_block_mask(w, block_size, sparsity)
+        packed = BlockSparseWeight.from_dense(w, block_size, block_mask=block_mask)
+        return cls.from_weight(packed, linear.bias, backend=backend)
+
+    def _set_pattern(self, weight: BlockSparseWeight) -> None:
+        self.blocks = nn.Parameter(weight.blocks.detach().clone(), requires_grad=self.blocks.requires_grad)
+        for name, t in zip(("crow", "col", "tcol_ptr", "trow", "tblk"), weight.index_tensors()):
+            setattr(self, name, t.detach().clone().to(torch.int32))
+
+    def weight_format(self) -> BlockSparseWeight:
+        """The block-sparse weight (sharing storage with this module)."""
+        return BlockSparseWeight(self.blocks.detach(), self.crow, self.col, self.tcol_ptr, self.trow, self.tblk,
+                                 (self.out_features, self.in_features), self.block_size)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Dense ``(out, in)`` weight, materialized on each access (for inspection)."""
+        return self.weight_format().to_dense()
+
+    @property
+    def density(self) -> float:
+        """Fraction of the block grid that is kept."""
+        nb = self.crow.numel() - 1
+        kb = self.tcol_ptr.numel() - 1
+        return self.blocks.shape[0] / max(nb * kb, 1)
+
+    def to_dense(self) -> nn.Linear:
+        """An ``nn.Linear`` computing the same function (dropped blocks zero)."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.blocks.device, dtype=self.blocks.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.weight)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    # ----------------------------------------------------------------- state
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # the number of kept blocks is data: take the saved pattern's size
+        for name in _NNZ_PARAMS + _NNZ_BUFFERS:
+            key = prefix + name
+            if key in state_dict:
+                cur = getattr(self, name)
+                new_shape = state_dict[key].shape
+                if cur.shape != new_shape:
+                    fresh = torch.empty(new_shape, dtype=cur.dtype, device=cur.device)
+                    if name in _NNZ_PARAMS:
+                        setattr(self, name, nn.Parameter(fresh, requires_grad=cur.requires_grad))
+                    else:
+                        setattr(self, name, fresh)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return block_sparse_linear_packed(x, self.blocks, self.crow, self.col, self.tcol_ptr, self.trow, self.tblk,
+                                          self.out_features, self.in_features, self.bias, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, block_size={self.block_size}, density={self.density:.3f}")

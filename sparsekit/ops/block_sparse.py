@@ -1,0 +1,241 @@
+"""Block-sparse linear: ``y = x @ W^T + bias`` with a :class:`BlockSparseWeight`.
+
+Three ``torch.library`` custom ops (with fake implementations, so they trace
+under ``torch.compile``):
+
+* ``sparsekit::block_sparse_linear``       forward, with autograd
+* ``sparsekit::block_sparse_grad_input``   dX = dY @ W
+* ``sparsekit::block_sparse_grad_blocks``  dBlocks = (dY^T @ X) on the kept blocks
+
+The weight's gradient exists only for the stored blocks, so the block
+pattern is preserved through fine-tuning.  Backends: ``triton`` (CUDA
+tensors), ``interpret`` (the same kernels on CPU tensors) and ``reference``
+(dense PyTorch math); the backward runs on the forward's backend.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import testing as _testing
+from ..formats.block_sparse import BLOCK_SIDES, BlockSparseWeight, block_rows, dense_from_blocks
+from . import dispatch
+
+__all__ = ["block_sparse_linear", "block_sparse_linear_packed"]
+
+OP = "block_sparse_linear"
+dispatch.register(OP, ("triton", "interpret", "reference"))
+_BACKWARD_BACKEND = {"triton": "triton", "interpret": "interpret", "reference": "reference"}
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _kernels(backend: str):
+    from .. import kernels  # sparsekit.kernels
+
+    return kernels.load("block_sparse", interpret=(backend == "interpret"))
+
+
+def _as_2d(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _dense(blocks, crow, col, out_features, in_features):
+    return dense_from_blocks(blocks, crow, col, (out_features, in_features))
+
+
+# ---------------------------------------------------------------------- forward
+@torch.library.custom_op("sparsekit::block_sparse_linear", mutates_args=())
+def _block_sparse_linear(x: torch.Tensor, blocks: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
+                         tcol_ptr: torch.Tensor, trow: torch.Tensor, tblk: torch.Tensor,
+                         out_features: int, in_features: int, bias: Optional[torch.Tensor],
+                         backend: str) -> torch.Tensor:
+    n = out_features
+    lead = x.shape[:-1]
+    if backend == "reference":
+        w = _dense(blocks, crow, col, out_features, in_features)
+        return F.linear(x, w, bias).contiguous()
+    x2 = _as_2d(x)
+    out = _testing.alloc_output((x2.shape[0], n), x.dtype, x.device)
+    if out.numel():
+        if in_features == 0 or blocks.shape[0] == 0:
+            out.zero_()
+            if bias is not None:
+                out += bias
+        else:
+            _kernels(backend).block_sparse_linear(x2, blocks, crow, col, n, in_features, bias, out)
+    return out.reshape(*lead, n)
+
+
+@_block_sparse_linear.register_fake
+def _(x, blocks, crow, col, tcol_ptr, trow, tblk, out_features, in_features, bias, backend):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+# ---------------------------------------------------------------------- backward ops
+@torch.library.custom_op("sparsekit::block_sparse_grad_input", mutates_args=())
+def _block_sparse_grad_input(grad: torch.Tensor, blocks: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
+                             tcol_ptr: torch.Tensor, trow: torch.Tensor, tblk: torch.Tensor,
+                             out_features: int, in_features: int, backend: str) -> torch.Tensor:
+    lead = grad.shape[:-1]
+    if backend == "reference":
+        w = _dense(blocks, crow, col, out_features, in_features)
+        return (grad @ w).contiguous()
+    g2 = _as_2d(grad)
+    out = _testing.alloc_output((g2.shape[0], in_features), grad.dtype, grad.device)
+    if out.numel():
+        if out_features == 0 or blocks.shape[0] == 0:
+            out.zero_()
+        else:
+            _kernels(backend).block_sparse_grad_input(g2, blocks, tcol_ptr, trow, tblk, in_features, out)
+    return out.reshape(*lead, in_features)
+
+
+@_block_sparse_grad_input.register_fake
+def _(grad, blocks, crow, col, tcol_ptr, trow, tblk, out_features, in_features, backend):
+    return grad.new_empty((*grad.shape[:-1], in_features))
+
+
+@torch.library.custom_op("sparsekit::block_sparse_grad_blocks", mutates_args=())
+def _block_sparse_grad_blocks(grad: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
+                              tcol_ptr: torch.Tensor, trow: torch.Tensor, tblk: torch.Tensor,
+                              bm: int, bk: int, backend: str) -> torch.Tensor:
+    nnzb = col.shape[0]
+    g2 = _as_2d(grad)
+    x2 = _as_2d(x)
+    n, k = g2.shape[1], x2.shape[1]
+    if backend == "reference":
+        nb, kb = crow.shape[0] - 1, tcol_ptr.shape[0] - 1
+        dw = g2.transpose(0, 1) @ x2
+        dw = F.pad(dw, (0, kb * bk - k, 0, nb * bm - n))
+        tiles = dw.reshape(nb, bm, kb, bk).permute(0, 2, 1, 3)
+        return tiles[block_rows(crow, nnzb), col.to(torch.int64)].contiguous()
+    out = _testing.alloc_output((nnzb, bm, bk), grad.dtype, grad.device)
+    if out.numel():
+        if g2.shape[0] == 0:
+            out.zero_()
+        else:
+            _kernels(backend).block_sparse_grad_blocks(g2, x2, col, trow, tblk, n, k, out)
+    return out
+
+
+@_block_sparse_grad_blocks.register_fake
+def _(grad, x, crow, col, tcol_ptr, trow, tblk, bm, bk, backend):
+    return grad.new_empty((col.shape[0], bm, bk))
+
+
+# ---------------------------------------------------------------------- autograd
+def _setup_context(ctx, inputs, output):
+    x, blocks, crow, col, tcol_ptr, trow, tblk, out_features, in_features, bias, backend = inputs
+    ctx.save_for_backward(x, blocks, crow, col, tcol_ptr, trow, tblk)
+    ctx.out_features = out_features
+    ctx.in_features = in_features
+    ctx.backend = backend
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, blocks, crow, col, tcol_ptr, trow, tblk = ctx.saved_tensors
+    backend = _BACKWARD_BACKEND[ctx.backend]
+    gx = gblk = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = _block_sparse_grad_input(grad, blocks, crow, col, tcol_ptr, trow, tblk,
+                                      ctx.out_features, ctx.in_features, backend)
+    if ctx.needs_input_grad[1]:
+        gblk = _block_sparse_grad_blocks(grad, x, crow, col, tcol_ptr, trow, tblk,
+                                         blocks.shape[1], blocks.shape[2], backend)
+    if ctx.has_bias and ctx.needs_input_grad[9]:
+        gb = _as_2d(grad).sum(0)
+    return gx, gblk, None, None, None, None, None, None, None, gb, None
+
+
+_block_sparse_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------- public API
+def _check(x, blocks, crow, col, tcol_ptr, trow, tblk, out_features, in_features, bias):
+    """Shape / dtype / device checks (no data-dependent checks: those would sync the GPU;
+    :meth:`BlockSparseWeight.validate` checks the index contents)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(blocks, torch.Tensor):
+        raise TypeError(f"blocks must be a torch.Tensor, got {type(blocks).__name__}")
+    for name, v in (("out_features", out_features), ("in_features", in_features)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise TypeError(f"{name} must be a non-negative int, got {v!r}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., in_features)")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dim but the weight expects "
+                         f"in_features={in_features}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be floating point, got {x.dtype}")
+    if x.dtype != blocks.dtype:
+        raise TypeError(f"x dtype {x.dtype} does not match the weight dtype {blocks.dtype}; cast one of them")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"block_sparse_linear supports float16, bfloat16 and float32, got {x.dtype}")
+    if x.device != blocks.device:
+        raise ValueError(f"x is on {x.device} but the weight is on {blocks.device}")
+    if blocks.dim() != 3:
+        raise ValueError(f"blocks must be 3-D (nnzb, bm, bk), got shape {tuple(blocks.shape)}")
+    nnzb, bm, bk = blocks.shape
+    if bm not in BLOCK_SIDES or bk not in BLOCK_SIDES:
+        raise ValueError(f"block size {(bm, bk)} is not supported: each side must be one of {BLOCK_SIDES}")
+    if not blocks.is_contiguous():
+        raise ValueError("blocks must be contiguous (nnzb, bm, bk)")
+    nb, kb = -(-out_features // bm), -(-in_features // bk)
+    want = {"crow": (crow, nb + 1), "col": (col, nnzb), "tcol_ptr": (tcol_ptr, kb + 1),
+            "trow": (trow, nnzb), "tblk": (tblk, nnzb)}
+    for name, (t, size) in want.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
+        if t.dim() != 1 or t.shape[0] != size:
+            raise ValueError(f"{name} must have shape ({size},) for a ({out_features}, {in_features}) weight with "
+                             f"block size {(bm, bk)} and {nnzb} blocks, got {tuple(t.shape)}")
+        if t.device != blocks.device:
+            raise ValueError(f"{name} is on {t.device} but the blocks are on {blocks.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
+        if bias.shape != (out_features,):
+            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype or bias.device != x.device:
+            raise TypeError(f"bias must match x ({x.dtype} on {x.device}), got {bias.dtype} on {bias.device}")
+
+
+def block_sparse_linear_packed(x: torch.Tensor, blocks: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
+                               tcol_ptr: torch.Tensor, trow: torch.Tensor, tblk: torch.Tensor,
+                               out_features: int, in_features: int, bias: Optional[torch.Tensor] = None, *,
+                               backend: Optional[str] = None) -> torch.Tensor:
+    """:func:`block_sparse_linear` on the raw tensors (what modules hold as parameters/buffers).
+
+    The block size is ``blocks.shape[1:]``; the index tensors are those of
+    :class:`BlockSparseWeight` (``crow, col, tcol_ptr, trow, tblk``, int32).
+    """
+    _check(x, blocks, crow, col, tcol_ptr, trow, tblk, out_features, in_features, bias)
+    m = x.numel() // in_features if in_features else x.numel()
+    chosen = dispatch.resolve(OP, x.device, backend, m)
+    return _block_sparse_linear(x, blocks, crow, col, tcol_ptr, trow, tblk, out_features, in_features,
+                                bias, chosen)
+
+
+def block_sparse_linear(x: torch.Tensor, weight: BlockSparseWeight, bias: Optional[torch.Tensor] = None, *,
+                        backend: Optional[str] = None) -> torch.Tensor:
+    """``y = x @ W^T (+ bias)`` for a :class:`BlockSparseWeight` ``W`` of shape (N, K).
+
+    ``x`` is ``(..., K)`` in the weight's dtype (float16, bfloat16 or float32)
+    with any strides; the result is ``(..., N)``.  ``backend`` forces one of
+    ``triton``, ``interpret``, ``reference`` (default: chosen per device and
+    M, or ``SPARSEKIT_BACKEND``).  Differentiable in ``x``, the stored blocks
+    and ``bias``.
+    """
+    if not isinstance(weight, BlockSparseWeight):
+        raise TypeError(f"weight must be a BlockSparseWeight, got {type(weight).__name__} "
+                        "(pack a dense weight with BlockSparseWeight.from_dense)")
+    return block_sparse_linear_packed(x, weight.blocks, *weight.index_tensors(), weight.out_features,
+                                      weight.in_features, bias, backend=backend)
