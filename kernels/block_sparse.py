@@ -25,37 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr, INTERP_BF16: tl.constexpr):
-    """acc += a @ b, fp32 accumulation.
-
-    On interpreted bf16 launches the operands are widened to fp32 first: the
-    interpreter's bf16 ``tl.dot`` is wrong, and widening bf16 is exact.
-    """
-    if INTERP_BF16:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _cast_out(acc, OUT_DTYPE: tl.constexpr, INTERP_BF16: tl.constexpr):
-    """fp32 -> output dtype, rounding to nearest even.
-
-    The interpreter truncates fp32 -> bf16, so interpreted bf16 launches round
-    on the bit pattern (add 0x7FFF plus the lowest kept bit, keep the top 16
-    bits); compiled launches use the hardware conversion.
-    """
-    if INTERP_BF16:
-        bits = acc.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return acc.to(OUT_DTYPE)
+from ._common import cast_out, dot_acc
 
 
 @triton.jit
@@ -94,13 +64,13 @@ def _bsr_fwd(X, BLK, CROW, COL, B, Y,
                     mask=m_ok & (offs_k[None, :] < K), other=0.0)
         w = tl.load(wp)
         wp += SPLIT * BM * BK
-        acc = _dot(x, tl.trans(w), acc, IEEE, INTERP_BF16)
+        acc = dot_acc(x, tl.trans(w), acc, IEEE, INTERP_BF16)
     ymask = m_ok & (offs_n[None, :] < N)
     yp = Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     if SPLIT == 1:
         if HAS_BIAS:
             acc += tl.load(B + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(yp, _cast_out(acc, Y.dtype.element_ty, INTERP_BF16), mask=ymask)
+        tl.store(yp, cast_out(acc, Y.dtype.element_ty, INTERP_BF16), mask=ymask)
     else:
         if HAS_BIAS:
             if pid_s == 0:
@@ -131,9 +101,9 @@ def _bsr_dx(DY, BLK, TPTR, TROW, TBLK, DX,
         dy = tl.load(DY + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=m_ok & (offs_n[None, :] < N), other=0.0)
         w = tl.load(BLK + b.to(tl.int64) * (BM * BK) + offs_bm[:, None] * BK + offs_bk[None, :])
-        acc = _dot(dy, w, acc, IEEE, INTERP_BF16)
+        acc = dot_acc(dy, w, acc, IEEE, INTERP_BF16)
     tl.store(DX + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
-             _cast_out(acc, DX.dtype.element_ty, INTERP_BF16), mask=m_ok & (offs_k[None, :] < K))
+             cast_out(acc, DX.dtype.element_ty, INTERP_BF16), mask=m_ok & (offs_k[None, :] < K))
 
 
 @triton.jit
@@ -159,12 +129,12 @@ def _bsr_dw(DY, X, TROW, TBLK, COL, DB,
                       mask=(offs_n[:, None] < N) & (offs_m[None, :] < M), other=0.0)
         x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        acc = _dot(dyt, x, acc, IEEE, INTERP_BF16)
+        acc = dot_acc(dyt, x, acc, IEEE, INTERP_BF16)
     offs_bm = tl.arange(0, BM)
     offs_bk = tl.arange(0, BK)
     dp = DB + b.to(tl.int64) * (BM * BK) + offs_bm[:, None] * BK + offs_bk[None, :]
     if SPLIT == 1:
-        tl.store(dp, _cast_out(acc, DB.dtype.element_ty, INTERP_BF16))
+        tl.store(dp, cast_out(acc, DB.dtype.element_ty, INTERP_BF16))
     else:
         tl.atomic_add(dp, acc)
 

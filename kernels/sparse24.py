@@ -20,38 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr, INTERP_BF16: tl.constexpr):
-    """acc += a @ b with fp32 accumulation.
-
-    INTERP_BF16 (interpreter launches with bf16 operands only): the Triton
-    interpreter's bf16 ``tl.dot`` is wrong, so operands are widened to fp32
-    first -- exact for bf16 inputs, so the math is unchanged.
-    """
-    if INTERP_BF16:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _cast_out(acc, OUT_DTYPE: tl.constexpr, INTERP_BF16: tl.constexpr):
-    """fp32 -> output dtype, round to nearest even.
-
-    The interpreter truncates fp32 -> bf16 casts, so interpreted bf16 launches
-    round by hand: add 0x7FFF plus the kept LSB to the bit pattern, then keep
-    the high half.  Compiled launches use the hardware conversion.
-    """
-    if INTERP_BF16:
-        bits = acc.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return acc.to(OUT_DTYPE)
+from ._common import cast_out, dot_acc
 
 
 @triton.jit
@@ -117,13 +86,13 @@ def _sp24_fwd(X, V, MT, B, Y,
         x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         w = _expand_tile(V, MT, offs_n, kt * BLOCK_G, stride_vn, stride_mn, N, G, BLOCK_N, BLOCK_G)
-        acc = _dot(x, tl.trans(w), acc, IEEE, INTERP_BF16)
+        acc = dot_acc(x, tl.trans(w), acc, IEEE, INTERP_BF16)
     ymask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     yp = Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     if SPLIT_K == 1:
         if HAS_BIAS:
             acc += tl.load(B + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(yp, _cast_out(acc, Y.dtype.element_ty, INTERP_BF16), mask=ymask)
+        tl.store(yp, cast_out(acc, Y.dtype.element_ty, INTERP_BF16), mask=ymask)
     else:
         if HAS_BIAS:
             if pid_k == 0:
@@ -148,8 +117,8 @@ def _sp24_dx(DY, V, MT, DX,
         dy = tl.load(DY + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
         w = _expand_tile(V, MT, offs_n, pid_k * BLOCK_G, stride_vn, stride_mn, N, G, BLOCK_N, BLOCK_G)
-        acc = _dot(dy, w, acc, IEEE, INTERP_BF16)
-    tl.store(DX + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk, _cast_out(acc, DX.dtype.element_ty, INTERP_BF16),
+        acc = dot_acc(dy, w, acc, IEEE, INTERP_BF16)
+    tl.store(DX + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk, cast_out(acc, DX.dtype.element_ty, INTERP_BF16),
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
@@ -171,7 +140,7 @@ def _sp24_dvalues(DY, X, MT, DV,
                       mask=(offs_n[:, None] < N) & (offs_m[None, :] < M), other=0.0)
         x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        acc = _dot(dyt, x, acc, IEEE, INTERP_BF16)
+        acc = dot_acc(dyt, x, acc, IEEE, INTERP_BF16)
     # keep only the stored positions of each group, in values layout
     i0, i1 = _group_codes(MT, offs_n, pid_k * BLOCK_G, stride_mn, N, G, BLOCK_N, BLOCK_G)
     c = tl.arange(0, 4)[None, None, :]
@@ -181,7 +150,7 @@ def _sp24_dvalues(DY, X, MT, DV,
     # interleave back to the (v0, v1) pair layout: one contiguous run per row
     offs_v = 2 * pid_k * BLOCK_G + tl.arange(0, 2 * BLOCK_G)
     gv = tl.reshape(tl.join(g0, g1), (BLOCK_N, 2 * BLOCK_G))
-    tl.store(DV + offs_n[:, None] * stride_dvn + offs_v[None, :], _cast_out(gv, DV.dtype.element_ty, INTERP_BF16),
+    tl.store(DV + offs_n[:, None] * stride_dvn + offs_v[None, :], cast_out(gv, DV.dtype.element_ty, INTERP_BF16),
              mask=(offs_n[:, None] < N) & (offs_v[None, :] < 2 * G))
 
 

@@ -337,3 +337,28 @@ def test_interpreter_bf16_output_rounds_to_nearest():
     y = block_sparse_linear(x, s, backend="interpret")
     same = (y == (x.float() @ w.float().T).bfloat16()).float().mean().item()
     assert same > 0.97, f"only {same:.1%} of outputs equal the rounded fp32 result"
+
+
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.5, 1.0])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forward_density_sweep(density, dtype):
+    # a 9 x 17 block grid: density 0.05 keeps 8 blocks, leaving most block-rows empty
+    _check_forward(17, 130, 260, (16, 16), density, dtype)
+    w, s, x, b = _case(17, 130, 260, (16, 16), density, dtype)
+    from sparsekit.formats.block_sparse import keep_count
+    assert s.nnzb == keep_count(9 * 17, 1.0 - density)
+
+
+@pytest.mark.parametrize("density", [0.05, 1.0])
+def test_backward_density_sweep(density):
+    w, s, x, b = _case(9, 130, 260, (16, 16), density, torch.float32)
+    blocks = s.blocks.clone().requires_grad_(True)
+    xg = x.clone().requires_grad_(True)
+    sw = BlockSparseWeight(blocks, s.crow, s.col, s.tcol_ptr, s.trow, s.tblk, s.shape, s.block_size)
+    y = block_sparse_linear(xg, sw, b, backend="interpret")
+    dy = torch.randn_like(y)
+    gx, gb = torch.autograd.grad(y, (xg, blocks), dy)
+    assert_close_rel(gx, dy.double() @ w.double(), what="grad x")
+    dw = dy.double().T @ x.double()
+    ref = BlockSparseWeight.from_dense(dw, (16, 16), block_mask=s.block_mask()).blocks
+    assert_close_rel(gb, ref, what="grad blocks")

@@ -1,0 +1,43 @@
+"""Triton helpers shared by the kernel families.
+
+Imported normally (compiled mode) by every kernel module, including the
+interpreter copies that :func:`sparsekit.kernels.load` makes: while an
+interpreted launch runs, calls to these ``@triton.jit`` helpers are forwarded
+to interpreted copies of them (see ``kernels/__init__.py``).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def dot_acc(a, b, acc, IEEE: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """acc += a @ b with fp32 accumulation.
+
+    IEEE: full-precision fp32 products (no TF32).  INTERP_BF16 (interpreter
+    launches with bf16 operands only): the Triton interpreter's bf16
+    ``tl.dot`` is wrong, so the operands are widened to fp32 first -- exact
+    for bf16 inputs, so the math is unchanged.
+    """
+    if INTERP_BF16:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def cast_out(acc, OUT_DTYPE: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """fp32 -> output dtype, round to nearest even.
+
+    The interpreter truncates fp32 -> bf16 casts, so interpreted bf16 launches
+    round by hand: add 0x7FFF plus the kept LSB to the bit pattern, then keep
+    the high half.  Compiled launches use the hardware conversion.
+    """
+    if INTERP_BF16:
+        bits = acc.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return acc.to(OUT_DTYPE)
