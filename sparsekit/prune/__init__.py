@@ -1,6 +1,9 @@
 """Compression algorithms that produce sparsity masks.
 
-* 2:4: :func:`mask_2to4` (magnitude or any per-weight score, e.g. Wanda's).
+* 2:4 and unstructured: :func:`mask_2to4` (magnitude or any per-weight
+  score), Wanda (:func:`wanda_mask`), SparseGPT (:func:`sparsegpt_prune`,
+  Hessian-based with OBS weight compensation) and :func:`prune_model_`, which
+  prunes a model layer by layer on calibration data.
 * blocks (LPViT-style): block scores (magnitude, first- and second-order
   Taylor with an empirical-Fisher diagonal), hardware-aware costs, calibration
   statistics, and per-layer sparsity allocation by rate-distortion (equal-slope
@@ -13,9 +16,14 @@ from .block import (BLOCK_SIDES, SCORE_METHODS, block_cost, block_grid, block_ma
                     load_latency_table)
 from .calibration import collect_layer_stats
 from .masks import is_2to4, mask_2to4
+from .sequential import METHODS, collect_layer_inputs, prune_model_
+from .sparsegpt import inverse_hessian_factor, sparsegpt_prune
+from .wanda import PATTERNS, magnitude_mask, row_topk_mask, wanda_mask, wanda_scores
 
 __all__ = [
     "mask_2to4", "is_2to4",
+    "PATTERNS", "magnitude_mask", "row_topk_mask", "wanda_scores", "wanda_mask",
+    "inverse_hessian_factor", "sparsegpt_prune", "METHODS", "collect_layer_inputs", "prune_model_",
     "BLOCK_SIDES", "SCORE_METHODS", "block_grid", "block_reduce", "block_scores", "block_cost",
     "hardware_aware_scores", "block_mask_from_scores", "expand_block_mask", "keep_count",
     "load_latency_table", "latency_key",

@@ -1,0 +1,155 @@
+"""SparseGPT: one-shot pruning with second-order (OBS) weight compensation.
+
+For a linear layer ``y = W x`` and calibration inputs ``X`` (``n x K``, one row
+per token), the layer-wise objective is ``||X W^T - X What^T||^2``.  Its
+Hessian with respect to each output row is the same ``H = 2 X^T X / n``
+(:func:`sparsekit.prune.collect_layer_inputs`, key ``"hessian"``).
+
+Pruning proceeds column by column (input feature ``j = 0 .. K-1``).  With
+``U`` the upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``), row ``j`` of
+``U`` scaled by ``1/U_jj`` is the optimal update of the not-yet-processed
+columns when column ``j`` is fixed, given that columns ``< j`` are already
+fixed.  So for every row: ``err = (w_j - q_j) / U_jj`` and
+``w_{j+1:} -= err * U_{j, j+1:}``, where ``q_j`` is ``w_j`` for a kept weight and
+0 for a pruned one.  The OBS saliency of pruning ``w_j`` at that point is
+``w_j^2 / U_jj^2``; the mask is chosen adaptively from it:
+
+* ``"unstructured"``: at the start of each block of ``block_size`` columns,
+  each row ranks all its not-yet-processed columns by saliency (current
+  weights) and prunes, within this block, the ones among its lowest ``owed``
+  (``owed`` = ``floor(sparsity * K)`` minus what the row already pruned).  The
+  last block takes the exact remainder, so every row ends with exactly
+  ``floor(sparsity * K)`` pruned weights, while the split across blocks adapts
+  to the compensated weights.  Smaller blocks re-choose more often (better
+  masks, more Python-level steps); with one block it is a single up-front
+  choice.
+* ``"2:4"``: at every 4th column, each row keeps the two of the next four
+  columns with the largest saliency, using the weights as updated so far
+  (a partial last group keeps at most two).
+
+Updates inside a block are applied immediately; the accumulated errors of a
+block update later columns once, as one matrix product (lazy batch update).
+"""
+from __future__ import annotations
+
+import torch
+
+from .masks import mask_2to4
+from .wanda import check_pattern, pruned_per_row
+
+__all__ = ["sparsegpt_prune", "inverse_hessian_factor"]
+
+
+def inverse_hessian_factor(H: torch.Tensor, damp: float = 0.01) -> tuple:
+    """``(U, dead)``: the upper Cholesky factor of ``(H + damp*mean(diag H)*I)^-1`` (float64)
+    and the bool mask of dead inputs (``H_jj == 0``, set to 1 on the diagonal first)."""
+    H = H.detach().to(torch.float64).clone()
+    diag = torch.diagonal(H)
+    dead = diag == 0
+    mean = float(diag.mean())
+    H[dead, dead] = 1.0
+    lam = damp * (mean if mean > 0 else 1.0)
+    H += lam * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) != 0:
+        raise ValueError(f"the Hessian is not positive definite after dampening (damp={damp}); "
+                         f"pass a larger damp or more calibration data")
+    Hinv = torch.cholesky_inverse(L)
+    U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+    if int(info) != 0:
+        raise ValueError(f"the inverse Hessian is numerically not positive definite (damp={damp}); "
+                         f"pass a larger damp")
+    return U, dead
+
+
+def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, pattern: str = "2:4", sparsity: float = 0.5,
+                    block_size: int = 128, damp: float = 0.01) -> tuple:
+    """Prune ``weight`` (``(out, in)``) given the layer-input Hessian ``H`` (``(in, in)``).
+
+    Returns ``(pruned_weight, mask)``: the compensated weight, zero where
+    ``mask`` is False, in ``weight``'s dtype and device (the math runs in
+    float32, or float64 for a float64 weight; the inverse Hessian is always
+    formed in float64), and the bool keep-mask.  ``weight`` is not modified.
+
+    ``pattern``: ``"2:4"`` (then ``sparsity`` must be 0.5) or
+    ``"unstructured"`` (exactly ``floor(sparsity * in)`` pruned per row).
+    ``block_size``: columns per lazy-update block (a multiple of 4 for 2:4);
+    for unstructured it is also how often the mask is re-chosen.
+    ``damp``: ``damp * mean(diag(H))`` is added to the diagonal.
+    Inputs that never fired (``H_jj == 0``) get weight 0 and are pruned first.
+    """
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    if not isinstance(H, torch.Tensor):
+        raise TypeError(f"H must be a torch.Tensor, got {type(H).__name__}")
+    n, k = weight.shape
+    if tuple(H.shape) != (k, k):
+        raise ValueError(f"H must have shape (in_features, in_features) = ({k}, {k}), got {tuple(H.shape)}")
+    if not H.is_floating_point():
+        raise TypeError(f"H must be a floating-point tensor, got {H.dtype}")
+    if not bool(torch.isfinite(H).all()):
+        raise ValueError("H contains NaN or Inf")
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError("weight contains NaN or Inf")
+    s = check_pattern(pattern, sparsity)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if pattern == "2:4" and block_size % 4 != 0:
+        raise ValueError(f"block_size must be a multiple of 4 for pattern '2:4', got {block_size}")
+    if not float(damp) >= 0:
+        raise ValueError(f"damp must be >= 0, got {damp}")
+
+    cdt = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    dev = weight.device
+    W = weight.detach().to(cdt).clone()
+    U64, dead = inverse_hessian_factor(H.to(dev), float(damp))
+    U = U64.to(cdt)
+    W[:, dead] = 0
+    mask = torch.ones(n, k, dtype=torch.bool, device=dev)
+    total = pruned_per_row(k, s)
+
+    for a in range(0, k, block_size):
+        b = min(k, a + block_size)
+        W1 = W[:, a:b].clone()
+        U1 = U[a:b, a:b]
+        d = torch.diagonal(U1)
+        Err1 = torch.zeros_like(W1)
+        M1 = torch.ones_like(W1, dtype=torch.bool)
+        if pattern == "unstructured" and total > 0:
+            # each row still owes ``total - pruned so far``; rank every remaining
+            # column (current weights, current diagonal) and prune this block's share
+            sal = W[:, a:].pow(2) / torch.diagonal(U)[a:].pow(2).unsqueeze(0)
+            owed = total - (~mask[:, :a]).sum(1, keepdim=True)
+            rank = torch.sort(torch.sort(sal, dim=1, stable=True).indices, dim=1).indices
+            M1 = rank[:, :b - a] >= owed
+        for jj in range(b - a):
+            if pattern == "2:4" and jj % 4 == 0:
+                g = min(4, b - a - jj)
+                sal = W1[:, jj:jj + g].pow(2) / d[jj:jj + g].pow(2).unsqueeze(0)
+                M1[:, jj:jj + g] = mask_2to4(W1[:, jj:jj + g], sal)
+            w = W1[:, jj]
+            q = torch.where(M1[:, jj], w, torch.zeros_like(w))
+            err = (w - q) / d[jj]
+            W1[:, jj:] -= err.unsqueeze(1) * U1[jj, jj:].unsqueeze(0)
+            W1[:, jj] = q
+            Err1[:, jj] = err
+        W[:, a:b] = W1
+        mask[:, a:b] = M1
+        if b < k:
+            W[:, b:] -= Err1 @ U[a:b, b:]
+    W = torch.where(mask, W, torch.zeros_like(W))
+    return W.to(weight.dtype), mask
+
+
+def _drop_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Keep-mask dropping exactly ``count`` lowest scores per row (ties: the higher index is dropped)."""
+    n, m = scores.shape
+    mask = torch.ones(n, m, dtype=torch.bool, device=scores.device)
+    if count > 0:
+        order = torch.sort(-scores, dim=1, stable=True).indices
+        mask.scatter_(1, order[:, m - count:], False)
+    return mask
