@@ -14,7 +14,7 @@ import threading
 
 __all__ = ["load", "FAMILIES"]
 
-FAMILIES = ("sparse24", "block_sparse")
+FAMILIES = ("sparse24", "block_sparse", "int4")
 
 _lock = threading.Lock()
 _interp_modules: dict = {}

@@ -1,8 +1,9 @@
 """sparsekit: kernels for sparse and low-bit neural networks on NVIDIA GPUs."""
 __version__ = "0.1.0"
 
-from . import formats, ops, prune, testing  # noqa: E402
+from . import formats, ops, prune, quant, testing  # noqa: E402
 from . import nn  # noqa: E402
-from .convert import BlockSparseConfig, Sparse24Config, sparsify_  # noqa: E402
+from .convert import BlockSparseConfig, Int4Config, Sparse24Config, quantize_, sparsify_  # noqa: E402
 
-__all__ = ["__version__", "formats", "ops", "prune", "testing", "nn", "Sparse24Config", "BlockSparseConfig", "sparsify_"]
+__all__ = ["__version__", "formats", "ops", "prune", "quant", "testing", "nn", "Sparse24Config", "BlockSparseConfig", "Int4Config",
+           "sparsify_", "quantize_"]

@@ -1,4 +1,4 @@
-"""Whole-model conversion: ``sparsify_(model, config)``."""
+"""Whole-model conversion: ``sparsify_(model, config)`` and ``quantize_(model, config)``."""
 from __future__ import annotations
 
 import re
@@ -8,7 +8,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-__all__ = ["Sparse24Config", "BlockSparseConfig", "sparsify_"]
+__all__ = ["Sparse24Config", "BlockSparseConfig", "Int4Config", "sparsify_", "quantize_"]
 
 
 @dataclass
@@ -88,7 +88,38 @@ class BlockSparseConfig(_LinearConfig):
         return BlockSparseLinear.from_dense(module, self.block_size, sparsity=float(spec), backend=self.backend)
 
 
-_NAMED = {"2:4": Sparse24Config}
+@dataclass
+class Int4Config(_LinearConfig):
+    """Swap ``nn.Linear`` layers for int4-weight :class:`~sparsekit.nn.QLinear` (W4A16).
+
+    method: ``"rtn"`` (no data), ``"gptq"`` or ``"awq"`` (both need ``calib``,
+        an iterable of model input batches; layers are calibrated one after
+        another with the earlier ones already quantized).
+    group_size: 32, 64, 128 or -1 (one group per row); symmetric: zero point 8.
+    dtype: compute dtype of the new layers (float16 / bfloat16; default the
+        layer's dtype when half precision, else float16).
+    method_kwargs: extra arguments for the quantizer (e.g. ``act_order=True``,
+        ``damp=0.01`` for GPTQ; ``grid=20`` for AWQ).
+    """
+
+    group_size: int = 128
+    symmetric: bool = False
+    method: str = "rtn"
+    calib: object = None
+    dtype: Optional[torch.dtype] = None
+    method_kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.method not in ("rtn", "gptq", "awq"):
+            raise ValueError(f"unknown method {self.method!r}; choose 'rtn', 'gptq' or 'awq'")
+        if self.method != "rtn" and self.calib is None:
+            raise ValueError(f"method={self.method!r} needs calibration data: Int4Config(calib=batches)")
+        if self.group_size not in (32, 64, 128, -1):
+            raise ValueError(f"group_size must be one of 32, 64, 128, -1, got {self.group_size}")
+
+
+_NAMED = {"2:4": Sparse24Config, "int4": Int4Config}
 
 
 def _resolve(config) -> _LinearConfig:
@@ -96,11 +127,62 @@ def _resolve(config) -> _LinearConfig:
         try:
             return _NAMED[config]()
         except KeyError:
-            raise ValueError(f"unknown sparsity config {config!r}; known: {sorted(_NAMED)} "
-                             "(or pass a Sparse24Config / BlockSparseConfig)") from None
+            raise ValueError(f"unknown config {config!r}; known: {sorted(_NAMED)} "
+                             "(or pass a Sparse24Config / BlockSparseConfig / Int4Config)") from None
     if isinstance(config, _LinearConfig):
         return config
     raise TypeError(f"config must be a config object or one of {sorted(_NAMED)}, got {type(config).__name__}")
+
+
+def _targets(model: nn.Module, cfg: _LinearConfig, filter_fn) -> list:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if cfg.matches(name, mod) and (filter_fn is None or filter_fn(mod, name))]
+    if any(name == "" for name, _ in targets):
+        raise ValueError("conversion replaces submodules; wrap a bare nn.Linear in a container "
+                         "or use the module's from_dense / from_float directly")
+    return targets
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def quantize_(model: nn.Module, config: Union[str, Int4Config] = "int4",
+              filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, progress: bool = True) -> nn.Module:
+    """Replace matching ``nn.Linear`` layers of ``model`` by int4 :class:`~sparsekit.nn.QLinear`, in place.
+
+    ``config`` is ``"int4"`` (RTN, group 128, asymmetric) or an
+    :class:`Int4Config`.  Returns ``model``.
+    """
+    cfg = _resolve(config)
+    if not isinstance(cfg, Int4Config):
+        raise TypeError(f"quantize_ takes an Int4Config (or 'int4'), got {type(cfg).__name__}; "
+                        "sparsity configs go to sparsify_")
+    targets = _targets(model, cfg, filter_fn)
+    if not targets:
+        return model
+    from tqdm.auto import tqdm
+
+    from .nn import QLinear
+
+    if cfg.method == "rtn":
+        for name, mod in tqdm(targets, desc="quantize_", unit="layer", disable=not progress):
+            _replace(model, name, QLinear.from_float(mod, group_size=cfg.group_size, symmetric=cfg.symmetric,
+                                                     dtype=cfg.dtype, backend=cfg.backend))
+        return model
+    from .quant import quantize_model_weights
+
+    originals = {name: mod for name, mod in targets}
+    results = quantize_model_weights(model, cfg.calib, method=cfg.method, group_size=cfg.group_size,
+                                     symmetric=cfg.symmetric, bits=4, layers=originals, progress=progress,
+                                     **cfg.method_kwargs)
+    for name, mod in originals.items():
+        _replace(model, name, QLinear.from_quant_result(mod, results[name], dtype=cfg.dtype, backend=cfg.backend))
+    return model
 
 
 def sparsify_(model: nn.Module, config: Union[str, _LinearConfig] = "2:4",
@@ -113,15 +195,11 @@ def sparsify_(model: nn.Module, config: Union[str, _LinearConfig] = "2:4",
     (``progress=False`` hides it).
     """
     cfg = _resolve(config)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    targets = [(name, mod) for name, mod in model.named_modules()
-               if cfg.matches(name, mod) and (filter_fn is None or filter_fn(mod, name))]
+    if isinstance(cfg, Int4Config):
+        raise TypeError("Int4Config quantizes: use quantize_(model, config)")
+    targets = _targets(model, cfg, filter_fn)
     if not targets:
         return model
-    if any(name == "" for name, _ in targets):
-        raise ValueError("sparsify_ converts submodules; wrap a bare nn.Linear in a container "
-                         "or use SparseLinear.from_dense directly")
     if isinstance(cfg, BlockSparseConfig):
         unknown = set(cfg.per_layer) - {name for name, _ in targets}
         if unknown:
@@ -129,8 +207,5 @@ def sparsify_(model: nn.Module, config: Union[str, _LinearConfig] = "2:4",
     from tqdm.auto import tqdm
 
     for name, mod in tqdm(targets, desc="sparsify_", unit="layer", disable=not progress):
-        new = cfg.convert(mod, name)
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, new)
+        _replace(model, name, cfg.convert(mod, name))
     return model

@@ -151,7 +151,7 @@ def test_sparsify_filters():
 
 
 def test_sparsify_bad_config():
-    with pytest.raises(ValueError, match="unknown sparsity config"):
+    with pytest.raises(ValueError, match="unknown config"):
         sparsify_(_mlp(), "3:7")
     with pytest.raises(TypeError, match="config"):
         sparsify_(_mlp(), 42)

@@ -1,5 +1,6 @@
 """Public functional ops (registered with torch.library) and backend dispatch."""
 from .block_sparse import block_sparse_linear, block_sparse_linear_packed
+from .int4 import int4_linear, int4_linear_packed
 from .dispatch import BACKENDS, ENV_VAR, available_backends, resolve
 from .sparse24 import sparse24_linear, sparse24_linear_packed
 
@@ -12,4 +13,5 @@ def select_backend(op: str, x, weight=None) -> str:
 
 
 __all__ = ["BACKENDS", "ENV_VAR", "available_backends", "resolve", "select_backend",
-           "sparse24_linear", "sparse24_linear_packed", "block_sparse_linear", "block_sparse_linear_packed"]
+           "sparse24_linear", "sparse24_linear_packed", "block_sparse_linear", "block_sparse_linear_packed",
+           "int4_linear", "int4_linear_packed"]

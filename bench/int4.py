@@ -1,0 +1,343 @@
+"""Benchmark and CPU correctness sweep for ``int4_linear`` (W4A16: y = x @ dequant(W)^T + b).
+
+GPU (``run_gpu``): weights quantized group-wise (group 128, asymmetric, fp16
+scales by default) by round-to-nearest; for each dtype, shape (N, K) and batch
+M, time in the same run
+
+* ``dense``          ``F.linear(x, W_hat, b)`` on the dequantized dense weight (cuBLAS; the baseline)
+* ``triton``         sparsekit's W4A16 Triton kernel
+* ``sparsekit_auto`` sparsekit's own choice (``chosen_backend`` says which)
+* ``torch_int4mm``   torch's ``torch._weight_int4pack_mm`` (tinygemm) on the same codes, where available
+* ``torchao_int4``   torchao's int4 weight-only linear (its own RTN of the dense weight), if importable
+* ``gemlite``        GemLite's A16W4 layer on the same codes, if importable
+
+Every backend's output is first checked against fp32 math on the dequantized
+weight (rel err < 1e-2; torchao quantizes on its own grid, so it is checked
+against the unquantized weight with a loose bound); a failing sparsekit
+backend is reported and not timed, a peer that cannot run gives a ``skip`` row
+with the reason.
+
+CPU (``cpu_sweep``): no timings; the ``interpret`` and ``reference`` backends
+and the automatic choice are compared against float64 math on the same
+dequantized weight, on small odd shapes, fp16 and bf16.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import harness
+from .harness import Row, format_case
+
+OP = "int4_linear"
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192)]
+MS = [1, 4, 16, 64, 256, 4096]
+QUICK_SHAPES = [(4096, 4096), (11008, 4096)]
+QUICK_MS = [1, 16, 256, 4096]
+GROUP_SIZE = 128
+SYMMETRIC = False
+GPU_TOL = 1e-2            # rel err bound for the pre-timing check
+TORCHAO_TOL = 0.2         # torchao quantizes the dense weight itself: checked vs the float weight
+BACKENDS = ("dense", "triton", "sparsekit_auto", "torch_int4mm", "torchao_int4", "gemlite")
+OWN_FORCED = ("triton", "interpret", "reference")
+CPU_TIMING_BACKENDS = ("dense", "interpret", "reference", "sparsekit_auto", "torch_int4mm")
+
+# CPU sweep: (N, K, group_size)
+CPU_CASES = [(33, 128, 32), (70, 96, -1), (20, 256, 128)]
+CPU_MS = [1, 3, 17]
+CPU_QUICK_CASES = [(33, 128, 32)]
+CPU_QUICK_MS = [1, 17]
+CPU_QUICK_SHAPES = [(33, 128)]     # the dry run of the timing path (group 32 for K < 128)
+CPU_DTYPES = ("fp16", "bf16")
+CPU_TOL = {"fp16": 1e-3, "bf16": 1e-2}
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _ops():
+    from sparsekit.ops import dispatch
+    from sparsekit.ops import int4 as ops
+    return ops, dispatch
+
+
+def _short(e: BaseException, n: int = 200) -> str:
+    msg = f"{type(e).__name__}: {e}".replace("\n", " ").replace(",", ";")
+    return msg if len(msg) <= n else msg[: n - 3] + "..."
+
+
+def _group(k: int, group_size: int = GROUP_SIZE) -> int:
+    return group_size if group_size == -1 or k % group_size == 0 else (32 if k % 32 == 0 else -1)
+
+
+def make_weight(n: int, k: int, dtype: torch.dtype, device, gen: torch.Generator | None = None,
+                group_size: int = GROUP_SIZE, symmetric: bool = SYMMETRIC):
+    """A random float weight ``(n, k)``, its RTN ``Int4Weight`` and a bias."""
+    from sparsekit.formats.int4 import Int4Weight
+
+    w = torch.randn(n, k, device=device, dtype=torch.float32, generator=gen) * (k ** -0.5)
+    q = Int4Weight.from_float(w, _group(k, group_size), symmetric, dtype=dtype)
+    b = (torch.randn(n, device=device, dtype=torch.float32, generator=gen) * 0.1).to(dtype)
+    return w, q, b
+
+
+# --------------------------------------------------------------------------- peers
+
+def _torch_int4mm_fn(q, bias):
+    """tinygemm (``torch._weight_int4pack_mm``) on the same codes: w = (q - 8) * s + (8 - z) * s."""
+    if not hasattr(torch, "_weight_int4pack_mm") or not hasattr(torch, "_convert_weight_to_int4pack"):
+        raise RuntimeError("this torch has no _weight_int4pack_mm")
+    codes = q.unpack().to(torch.int32)
+    n, k = codes.shape
+    packed_u8 = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
+    wp = torch._convert_weight_to_int4pack(packed_u8, 8)
+    s = q.scales
+    z = (8.0 - q.zero_points().float()) * s.float()
+    sz = torch.stack([s, z.to(s.dtype)], dim=-1).transpose(0, 1).contiguous()   # (G, N, 2)
+    gs = q.group_size
+
+    def fn(x, _w=None):
+        y = torch._weight_int4pack_mm(x, wp, gs, sz)
+        return y + bias
+    return fn
+
+
+def _torchao_fn(w_dense, dtype, bias):
+    import torchao  # noqa: F401
+    from torchao.quantization import quantize_
+
+    lin = torch.nn.Linear(w_dense.shape[1], w_dense.shape[0], bias=True, device=w_dense.device, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w_dense.to(dtype))
+        lin.bias.copy_(bias)
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig
+        quantize_(lin, Int4WeightOnlyConfig(group_size=GROUP_SIZE))
+    except ImportError:
+        from torchao.quantization import int4_weight_only
+        quantize_(lin, int4_weight_only(group_size=GROUP_SIZE))
+    return lambda x, _w=None: lin(x)
+
+
+def _gemlite_fn(q, dtype, bias):
+    import gemlite  # noqa: F401
+    from gemlite.core import DType, GemLiteLinear
+
+    n, k = q.shape
+    layer = GemLiteLinear(W_nbits=4, group_size=q.group_size, in_features=k, out_features=n,
+                          input_dtype=DType.FP16 if dtype == torch.float16 else DType.BF16,
+                          output_dtype=DType.FP16 if dtype == torch.float16 else DType.BF16)
+    layer.pack(q.unpack(), q.scales, q.zero_points(), bias=bias)
+    return lambda x, _w=None: layer(x)
+
+
+# --------------------------------------------------------------------------- GPU benchmark
+
+class _Backend:
+    def __init__(self, name: str, fn: Callable | None, weights: Sequence, weight_bytes: int,
+                 skip: str = "", tol: float = GPU_TOL, vs_float: bool = False):
+        self.name, self.fn, self.weights, self.weight_bytes = name, fn, list(weights), weight_bytes
+        self.skip, self.tol, self.vs_float = skip, tol, vs_float
+
+
+def _prepare_backends(n, k, dtype, n_sets, wanted, gen, device, log=print):
+    ops, dispatch = _ops()
+    dev = torch.device(device)
+    floats, quants, bias = [], [], None
+    for _ in range(n_sets):
+        w, q, b = make_weight(n, k, dtype, dev, gen)
+        floats.append(w)
+        quants.append(q)
+        bias = b if bias is None else bias
+    dense_w = [q.dequantize() for q in quants]
+    it = torch.empty((), dtype=dtype).element_size()
+    qbytes = quants[0].nbytes()
+    out: dict[str, _Backend] = {}
+    if "dense" in wanted:
+        out["dense"] = _Backend("dense", lambda x, w: F.linear(x, w, bias), dense_w, n * k * it)
+    for name in OWN_FORCED:
+        if name not in wanted:
+            continue
+        ok, why = dispatch._op_backends(OP)[name](dev)
+        out[name] = _Backend(name, lambda x, w, _b=name: ops.int4_linear(x, w, bias, backend=_b),
+                             quants, qbytes, skip="" if ok else why)
+    if "sparsekit_auto" in wanted:
+        out["sparsekit_auto"] = _Backend("sparsekit_auto", lambda x, w: ops.int4_linear(x, w, bias), quants, qbytes)
+    peers = {
+        "torch_int4mm": lambda: ([_torch_int4mm_fn(q, bias) for q in quants], {}),
+        "torchao_int4": lambda: ([_torchao_fn(w, dtype, bias) for w in floats], dict(tol=TORCHAO_TOL, vs_float=True)),
+        "gemlite": lambda: ([_gemlite_fn(q, dtype, bias) for q in quants], {}),
+    }
+    for name, build in peers.items():
+        if name not in wanted:
+            continue
+        try:
+            fns, kw = build()
+            out[name] = _Backend(name, lambda x, f: f(x), fns, qbytes, **kw)
+        except Exception as e:
+            out[name] = _Backend(name, None, [], 0, skip=f"unavailable: {_short(e)}")
+    return out, dense_w, floats, bias
+
+
+def run_gpu(shapes: Iterable[tuple[int, int]] = SHAPES, ms: Iterable[int] = MS,
+            dtypes: Iterable[str] = ("fp16",), backends: Sequence[str] = BACKENDS,
+            warmup_ms: float = 10.0, rep_ms: float = 50.0, ctx: dict | None = None,
+            on_rows: Callable[[list[Row]], None] | None = None, log=print, seed: int = 0,
+            device="cuda", timer: Callable | None = None) -> list[Row]:
+    """Time every backend on every case (``device="cpu"`` + a CPU timer = a dry run of the harness)."""
+    ops, _ = _ops()
+    import sparsekit.ops as ops_pkg
+    ctx = dict(ctx or {})
+    ceilings = ctx.pop("ceilings", None)
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    timer = timer or harness.time_rotating
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    all_rows: list[Row] = []
+    ms = list(ms)
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        it = torch.empty((), dtype=dtype).element_size()
+        for (n, k) in shapes:
+            gs = _group(k)
+            qbytes = n * k // 2 + 2 * n * (k // (k if gs == -1 else gs)) * it
+            n_sets = harness.n_rotating_sets(qbytes) if on_gpu else 2
+            bk, dense_w, floats, bias = _prepare_backends(n, k, dtype, n_sets, backends, gen, device, log)
+            group: list[Row] = []
+            for m in ms:
+                case = format_case(M=m, N=n, K=k, group=gs)
+                xs = [torch.randn(m, k, device=device, dtype=torch.float32, generator=gen).to(dtype)
+                      for _ in range(n_sets)]
+                ref = F.linear(xs[0].float(), dense_w[0].float(), bias.float())
+                ref_float = None
+                io_bytes = (m * k + m * n + n) * it
+                for name in backends:
+                    b = bk.get(name)
+                    if b is None:
+                        continue
+                    row = Row(op=OP, case=case, backend=name, dtype=dname, n_sets=n_sets,
+                              flops=2 * m * n * k, bytes=b.weight_bytes + io_bytes, **ctx)
+                    if b.skip:
+                        row.status, row.note = "skip", b.skip
+                        row.bytes = row.flops = None
+                        group.append(row)
+                        continue
+                    try:
+                        if name == "sparsekit_auto":
+                            row.chosen_backend = ops_pkg.select_backend(OP, xs[0], b.weights[0])
+                        out = b.fn(xs[0], b.weights[0])
+                        sync()
+                        if tuple(out.shape) != (m, n):
+                            raise ValueError(f"output shape {tuple(out.shape)} != {(m, n)}")
+                        if b.vs_float:
+                            if ref_float is None:
+                                ref_float = F.linear(xs[0].float(), floats[0], bias.float())
+                            row.rel_err = harness.rel_err(out.float(), ref_float)
+                            row.note = "own RTN grid; rel_err vs the unquantized weight"
+                        else:
+                            row.rel_err = harness.rel_err(out.float(), ref)
+                    except Exception as e:
+                        peer = name in harness.PEER_BACKENDS or name == "torch_int4mm"
+                        row.status = "skip" if peer else "fail"
+                        row.note = ("could not run: " if peer else "error: ") + _short(e)
+                        group.append(row)
+                        log(f"[{OP}] {case} {dname} {name}: {row.status}: {row.note}")
+                        continue
+                    if not (row.rel_err < b.tol):
+                        peer = name == "torch_int4mm" or name in harness.PEER_BACKENDS and name != "dense"
+                        row.status = "skip" if peer else "fail"
+                        row.note = f"rel_err {row.rel_err:.3g} >= {b.tol:g} vs fp32 math: not timed"
+                        group.append(row)
+                        log(f"[{OP}] {case} {dname} {name}: {row.status}: {row.note}")
+                        continue
+                    try:
+                        row.p20_ms, row.p50_ms, row.p80_ms = timer(
+                            b.fn, list(zip(xs, b.weights)), warmup_ms=warmup_ms, rep_ms=rep_ms)
+                    except Exception as e:
+                        row.status, row.note = "fail", "timing error: " + _short(e)
+                    harness.fill_throughput(row, ceilings)
+                    group.append(row)
+                del xs, ref
+            harness.fill_ratios(group)
+            for r in group:
+                if r.status == "ok":
+                    log(f"[{OP}] {r.case:>30} {r.dtype} {r.backend:>14}: p50 {r.p50_ms:8.4f} ms  "
+                        f"x dense {r.speedup_vs_dense or float('nan'):5.2f}  {(r.tbps or 0):5.2f} TB/s"
+                        + (f"  (chose {r.chosen_backend})" if r.chosen_backend else ""))
+            if on_rows is not None:
+                on_rows(group)
+            all_rows.extend(group)
+            del bk, dense_w, floats, bias
+            if on_gpu:
+                torch.cuda.empty_cache()
+    return all_rows
+
+
+# --------------------------------------------------------------------------- CPU correctness sweep
+
+def _cpu_cases(quick: bool):
+    cases = CPU_QUICK_CASES if quick else CPU_CASES
+    ms = CPU_QUICK_MS if quick else CPU_MS
+    for (n, k, gs) in cases:
+        for m in ms:
+            yield format_case(M=m, N=n, K=k, group=gs), (m,), n, k, gs, False
+    if not quick:
+        n, k, gs = CPU_CASES[0]
+        yield format_case(B=2, M=3, N=n, K=k, group=gs), (2, 3), n, k, gs, False
+        yield format_case(M=5, N=n, K=k, group=gs, x="transposed"), (5,), n, k, gs, True
+
+
+def cpu_sweep(quick: bool = False, dtypes: Sequence[str] = CPU_DTYPES,
+              backends: Sequence[str] = ("interpret", "reference", "sparsekit_auto"),
+              cases=None, seed: int = 0, log=print) -> tuple[list[Row], bool]:
+    """Compare sparsekit's CPU backends with float64 math on the dequantized weight."""
+    import sparsekit.ops as ops_pkg
+    ops, _ = _ops()
+    gen = torch.Generator().manual_seed(seed)
+    rows: list[Row] = []
+    ctx = dict(gpu="cpu", commit=harness.git_commit(), date=harness.now_iso())
+    ctx["torch"], ctx["triton"] = harness.versions()
+    for case, lead, n, k, gs, transposed in (cases if cases is not None else _cpu_cases(quick)):
+        for dname in dtypes:
+            if dname not in DTYPES:
+                continue
+            dtype = DTYPES[dname]
+            _, q, b = make_weight(n, k, dtype, "cpu", gen, group_size=gs)
+            if transposed:
+                x = torch.randn(k, *lead, generator=gen).to(dtype).t()
+            else:
+                x = torch.randn(*lead, k, generator=gen).to(dtype)
+            wd = q.dequantize()
+            ref = F.linear(x.double(), wd.double(), b.double())
+            for name in backends:
+                row = Row(op=OP, case=case, backend=name, dtype=dname, **ctx)
+                try:
+                    if name == "sparsekit_auto":
+                        row.chosen_backend = ops_pkg.select_backend(OP, x, q)
+                        out = ops.int4_linear(x, q, b)
+                    else:
+                        out = ops.int4_linear(x, q, b, backend=name)
+                    if tuple(out.shape) != tuple(ref.shape) or out.dtype != dtype:
+                        raise ValueError(f"output {tuple(out.shape)} {out.dtype} != {tuple(ref.shape)} {dtype}")
+                    row.rel_err = harness.rel_err(out, ref)
+                    finite = bool(torch.isfinite(out).all())
+                    tol = CPU_TOL[dname]
+                    row.status = "ok" if finite and row.rel_err < tol else "fail"
+                    row.note = f"tol {tol:g}" + ("" if finite else "; non-finite output")
+                except Exception as e:
+                    row.status, row.note = "fail", "error: " + _short(e)
+                rows.append(row)
+    return rows, all(r.status == "ok" for r in rows)
+
+
+def print_cpu_table(rows: Sequence[Row], file=None) -> None:
+    table = []
+    for r in rows:
+        be = r.backend + (f" ({r.chosen_backend})" if r.chosen_backend else "")
+        table.append([r.case, r.dtype, be, "" if r.rel_err is None else f"{r.rel_err:.2e}",
+                      "PASS" if r.status == "ok" else "FAIL", r.note])
+    harness.print_table(["case", "dtype", "backend", "rel_err", "pass", "note"], table, file=file)

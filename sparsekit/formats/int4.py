@@ -1,0 +1,303 @@
+"""Group-wise int4 weight container (4-bit codes, per-group scales and zeros).
+
+Quantization grid, for a weight ``W`` of shape ``(N, K)`` (out_features,
+in_features) and groups of ``group_size`` consecutive input features
+(``group_size`` in {32, 64, 128} or ``-1`` = the whole row is one group, i.e.
+``group_size = K``; ``K % group_size`` must be 0):
+
+* asymmetric (default):  ``lo = min(min(w), 0)``, ``hi = max(max(w), 0)`` over
+  the group (the range always contains 0, as GPTQ/AWQ do, so the zero point is
+  a valid code); ``scale = (hi - lo) / 15`` (1 where the range is 0);
+  ``zero = clamp(round(-lo / scale), 0, 15)``;
+  ``q = clamp(round(w / scale) + zero, 0, 15)``.
+* symmetric: ``scale = max|w| / 7`` (1 where the group is all zero), the zero
+  point is fixed at 8 and not stored, ``q = clamp(round(w / scale) + 8, 0, 15)``.
+
+Dequantized weight: ``w_hat = (q - zero) * scale``, computed in the scale dtype
+(``q - zero`` is an exact small integer; the product is rounded once).  The
+kernels reproduce this bit for bit.
+
+Storage (:class:`Int4Weight`):
+
+* ``qweight``: ``(N, K // 8)`` int32; word ``j`` of row ``n`` holds the codes of
+  columns ``8j .. 8j+7``.  Column ``8j + e`` sits in nibble (bits ``4p .. 4p+3``)
+
+      p = e // 2        for even e   (nibbles 0..3: columns 8j, 8j+2, 8j+4, 8j+6)
+      p = 4 + e // 2    for odd e    (nibbles 4..7: columns 8j+1, 8j+3, 8j+5, 8j+7)
+
+  so ``(word >> 4s) & 0x000F000F`` (s = 0..3) yields the codes of columns
+  ``8j+2s`` and ``8j+2s+1`` in the low and high 16-bit halves of one 32-bit
+  register, ready to be OR-ed into the mantissas of two fp16/bf16 magic
+  numbers at once.  ``K`` must be a multiple of 8.
+* ``scales``: ``(N, G)`` with ``G = K // group_size``, float16 or bfloat16 (the
+  activation dtype).
+* ``zeros``: ``(N, G)`` in the scale dtype holding integer values in [0, 15],
+  or ``None`` for symmetric weights (zero = 8).
+
+Bytes per weight: 0.5 + (2 or 4) / group_size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+__all__ = ["Int4Weight", "rtn_quantize", "pack_int4", "unpack_int4", "dequantize_int4",
+           "ALLOWED_GROUP_SIZES", "SYMMETRIC_ZERO"]
+
+ALLOWED_GROUP_SIZES = (32, 64, 128, -1)
+SYMMETRIC_ZERO = 8
+SCALE_DTYPES = (torch.float16, torch.bfloat16)
+
+# nibble position of column e (0..7) inside its int32 word
+_NIBBLE_POS = [e // 2 if e % 2 == 0 else 4 + e // 2 for e in range(8)]
+
+
+def resolve_group_size(group_size: int, k: int) -> int:
+    """The effective group size for ``k`` input features (``-1`` -> ``k``); ValueError if invalid."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    if group_size not in ALLOWED_GROUP_SIZES and group_size != k:
+        raise ValueError(f"group_size must be one of {ALLOWED_GROUP_SIZES} (-1 = whole row), got {group_size}")
+    gs = k if group_size == -1 else group_size
+    if gs <= 0 or k % gs != 0:
+        raise ValueError(f"in_features K={k} is not a multiple of group_size={group_size}")
+    return gs
+
+
+def _check_k8(k: int) -> None:
+    if k % 8 != 0:
+        raise ValueError(f"in_features K={k} must be a multiple of 8 to pack 8 int4 codes per int32 word")
+
+
+def rtn_quantize(w: torch.Tensor, group_size: int = 128, symmetric: bool = False):
+    """Round-to-nearest group-wise int4 quantization of a 2-D weight.
+
+    Returns ``(q, scales, zeros)``: ``q`` uint8 ``(N, K)`` in [0, 15], ``scales``
+    and ``zeros`` float32 ``(N, G)`` (zeros are all 8 when ``symmetric``).
+    """
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
+    if w.dim() != 2:
+        raise ValueError(f"w must be 2-D (out_features, in_features), got shape {tuple(w.shape)}")
+    if not w.is_floating_point():
+        raise TypeError(f"w must be floating point, got {w.dtype}")
+    n, k = w.shape
+    gs = resolve_group_size(group_size, k)
+    g = k // gs if gs else 0
+    wg = w.detach().to(torch.float32).reshape(n, g, gs)
+    if symmetric:
+        amax = wg.abs().amax(dim=-1)
+        scales = torch.where(amax > 0, amax / 7.0, torch.ones_like(amax))
+        zeros = torch.full_like(scales, float(SYMMETRIC_ZERO))
+    else:
+        lo = wg.amin(dim=-1).clamp(max=0.0)
+        hi = wg.amax(dim=-1).clamp(min=0.0)
+        rng = hi - lo
+        scales = torch.where(rng > 0, rng / 15.0, torch.ones_like(rng))
+        zeros = torch.round(-lo / scales).clamp(0, 15)
+    q = torch.clamp(torch.round(wg / scales[..., None]) + zeros[..., None], 0, 15)
+    return q.reshape(n, k).to(torch.uint8), scales.contiguous(), zeros.contiguous()
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """``(N, K)`` integer codes in [0, 15] -> ``(N, K // 8)`` int32 in the module's nibble order."""
+    n, k = q.shape
+    _check_k8(k)
+    q8 = q.to(torch.int64).reshape(n, k // 8, 8)
+    shifts = torch.tensor([4 * p for p in _NIBBLE_POS], dtype=torch.int64, device=q.device)
+    word = (q8 << shifts).sum(dim=-1)                 # < 2**32, exact in int64
+    word = torch.where(word >= 2 ** 31, word - 2 ** 32, word)
+    return word.to(torch.int32).contiguous()
+
+
+def unpack_int4(qweight: torch.Tensor, k: Optional[int] = None) -> torch.Tensor:
+    """``(N, K // 8)`` int32 -> ``(N, K)`` uint8 codes."""
+    n, kw = qweight.shape
+    word = qweight.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.tensor([4 * p for p in _NIBBLE_POS], dtype=torch.int64, device=qweight.device)
+    q = (word[..., None] >> shifts) & 0xF
+    q = q.reshape(n, kw * 8).to(torch.uint8)
+    if k is not None and k != kw * 8:
+        raise ValueError(f"qweight holds {kw * 8} columns, expected K={k}")
+    return q
+
+
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                    group_size: int, k: int) -> torch.Tensor:
+    """``(q - zero) * scale`` as an ``(N, K)`` tensor in the scale dtype (raw-tensor form)."""
+    n = qweight.shape[0]
+    q = unpack_int4(qweight, k).to(scales.dtype).reshape(n, -1, group_size)
+    z = zeros if zeros is not None else torch.full_like(scales, float(SYMMETRIC_ZERO))
+    return ((q - z[..., None]) * scales[..., None]).reshape(n, k)
+
+
+@dataclass
+class Int4Weight:
+    """Packed group-wise int4 weight; see the module docstring for the exact layout."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: Optional[torch.Tensor]
+    shape: tuple
+    group_size: int
+    symmetric: bool = False
+
+    def __post_init__(self):
+        self.shape = tuple(int(s) for s in self.shape)
+        if len(self.shape) == 2 and isinstance(self.group_size, int) and self.group_size == -1:
+            self.group_size = self.shape[1]
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self, check_values: bool = True) -> None:
+        if len(self.shape) != 2:
+            raise ValueError(f"Int4Weight.shape must be (out_features, in_features), got {self.shape}")
+        n, k = self.shape
+        _check_k8(k)
+        gs = resolve_group_size(self.group_size, k)
+        g = k // gs
+        for name in ("qweight", "scales"):
+            if not isinstance(getattr(self, name), torch.Tensor):
+                raise TypeError(f"Int4Weight.{name} must be a tensor")
+        if self.qweight.dtype != torch.int32:
+            raise TypeError(f"qweight must be int32 (8 packed int4 codes per word), got {self.qweight.dtype}")
+        if tuple(self.qweight.shape) != (n, k // 8):
+            raise ValueError(f"qweight must have shape {(n, k // 8)} for a {self.shape} weight, "
+                             f"got {tuple(self.qweight.shape)}")
+        if self.scales.dtype not in SCALE_DTYPES:
+            raise TypeError(f"scales must be float16 or bfloat16 (the activation dtype), got {self.scales.dtype}")
+        if tuple(self.scales.shape) != (n, g):
+            raise ValueError(f"scales must have shape {(n, g)} (N, K // group_size), got {tuple(self.scales.shape)}")
+        if self.scales.device != self.qweight.device:
+            raise ValueError(f"scales ({self.scales.device}) and qweight ({self.qweight.device}) are on different devices")
+        if self.symmetric:
+            if self.zeros is not None:
+                raise ValueError("a symmetric Int4Weight has no zeros (the zero point is fixed at 8); pass zeros=None")
+        else:
+            if self.zeros is None:
+                raise ValueError("an asymmetric Int4Weight needs zeros (use symmetric=True for a fixed zero of 8)")
+            if not isinstance(self.zeros, torch.Tensor):
+                raise TypeError("Int4Weight.zeros must be a tensor or None")
+            if self.zeros.dtype != self.scales.dtype:
+                raise TypeError(f"zeros must have the scale dtype {self.scales.dtype}, got {self.zeros.dtype}")
+            if tuple(self.zeros.shape) != (n, g):
+                raise ValueError(f"zeros must have shape {(n, g)}, got {tuple(self.zeros.shape)}")
+            if self.zeros.device != self.qweight.device:
+                raise ValueError(f"zeros ({self.zeros.device}) and qweight ({self.qweight.device}) are on different devices")
+            if check_values and self.zeros.numel() and self.zeros.device.type != "meta":
+                _check_zero_values(self.zeros)
+
+    # ------------------------------------------------------------- properties
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def num_groups(self) -> int:
+        return self.shape[1] // self.group_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scales.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    def nbytes(self) -> int:
+        total = self.qweight.numel() * 4 + self.scales.numel() * self.scales.element_size()
+        if self.zeros is not None:
+            total += self.zeros.numel() * self.zeros.element_size()
+        return total
+
+    def to(self, device) -> "Int4Weight":
+        """A copy on ``device`` (dtypes unchanged)."""
+        zeros = self.zeros.to(device) if self.zeros is not None else None
+        return Int4Weight(self.qweight.to(device), self.scales.to(device), zeros, self.shape,
+                          self.group_size, self.symmetric)
+
+    # ------------------------------------------------------------- conversion
+    @classmethod
+    def from_quantized(cls, q: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                       group_size: int, symmetric: bool, dtype: torch.dtype = torch.float16) -> "Int4Weight":
+        """Pack given integer codes ``q`` ``(N, K)`` in [0, 15] with ``scales``/``zeros`` ``(N, G)``.
+
+        ``scales`` and ``zeros`` are cast to ``dtype`` (float16 or bfloat16).
+        Symmetric weights take ``zeros=None`` (or all-8 zeros, which are dropped).
+        """
+        if not isinstance(q, torch.Tensor):
+            raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+        if q.dim() != 2:
+            raise ValueError(f"q must be 2-D (out_features, in_features), got shape {tuple(q.shape)}")
+        if q.is_floating_point() or q.is_complex() or q.dtype == torch.bool:
+            raise TypeError(f"q must hold integer codes (e.g. uint8), got {q.dtype}")
+        if dtype not in SCALE_DTYPES:
+            raise TypeError(f"dtype (of scales/zeros) must be float16 or bfloat16, got {dtype}")
+        n, k = q.shape
+        _check_k8(k)
+        gs = resolve_group_size(group_size, k)
+        g = k // gs
+        if q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
+            raise ValueError(f"q holds codes outside [0, 15] (min {int(q.min())}, max {int(q.max())})")
+        if not isinstance(scales, torch.Tensor) or tuple(scales.shape) != (n, g):
+            raise ValueError(f"scales must be a tensor of shape {(n, g)} (N, K // group_size), "
+                             f"got {tuple(scales.shape) if isinstance(scales, torch.Tensor) else type(scales).__name__}")
+        if not scales.is_floating_point():
+            raise TypeError(f"scales must be floating point, got {scales.dtype}")
+        if zeros is not None:
+            if not isinstance(zeros, torch.Tensor) or tuple(zeros.shape) != (n, g):
+                raise ValueError(f"zeros must be a tensor of shape {(n, g)} or None")
+            zeros = zeros.to(device=q.device, dtype=dtype)
+        if symmetric:
+            if zeros is not None and not bool((zeros == SYMMETRIC_ZERO).all()):
+                raise ValueError("symmetric=True fixes every zero point at 8; got other zeros")
+            zeros = None
+        elif zeros is None:
+            raise ValueError("an asymmetric weight needs zeros (use symmetric=True for a fixed zero of 8)")
+        return cls(pack_int4(q), scales.to(device=q.device, dtype=dtype).contiguous(),
+                   None if zeros is None else zeros.contiguous(), (n, k), gs, bool(symmetric))
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, group_size: int = 128, symmetric: bool = False,
+                   dtype: Optional[torch.dtype] = None) -> "Int4Weight":
+        """Round-to-nearest quantization (:func:`rtn_quantize`) of a dense ``(N, K)`` weight.
+
+        The scale dtype is ``dtype`` if given, else ``w.dtype`` for float16 /
+        bfloat16 weights and float16 otherwise.
+        """
+        if dtype is None:
+            dtype = w.dtype if isinstance(w, torch.Tensor) and w.dtype in SCALE_DTYPES else torch.float16
+        if isinstance(w, torch.Tensor) and w.dim() == 2:
+            _check_k8(w.shape[1])
+        q, scales, zeros = rtn_quantize(w, group_size, symmetric)
+        return cls.from_quantized(q, scales, None if symmetric else zeros, group_size, symmetric, dtype)
+
+    def unpack(self) -> torch.Tensor:
+        """``(N, K)`` uint8 codes in [0, 15]."""
+        return unpack_int4(self.qweight, self.in_features)
+
+    def zero_points(self) -> torch.Tensor:
+        """``(N, G)`` zero points in the scale dtype (all 8 when symmetric)."""
+        if self.zeros is None:
+            return torch.full_like(self.scales, float(SYMMETRIC_ZERO))
+        return self.zeros
+
+    def dequantize(self) -> torch.Tensor:
+        """``(N, K)`` dense weight ``(q - zero) * scale`` in the scale dtype."""
+        return dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size, self.in_features)
+
+    def __repr__(self) -> str:
+        return (f"Int4Weight(shape={self.shape}, group_size={self.group_size}, symmetric={self.symmetric}, "
+                f"dtype={self.dtype}, device={self.device}, nbytes={self.nbytes()})")
+
+
+def _check_zero_values(zeros: torch.Tensor) -> None:
+    z = zeros.float()
+    if not bool(((z >= 0) & (z <= 15) & (z == torch.round(z))).all()):
+        raise ValueError("zeros must hold integer values in [0, 15] (one int4 code per group)")
