@@ -157,6 +157,36 @@ def block_sparse(backend: str, cases, dtypes, gen) -> None:
             _guard(f"block {backend} M={m} N={n} K={k} b={bs} {dtype}", one)
 
 
+INT4_CASES = [  # (M, N, K, group_size, symmetric): GEMV/split-K and tiled paths, every group size
+    (1, 70, 256, 128, False),
+    (16, 129, 512, 32, True),
+    (37, 100, 160, 32, False),
+    (300, 257, 512, -1, False),
+]
+
+
+def int4(backend: str, cases, dtypes, gen) -> None:
+    """W4A16 forward (and the grad of x) vs the reference on the dequantized weight."""
+    from sparsekit.formats import Int4Weight
+    from sparsekit.ops import int4_linear
+
+    for (m, n, k, gs, sym) in cases:
+        for dtype in dtypes:
+            def one():
+                w = Int4Weight.from_float(torch.randn(n, k, device=DEVICE, generator=gen), gs, sym, dtype=dtype)
+                x = torch.randn(m, k, device=DEVICE, generator=gen).to(dtype)
+                b = torch.randn(n, device=DEVICE, generator=gen).to(dtype)
+                g = torch.randn(m, n, device=DEVICE, generator=gen).to(dtype)
+                res = []
+                for be in (backend, "reference"):
+                    xx = x.clone().requires_grad_(True)
+                    y = int4_linear(xx, w, b, backend=be)
+                    res.append((y.detach(), torch.autograd.grad(y, xx, g)[0]))
+                for name, a, r in zip(("y", "dx"), res[0], res[1]):
+                    _check(f"int4 {name} {backend} M={m} N={n} K={k} g={gs} sym={sym} {dtype}", a, r, dtype)
+            _guard(f"int4 {backend} M={m} N={n} K={k} g={gs} {dtype}", one)
+
+
 def main(argv=None) -> int:
     global DEVICE
     argv = sys.argv[1:] if argv is None else argv
@@ -185,6 +215,7 @@ def main(argv=None) -> int:
     backward_op("triton", BWD_SHAPES, half + [torch.float32], gen)
     backward_module("triton", BWD_SHAPES, [torch.float16, torch.float32], gen)
     block_sparse("triton", BLOCK_CASES, [torch.float16, torch.bfloat16], gen)
+    int4("triton", INT4_CASES, [torch.float16, torch.bfloat16], gen)
     print(f"sanitize_driver: {_ran} checks, {len(_failures)} failed")
     for f in _failures:
         print(f"  FAILED {f}")
@@ -200,6 +231,7 @@ def _cpu_dry_run() -> int:
     backward_op("interpret", BWD_SHAPES[:1], [torch.float32], gen)
     backward_module("interpret", BWD_SHAPES[:1], [torch.float32], gen)
     block_sparse("interpret", BLOCK_CASES[:2], [torch.float32, torch.bfloat16], gen)
+    int4("interpret", INT4_CASES[:1] + INT4_CASES[2:3], [torch.float16, torch.bfloat16], gen)
     print(f"sanitize_driver (cpu dry run): {_ran} checks, {len(_failures)} failed")
     return 1 if _failures else 0
 
