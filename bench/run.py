@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ceilings", action="store_true",
                    help="do not measure copy bandwidth / matmul peak (roofline columns stay empty)")
     p.add_argument("--cpu", action="store_true", help="run the CPU correctness sweep even if CUDA is available")
+    p.add_argument("--no-quality", action="store_true",
+                   help="skip the real-model compression quality table printed at the end (bench/quality.py)")
     p.add_argument("--dry-run-cpu", action="store_true",
                    help="exercise the timing path on CPU tensors (host clock, interpreter/reference backends, "
                         "small shapes) and write its CSV/markdown/plot: a check of the harness, not a benchmark")
@@ -208,17 +210,36 @@ def main(argv=None) -> int:
     import torch
 
     if not args.dry_run_cpu and (args.cpu or not torch.cuda.is_available()):
-        return _run_cpu(args, mods)
+        rc = _run_cpu(args, mods)
+        _quality_table(args)
+        return rc
     old = None
     try:
         old = signal.signal(signal.SIGTERM, _on_sigterm)
     except (ValueError, OSError):  # not the main thread
         pass
     try:
-        return _run_gpu(args, mods)
+        rc = _run_gpu(args, mods)
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
+    _quality_table(args)
+    return rc
+
+
+def _quality_table(args) -> None:
+    """The real-model quality table (bench/quality.py) after the op benchmarks; --no-quality skips it,
+    --quick keeps only the digits workload (seconds instead of about a minute for MiniLM too)."""
+    if getattr(args, "no_quality", False):
+        return
+    try:
+        from sparsekit.bench.quality import print_quality_table
+    except ImportError:
+        from quality import print_quality_table  # run as a script from bench/
+    try:
+        print_quality_table(workloads=("digits",) if args.quick else ("digits", "minilm"))
+    except Exception as e:  # the table is a report: a failure must not mask the benchmarks' exit status
+        print(f"quality table failed: {type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":

@@ -41,3 +41,15 @@ def cast_out(acc, OUT_DTYPE: tl.constexpr, INTERP_BF16: tl.constexpr):
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return acc.to(OUT_DTYPE)
+
+
+@triton.jit
+def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) for a 1-D launch in grouped order: GROUP_M consecutive
+    M tiles walk the N tiles together, so each weight tile is reused from L2."""
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    gsize = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gsize
+    pid_n = (pid % width) // gsize
+    return pid_m, pid_n

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_out, dot_acc
+from ._common import cast_out, dot_acc, grouped_tile
 
 
 @triton.jit
@@ -38,14 +38,8 @@ def _bsr_fwd(X, BLK, CROW, COL, B, Y,
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
     num_m = (M + BLOCK_M - 1) // BLOCK_M
-    # grouped order: GROUP_M consecutive M tiles walk the block-rows together,
-    # so a row's blocks are reused from L2
-    width = GROUP_M * NB
-    group_id = pid // width
-    first_m = group_id * GROUP_M
-    gsize = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % gsize
-    rb = (pid % width) // gsize
+    # grouped order: GROUP_M consecutive M tiles walk the block-rows together
+    pid_m, rb = grouped_tile(pid, num_m, NB, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = rb * BM + tl.arange(0, BM)

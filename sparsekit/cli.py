@@ -2,6 +2,8 @@
 
     sparsekit info               versions, device, backends per op, CUDA extension status
     sparsekit bench [ARGS...]    microbenchmarks (see ``sparsekit bench --help``)
+    sparsekit compress --workload minilm|digits --scheme 2:4 --method sparsegpt --out DIR
+                                 compress a bundled workload; writes DIR/model.safetensors, DIR/report.json
 """
 from __future__ import annotations
 
@@ -21,7 +23,41 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="print versions, the CUDA device, backends per op and the CUDA extension status")
     sub.add_parser("bench", help="run the microbenchmarks (CPU correctness sweep without CUDA); "
                                  "`sparsekit bench --help` for its options", add_help=False)
+    c = sub.add_parser("compress", help="compress a bundled workload (minilm or digits) and report its quality")
+    c.add_argument("--workload", choices=("minilm", "digits"), required=True)
+    c.add_argument("--scheme", choices=("2:4", "block", "int4", "2:4+int4"), default="2:4")
+    c.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt", "rtn", "gptq", "awq"), default=None,
+                   help="default: sparsegpt for 2:4, magnitude for block, gptq for int4")
+    c.add_argument("--out", default=None, help="directory for model.safetensors and report.json")
+    c.add_argument("--sparsity", type=float, default=0.5, help="block scheme: fraction of blocks dropped")
+    c.add_argument("--group-size", type=int, default=None, help="int4 group size (default: largest fitting)")
+    c.add_argument("--progress", action="store_true", help="show calibration progress bars")
     return p
+
+
+def compress_cmd(args, out=None) -> int:
+    out = out or sys.stdout
+    import json
+    import os
+
+    from sparsekit.compress import compress, save_compressed
+    from sparsekit.workloads import load_workload
+
+    wl = load_workload(args.workload)
+    try:
+        model, report = compress(wl.model, wl.calib, scheme=args.scheme, method=args.method,
+                                 quality_fn=wl.quality_fn, dense_quality=wl.dense_quality,
+                                 sparsity=args.sparsity, group_size=args.group_size, progress=args.progress)
+    except (NotImplementedError, ValueError) as e:
+        print(f"sparsekit compress: {e}", file=sys.stderr)
+        return 2
+    report = {"workload": wl.name, "metric": wl.metric, **report}
+    if args.out:
+        wpath, rpath = save_compressed(model, os.path.join(args.out, "model.safetensors"), report)
+        report["files"] = [wpath, rpath]
+    shown = {k: v for k, v in report.items() if k != "layers"}
+    print(json.dumps(shown, indent=2, default=str), file=out)
+    return 0
 
 
 def _cuda_extension_status() -> str:
@@ -107,6 +143,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "info":
         return info()
+    if args.command == "compress":
+        return compress_cmd(args)
     parser.print_help()
     return 2
 

