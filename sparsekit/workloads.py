@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 __all__ = ["Workload", "WORKLOADS", "SENTENCES", "MiniLMEmbedder", "minilm_model_dir", "minilm_workload",
-           "digits_workload", "load_workload"]
+           "digits_data", "train_digits_mlp", "digits_workload", "load_workload"]
 
 
 @dataclass
@@ -224,19 +224,55 @@ def minilm_workload(num_calib: int = NUM_CALIB_SENTENCES, calib_batch_size: int 
 
 
 # ----------------------------------------------------------------------------- digits
-def _digits_data(seed: int):
+def digits_data(seed: int = 0, n_train: int | None = None, scaling: str = "standardize"):
+    """sklearn's bundled digits, shuffled with ``seed``: ``(x_train, y_train, x_test, y_test)``.
+
+    ``n_train``: training images (default 75%).  ``scaling``: ``"standardize"``
+    (per-pixel mean/std of the training split) or ``"unit"`` (pixels / 16).
+    """
     from sklearn.datasets import load_digits
 
+    if scaling not in ("standardize", "unit"):
+        raise ValueError(f"scaling must be 'standardize' or 'unit', got {scaling!r}")
     d = load_digits()
     x = torch.tensor(d.data, dtype=torch.float32)
     y = torch.tensor(d.target, dtype=torch.long)
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(x), generator=g)
     x, y = x[perm], y[perm]
-    n_train = int(0.75 * len(x))
+    n_train = int(0.75 * len(x)) if n_train is None else n_train
+    if not 0 < n_train < len(x):
+        raise ValueError(f"n_train must be in (0, {len(x)}), got {n_train}")
     xtr, ytr, xte, yte = x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+    if scaling == "unit":
+        return xtr / 16.0, ytr, xte / 16.0, yte
     mean, std = xtr.mean(0), xtr.std(0).clamp_min(1e-3)
     return (xtr - mean) / std, ytr, (xte - mean) / std, yte
+
+
+def train_digits_mlp(x: torch.Tensor, y: torch.Tensor, seed: int = 0, epochs: int = 20, lr: float = 2e-3,
+                     weight_decay: float = 0.0, batch_size: int = 128, hidden: int = 256) -> nn.Module:
+    """An MLP 64-hidden-hidden-10 (ReLU) trained with Adam on ``(x, y)``; returned in eval mode.
+
+    Deterministic per ``seed`` (initialization from ``torch.manual_seed(seed)``,
+    batch order from its own generator).
+    """
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                          nn.Linear(hidden, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(seed)
+    with torch.enable_grad():
+        model.train()
+        for _ in range(epochs):
+            perm = torch.randperm(len(x), generator=g)
+            for i in range(0, len(x), batch_size):
+                idx = perm[i:i + batch_size]
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+                loss.backward()
+                opt.step()
+    return model.eval()
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -253,21 +289,8 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 def digits_workload(seed: int = 0, epochs: int = 20, num_calib: int = 384, calib_batch_size: int = 128) -> Workload:
     """An MLP 64-256-256-10 (ReLU) trained from scratch on sklearn's digits (75/25 split,
     standardized pixels); quality = test accuracy; calibration = ``num_calib`` training images."""
-    torch.manual_seed(seed)
-    xtr, ytr, xte, yte = _digits_data(seed)
-    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    g = torch.Generator().manual_seed(seed)
-    with torch.enable_grad():
-        model.train()
-        for _ in range(epochs):
-            perm = torch.randperm(len(xtr), generator=g)
-            for i in range(0, len(xtr), 128):
-                idx = perm[i:i + 128]
-                opt.zero_grad()
-                loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
-                loss.backward()
-                opt.step()
+    xtr, ytr, xte, yte = digits_data(seed)
+    model = train_digits_mlp(xtr, ytr, seed=seed, epochs=epochs, lr=2e-3, weight_decay=1e-4, batch_size=128)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

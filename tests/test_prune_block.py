@@ -14,6 +14,7 @@ from sparsekit.prune.allocation import (allocate_block_sparsity, allocate_dp, al
 from sparsekit.prune.block import (block_cost, block_grid, block_mask_from_scores, block_reduce, block_scores,
                                    expand_block_mask, hardware_aware_scores, keep_count, latency_key)
 from sparsekit.prune.calibration import collect_layer_stats
+from sparsekit.workloads import digits_data, train_digits_mlp
 
 # (N, K, block_size): exact multiples, partial last block-row/column, a single partial block, non-square
 GRIDS = [(32, 64, 16), (37, 50, (16, 32)), (5, 7, 16), (130, 33, (64, 16)), (16, 200, (128, 32)), (1, 129, (32, 128))]
@@ -420,27 +421,9 @@ def test_rate_distortion_beats_uniform_on_digits():
     the rate-distortion (DP) allocation keeps test accuracy at least as well as
     uniform per-layer sparsity (margin >= 0.1 over seeds 0-8 on this recipe was
     0.24-0.57)."""
-    datasets = pytest.importorskip("sklearn.datasets")
-    X, y = datasets.load_digits(return_X_y=True)
-    X = torch.tensor(X, dtype=torch.float32) / 16.0
-    y = torch.tensor(y)
-    perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
-    X, y = X[perm], y[perm]
-    Xtr, ytr, Xte, yte = X[:1300], y[:1300], X[1300:], y[1300:]
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(15):
-        order = torch.randperm(len(Xtr), generator=g)
-        for i in range(0, len(Xtr), 100):
-            idx = order[i:i + 100]
-            loss = nn.functional.cross_entropy(model(Xtr[idx]), ytr[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
+    pytest.importorskip("sklearn.datasets")
+    Xtr, ytr, Xte, yte = digits_data(0, n_train=1300, scaling="unit")
+    model = train_digits_mlp(Xtr, ytr, seed=0, epochs=15, lr=2e-3, batch_size=100)
 
     def accuracy(m):
         with torch.no_grad():

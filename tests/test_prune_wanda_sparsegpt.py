@@ -16,6 +16,7 @@ from torch import nn
 
 from sparsekit.prune import is_2to4
 from sparsekit.prune.sequential import collect_layer_inputs, prune_model_
+from sparsekit.workloads import digits_data, train_digits_mlp
 from sparsekit.prune.sparsegpt import sparsegpt_prune
 from sparsekit.prune.wanda import magnitude_mask, row_topk_mask, wanda_mask, wanda_scores
 
@@ -305,33 +306,6 @@ def test_prune_model_is_sequential():
 
 
 # ------------------------------------------------------------------ digits workload
-def _digits():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(d.target)
-    perm = torch.randperm(len(y), generator=_gen(0))
-    x, y = x[perm], y[perm]
-    return x[:1200], y[:1200], x[1200:], y[1200:]
-
-
-def _train_mlp(seed, x, y, epochs=30):
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    g = _gen(seed)
-    for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=g)
-        for i in range(0, len(y), 64):
-            idx = perm[i:i + 64]
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
-
-
 def _accuracy(model, x, y):
     with torch.no_grad():
         return float((model(x).argmax(1) == y).float().mean())
@@ -339,8 +313,8 @@ def _accuracy(model, x, y):
 
 @pytest.fixture(scope="module")
 def digits_results():
-    xtr, ytr, xte, yte = _digits()
-    model = _train_mlp(0, xtr, ytr)
+    xtr, ytr, xte, yte = digits_data(0, n_train=1200, scaling="unit")
+    model = train_digits_mlp(xtr, ytr, seed=0, epochs=30, lr=1e-3, batch_size=64)
     calib = [xtr[i:i + 64] for i in range(0, 256, 64)]  # 256 training images, no fine-tuning
     acc = {"dense": _accuracy(model, xte, yte)}
     pruned = {}

@@ -10,6 +10,7 @@ from torch import nn
 
 from sparsekit.quant import (GROUP_SIZES, QuantResult, awq_search, collect_linear_inputs, gptq_quantize,
                              quantize_model_weights, rtn_quantize)
+from sparsekit.workloads import digits_data, train_digits_mlp
 
 
 # --------------------------------------------------------------------------- helpers
@@ -383,27 +384,9 @@ def test_quantize_model_weights_sequential_3d(gen):
 
 # --------------------------------------------------------------------------- acceptance: digits MLP
 def test_gptq_int4_keeps_digits_accuracy_vs_rtn():
-    datasets = pytest.importorskip("sklearn.datasets")
-    X, y = datasets.load_digits(return_X_y=True)
-    X = torch.tensor(X, dtype=torch.float32) / 16.0
-    y = torch.tensor(y)
-    perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
-    X, y = X[perm], y[perm]
-    Xtr, ytr, Xte, yte = X[:1300], y[:1300], X[1300:], y[1300:]
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(15):
-        order = torch.randperm(len(Xtr), generator=g)
-        for i in range(0, len(Xtr), 100):
-            idx = order[i:i + 100]
-            loss = nn.functional.cross_entropy(model(Xtr[idx]), ytr[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
+    pytest.importorskip("sklearn.datasets")
+    Xtr, ytr, Xte, yte = digits_data(0, n_train=1300, scaling="unit")
+    model = train_digits_mlp(Xtr, ytr, seed=0, epochs=15, lr=2e-3, batch_size=100)
 
     def accuracy(m):
         with torch.no_grad():

@@ -11,52 +11,14 @@ from typing import Callable, Iterable, Mapping, Union
 import torch
 from torch import nn
 
+from ..calibration import hooked, model_device, resolve_layers, split_batch
+
 __all__ = ["OBJECTIVES", "collect_layer_stats", "resolve_layers", "split_batch", "model_output"]
 
 OBJECTIVES = ("output_energy",)
 
 # per-sample gradients are formed this many (sample x N x K) elements at a time
 _PER_SAMPLE_CHUNK = 1 << 24
-
-
-def resolve_layers(model: nn.Module, layers=None) -> dict:
-    """``{name: nn.Linear}`` from ``layers``: None (every ``nn.Linear`` of the
-    model, by qualified name), a dict, or a list of qualified names."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if layers is None:
-        out = {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
-        if not out:
-            raise ValueError("model has no nn.Linear layers to prune")
-        return out
-    if isinstance(layers, Mapping):
-        items = list(layers.items())
-    elif isinstance(layers, (list, tuple)):
-        items = []
-        for name in layers:
-            if not isinstance(name, str):
-                raise TypeError(f"layer names must be strings, got {type(name).__name__}")
-            try:
-                items.append((name, model.get_submodule(name)))
-            except AttributeError:
-                raise ValueError(f"model has no submodule named {name!r}") from None
-    else:
-        raise TypeError(f"layers must be None, a dict name -> nn.Linear or a list of names, got {type(layers).__name__}")
-    if not items:
-        raise ValueError("layers is empty")
-    for name, mod in items:
-        if not isinstance(mod, nn.Linear):
-            raise TypeError(f"layer {name!r} must be an nn.Linear, got {type(mod).__name__}")
-    return dict(items)
-
-
-def split_batch(batch):
-    """The model input of a calibration batch: the batch itself, or ``x`` of an ``(x, y, ...)`` tuple."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    raise TypeError(f"calibration batches must be tensors or (x, y) tuples, got {type(batch).__name__}")
 
 
 def model_output(out) -> torch.Tensor:
@@ -125,12 +87,7 @@ def collect_layer_stats(model: nn.Module, layers: Union[Mapping[str, nn.Linear],
     loss_fn = _loss_fn(objective)
     names = list(layers)
     mods = [layers[n] for n in names]
-    try:
-        dev = next(model.parameters()).device
-    except StopIteration:
-        dev = mods[0].weight.device
-
-    modes = {m: m.training for m in model.modules()}
+    dev = model_device(model, layers)
     req = {p: p.requires_grad for p in model.parameters()}
     for mod in mods:
         req.setdefault(mod.weight, mod.weight.requires_grad)
@@ -154,64 +111,56 @@ def collect_layer_stats(model: nn.Module, layers: Union[Mapping[str, nn.Linear],
             return out.clone()
         return hook
 
-    handles = []
     try:
-        model.eval()
         for p in req:
             p.requires_grad_(False)
         for mod in mods:
             mod.weight.requires_grad_(True)
-        for n, mod in zip(names, mods):
-            handles.append(mod.register_forward_hook(make_hook(n)))
+        with hooked(model, layers, make_hook, kind="post"):
+            from tqdm.auto import tqdm
 
-        from tqdm.auto import tqdm
-
-        total = len(calib_loader) if hasattr(calib_loader, "__len__") else None
-        for batch in tqdm(calib_loader, desc="calibration", unit="batch", total=total, disable=not progress):
-            x = split_batch(batch).to(dev)
-            for n in names:
-                records[n].clear()
-            with torch.enable_grad():
-                out = model_output(model(x))
-                loss = loss_fn(out, batch)
-                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                    raise TypeError("the objective must return a scalar tensor")
-                flat = [(n, i) for n in names for i in range(len(records[n]))]
-                if not flat:
-                    raise ValueError("none of the layers ran in the model's forward")
-                outs = [records[n][i][1] for n, i in flat]
-                gys = torch.autograd.grad(loss, outs, allow_unused=True)
-            b = int(x.shape[0])
-            num_batches += 1
-            num_samples += b
-            gy_of = {key: g for key, g in zip(flat, gys)}
-            for n in names:
-                calls = []
-                for i, (xin, _) in enumerate(records[n]):
-                    gy = gy_of[(n, i)]
-                    if gy is None:
-                        gy = torch.zeros(xin.shape[:-1] + (layers[n].out_features,), dtype=xin.dtype, device=xin.device)
-                    calls.append((xin.to(acc_dtype[n]), gy.to(acc_dtype[n])))
-                    sq_in[n] += xin.to(acc_dtype[n]).reshape(-1, xin.shape[-1]).pow(2).sum(0)
-                g = torch.zeros_like(grad_sum[n])
-                for xin, gy in calls:
-                    g += gy.reshape(-1, gy.shape[-1]).t() @ xin.reshape(-1, xin.shape[-1])
-                grad_sum[n] += g
-                fb_sum[n] += g * g
-                if per_sample_ok[n]:
-                    if not calls or any(xin.dim() < 2 or xin.shape[0] != b for xin, _ in calls):
-                        per_sample_ok[n] = False
-                    else:
-                        _accumulate_per_sample(fs_sum[n], calls, b)
-            for n in names:
-                records[n].clear()
+            total = len(calib_loader) if hasattr(calib_loader, "__len__") else None
+            for batch in tqdm(calib_loader, desc="calibration", unit="batch", total=total, disable=not progress):
+                x = split_batch(batch).to(dev)
+                for n in names:
+                    records[n].clear()
+                with torch.enable_grad():
+                    out = model_output(model(x))
+                    loss = loss_fn(out, batch)
+                    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                        raise TypeError("the objective must return a scalar tensor")
+                    flat = [(n, i) for n in names for i in range(len(records[n]))]
+                    if not flat:
+                        raise ValueError("none of the layers ran in the model's forward")
+                    outs = [records[n][i][1] for n, i in flat]
+                    gys = torch.autograd.grad(loss, outs, allow_unused=True)
+                b = int(x.shape[0])
+                num_batches += 1
+                num_samples += b
+                gy_of = {key: g for key, g in zip(flat, gys)}
+                for n in names:
+                    calls = []
+                    for i, (xin, _) in enumerate(records[n]):
+                        gy = gy_of[(n, i)]
+                        if gy is None:
+                            gy = torch.zeros(xin.shape[:-1] + (layers[n].out_features,), dtype=xin.dtype, device=xin.device)
+                        calls.append((xin.to(acc_dtype[n]), gy.to(acc_dtype[n])))
+                        sq_in[n] += xin.to(acc_dtype[n]).reshape(-1, xin.shape[-1]).pow(2).sum(0)
+                    g = torch.zeros_like(grad_sum[n])
+                    for xin, gy in calls:
+                        g += gy.reshape(-1, gy.shape[-1]).t() @ xin.reshape(-1, xin.shape[-1])
+                    grad_sum[n] += g
+                    fb_sum[n] += g * g
+                    if per_sample_ok[n]:
+                        if not calls or any(xin.dim() < 2 or xin.shape[0] != b for xin, _ in calls):
+                            per_sample_ok[n] = False
+                        else:
+                            _accumulate_per_sample(fs_sum[n], calls, b)
+                for n in names:
+                    records[n].clear()
     finally:
-        for h in handles:
-            h.remove()
         for p, r in req.items():
             p.requires_grad_(r)
-        for m, t in modes.items():
-            m.train(t)
 
     if num_batches == 0:
         raise ValueError("calib_loader yielded no batches")

@@ -13,29 +13,21 @@ from typing import Iterable, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from ..prune.calibration import resolve_layers, split_batch
+from ..calibration import accumulate_inputs, forward_groups, resolve_layers, sequential
 from .awq import awq_search
 from .gptq import gptq_quantize
-from .rtn import QuantResult, check_quant_args, rtn_quantize
+from .rtn import check_quant_args, rtn_quantize
 
 __all__ = ["QUANT_METHODS", "collect_linear_inputs", "linear_forward_order", "quantize_model_weights"]
 
 QUANT_METHODS = ("rtn", "gptq", "awq")
 
 
-def _device(model: nn.Module, layers: Mapping[str, nn.Linear]):
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return next(iter(layers.values())).weight.device
-
-
-def _check_max_rows(max_rows):
-    if max_rows is None:
-        return None
-    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
-        raise ValueError(f"max_rows must be None or a positive int, got {max_rows!r}")
-    return max_rows
+def _finish(acc: dict) -> dict:
+    """Raw sums (sparsekit.calibration) -> the quantizers' statistics."""
+    n = acc["n"]
+    d = float(max(n, 1))
+    return {"H": acc["xtx"].mul_(2.0 / d), "mean_abs": acc["sumabs"].div_(d), "n": n}
 
 
 def collect_linear_inputs(model: nn.Module, layers: Union[Mapping[str, nn.Linear], list, None],
@@ -55,95 +47,21 @@ def collect_linear_inputs(model: nn.Module, layers: Union[Mapping[str, nn.Linear
     that never ran has ``n = 0`` and zero statistics (GPTQ then degenerates
     to round-to-nearest).  The model runs in eval mode under ``no_grad``;
     module modes are restored and the hooks removed afterwards, even on
-    error.  A tqdm bar shows the batches (``progress=False`` hides it).
+    error (shared plumbing: :mod:`sparsekit.calibration`).  A tqdm bar shows
+    the batches (``progress=False`` hides it).
     """
     layers = resolve_layers(model, layers)
-    max_rows = _check_max_rows(max_rows)
-    names = list(layers)
-    dev = _device(model, layers)
-    acc = {}
-    for nme, mod in layers.items():
-        k = mod.in_features
-        wd = mod.weight.device
-        acc[nme] = {"xtx": torch.zeros(k, k, dtype=torch.float64, device=wd),
-                    "abs": torch.zeros(k, dtype=torch.float64, device=wd), "n": 0}
-
-    def make_hook(name):
-        def hook(mod, inputs):
-            a = acc[name]
-            if max_rows is not None and a["n"] >= max_rows:
-                return None
-            x = inputs[0].detach()
-            x = x.reshape(-1, x.shape[-1])
-            if max_rows is not None:
-                x = x[: max_rows - a["n"]]
-            x = x.to(a["xtx"].device, torch.float64)
-            a["xtx"].addmm_(x.T, x)
-            a["abs"] += x.abs().sum(0)
-            a["n"] += int(x.shape[0])
-            return None
-        return hook
-
-    modes = {m: m.training for m in model.modules()}
-    handles = []
-    num_batches = 0
-    try:
-        model.eval()
-        for nme in names:
-            handles.append(layers[nme].register_forward_pre_hook(make_hook(nme)))
-        from tqdm.auto import tqdm
-
-        total = len(calib_loader) if hasattr(calib_loader, "__len__") else None
-        with torch.no_grad():
-            for batch in tqdm(calib_loader, desc="calibration", unit="batch", total=total, disable=not progress):
-                model(split_batch(batch).to(dev))
-                num_batches += 1
-                if max_rows is not None and all(acc[nme]["n"] >= max_rows for nme in names):
-                    break
-    finally:
-        for h in handles:
-            h.remove()
-        for m, t in modes.items():
-            m.train(t)
-    if num_batches == 0:
-        raise ValueError("calib_loader yielded no batches")
-
-    out = {}
-    for nme in names:
-        a = acc[nme]
-        n = a["n"]
-        d = float(max(n, 1))
-        out[nme] = {"H": a["xtx"].mul_(2.0 / d), "mean_abs": a["abs"].div_(d), "n": n}
-    return out
+    acc = accumulate_inputs(model, layers, calib_loader, stats=("xtx", "sumabs"), max_rows=max_rows,
+                            progress=progress)
+    return {n: _finish(acc[n]) for n in layers}
 
 
 def linear_forward_order(model: nn.Module, layers: Mapping[str, nn.Linear], batch) -> list:
     """Names of ``layers`` in the order of their first call in a forward of ``batch``;
     layers that did not run follow in their given order."""
-    order = []
-    seen = set()
-
-    def make_hook(name):
-        def hook(mod, inputs):
-            if name not in seen:
-                seen.add(name)
-                order.append(name)
-        return hook
-
-    modes = {m: m.training for m in model.modules()}
-    handles = []
-    try:
-        model.eval()
-        for nme, mod in layers.items():
-            handles.append(mod.register_forward_pre_hook(make_hook(nme)))
-        with torch.no_grad():
-            model(split_batch(batch).to(_device(model, layers)))
-    finally:
-        for h in handles:
-            h.remove()
-        for m, t in modes.items():
-            m.train(t)
-    return order + [nme for nme in layers if nme not in seen]
+    groups, counts = forward_groups(model, layers, batch)
+    order = [n for g in groups for n in g]
+    return order + [n for n in layers if counts[n] == 0]
 
 
 def quantize_model_weights(model: nn.Module, calib_loader: Optional[Iterable], method: str = "rtn",
@@ -161,14 +79,17 @@ def quantize_model_weights(model: nn.Module, calib_loader: Optional[Iterable], m
     ``layers``: as in :func:`collect_linear_inputs` (default every
     ``nn.Linear``).
 
-    Sequential: the layers are visited in forward order (found with the first
-    calibration batch); for each, its inputs are collected over the whole
-    ``calib_loader`` with the current model, in which every earlier layer
-    already holds its fake-quantized weight, then it is quantized and its
-    weight overwritten with the dequantized values (for AWQ with
-    ``Q(W s) / s``).  Only one layer's statistics live at a time, at the cost
-    of one calibration pass per layer.  Biases, other parameters and module
-    modes are left as they were.  A tqdm bar shows the layers.
+    Sequential (:func:`sparsekit.calibration.sequential`): the layers are
+    visited in forward order (found with the first calibration batch); for
+    each, its inputs are collected over the whole ``calib_loader`` with the
+    current model, in which every earlier layer already holds its
+    fake-quantized weight, then it is quantized and its weight overwritten
+    with the dequantized values (for AWQ with ``Q(W s) / s``).  Layers that
+    read the same input tensor (q/k/v) share one calibration pass, and each
+    pass stops once its layers have run; only one group's statistics live at
+    a time.  Layers that never run are quantized last from zero statistics
+    (GPTQ then equals RTN).  Biases, other parameters and module modes are
+    left as they were.  A tqdm bar shows the layer groups.
     """
     if method not in QUANT_METHODS:
         raise ValueError(f"unknown quantization method {method!r}; known: {QUANT_METHODS}")
@@ -178,32 +99,18 @@ def quantize_model_weights(model: nn.Module, calib_loader: Optional[Iterable], m
             check_quant_args(mod.in_features, group_size, bits)
         except ValueError as e:
             raise ValueError(f"layer {nme!r}: {e}") from None
-    max_rows = _check_max_rows(max_rows)
-
-    if method == "rtn":
-        order = list(layers)
-    else:
-        if calib_loader is None:
-            raise ValueError(f"method {method!r} needs a calib_loader")
-        first = None
-        for batch in calib_loader:
-            first = batch
-            break
-        if first is None:
-            raise ValueError("calib_loader yielded no batches")
-        order = linear_forward_order(model, layers, first)
-
-    from tqdm.auto import tqdm
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+        raise ValueError(f"max_rows must be None or a positive int, got {max_rows!r}")
 
     results = {}
-    for nme in tqdm(order, desc=f"quantize ({method})", unit="layer", disable=not progress):
-        mod = layers[nme]
+
+    def process(nme, mod, acc):
         w = mod.weight.detach()
         if method == "rtn":
             res = rtn_quantize(w, group_size, symmetric, bits)
             w_new = res.dequantize()
         else:
-            stats = collect_linear_inputs(model, {nme: mod}, calib_loader, max_rows=max_rows, progress=False)[nme]
+            stats = _finish(acc)
             if method == "gptq":
                 res = gptq_quantize(w, stats["H"], group_size, symmetric, bits, damp=damp,
                                     block_size=block_size, act_order=act_order)
@@ -211,8 +118,18 @@ def quantize_model_weights(model: nn.Module, calib_loader: Optional[Iterable], m
             else:
                 _, res = awq_search(w, stats, group_size, symmetric, bits, grid=grid)
                 w_new = res.effective_weight()
-            del stats
         with torch.no_grad():
             mod.weight.copy_(w_new.to(mod.weight.device, mod.weight.dtype))
         results[nme] = res
+
+    if method == "rtn":
+        from tqdm.auto import tqdm
+
+        for nme in tqdm(list(layers), desc="quantize (rtn)", unit="layer", disable=not progress):
+            process(nme, layers[nme], None)
+        return results
+    if calib_loader is None:
+        raise ValueError(f"method {method!r} needs a calib_loader")
+    sequential(model, layers, calib_loader, process, stats=("xtx", "sumabs"), max_rows=max_rows,
+               progress=progress, desc=f"quantize ({method})", missing="zeros")
     return results

@@ -1,0 +1,297 @@
+"""Calibration plumbing shared by the pruners and the quantizers.
+
+Every calibration-based algorithm in sparsekit (Wanda, SparseGPT, GPTQ, AWQ,
+the block-pruning scores) needs the same machinery: pick a model's linear
+layers, run the model over a calibration loader with hooks on those layers,
+accumulate statistics of each layer's inputs, and -- for the sequential
+(layer-by-layer) algorithms -- revisit the layers in forward order with the
+earlier layers already compressed.  This module is that machinery:
+
+* :func:`resolve_layers`, :func:`split_batch`, :func:`reiterable`: argument handling;
+* :func:`hooked`: a context manager that registers hooks, puts the model in
+  eval mode, and always removes the hooks and restores every module's mode;
+* :func:`forward_groups`: the layers in the order of their first call, grouped
+  when they read the very same input tensor (e.g. q/k/v projections);
+* :func:`accumulate_inputs`: raw sums over every input row of each layer
+  (``X^T X``, ``sum x^2``, ``sum |x|``, row count), memory-bounded, with an
+  optional row cap and an early stop of each forward once the layers of
+  interest have run;
+* :func:`sequential`: the layer-by-layer driver: for each group, collect its
+  inputs over the whole loader with the current (partly compressed) model and
+  hand each layer its statistics to a callback.
+
+Statistics are float64 on each layer's weight device.  Only one group's
+statistics are alive at a time.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+__all__ = ["resolve_layers", "split_batch", "reiterable", "model_device", "hooked", "forward_groups",
+           "accumulate_inputs", "sequential", "STATS"]
+
+# statistics accumulate_inputs can gather: "xtx" (K, K) = X^T X, "sumsq" (K,) = sum_i x_ij^2,
+# "sumabs" (K,) = sum_i |x_ij|; "n" (rows) is always there
+STATS = ("xtx", "sumsq", "sumabs")
+
+
+def resolve_layers(model: nn.Module, layers=None) -> dict:
+    """``{name: nn.Linear}`` from ``layers``: None (every ``nn.Linear`` of the
+    model, by qualified name), a dict, or a list of qualified names."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if layers is None:
+        out = {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear)}
+        if not out:
+            raise ValueError("model has no nn.Linear layers to prune")
+        return out
+    if isinstance(layers, Mapping):
+        items = list(layers.items())
+    elif isinstance(layers, (list, tuple)):
+        items = []
+        for name in layers:
+            if not isinstance(name, str):
+                raise TypeError(f"layer names must be strings, got {type(name).__name__}")
+            try:
+                items.append((name, model.get_submodule(name)))
+            except AttributeError:
+                raise ValueError(f"model has no submodule named {name!r}") from None
+    else:
+        raise TypeError(f"layers must be None, a dict name -> nn.Linear or a list of names, got {type(layers).__name__}")
+    if not items:
+        raise ValueError("layers is empty")
+    for name, mod in items:
+        if not isinstance(mod, nn.Linear):
+            raise TypeError(f"layer {name!r} must be an nn.Linear, got {type(mod).__name__}")
+    return dict(items)
+
+
+def split_batch(batch):
+    """The model input of a calibration batch: the batch itself, or ``x`` of an ``(x, y, ...)`` tuple."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise TypeError(f"calibration batches must be tensors or (x, y) tuples, got {type(batch).__name__}")
+
+
+def reiterable(calib_loader):
+    """``calib_loader`` if it can be iterated more than once, else its batches as a list.
+
+    A one-shot iterator (a generator) is materialized so that the sequential
+    algorithms can replay it once per layer group.
+    """
+    if calib_loader is None:
+        raise TypeError("calib_loader must be an iterable of batches, got None")
+    try:
+        it = iter(calib_loader)
+    except TypeError:
+        raise TypeError(f"calib_loader must be an iterable of batches, got {type(calib_loader).__name__}") from None
+    return list(it) if it is calib_loader else calib_loader
+
+
+def model_device(model: nn.Module, layers: Mapping[str, nn.Module]) -> torch.device:
+    """Where the model's inputs go: its first parameter's device (else the first layer's weight)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return next(iter(layers.values())).weight.device
+
+
+@contextlib.contextmanager
+def hooked(model: nn.Module, layers: Mapping[str, nn.Module], make_hook: Callable[[str], Callable],
+           kind: str = "pre"):
+    """Register ``make_hook(name)`` on each layer (``kind``: ``"pre"`` forward-pre
+    hooks ``hook(mod, inputs)``, ``"post"`` forward hooks ``hook(mod, inputs, out)``)
+    and put the model in eval mode; on exit, even on error, remove the hooks and
+    restore every module's train/eval mode."""
+    if kind not in ("pre", "post"):
+        raise ValueError(f"kind must be 'pre' or 'post', got {kind!r}")
+    modes = {m: m.training for m in model.modules()}
+    handles = []
+    try:
+        model.eval()
+        for name, mod in layers.items():
+            hook = make_hook(name)
+            handles.append(mod.register_forward_pre_hook(hook) if kind == "pre" else mod.register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in modes.items():
+            m.train(t)
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a calibration forward early."""
+
+
+def forward_groups(model: nn.Module, layers: Mapping[str, nn.Module], batch) -> tuple[list, dict]:
+    """``(groups, counts)`` from one forward over ``batch``.
+
+    ``groups``: lists of layer names in the order of their first call; layers
+    whose first call read the very same input tensor as the previous layer's
+    share a group.  ``counts``: calls per layer in that forward (0 for a layer
+    that did not run; such layers are in no group).
+    """
+    order = []        # (name, input tensor) per first call
+    counts = {n: 0 for n in layers}
+
+    def make_hook(name):
+        def hook(mod, inputs):
+            if counts[name] == 0:
+                order.append((name, inputs[0]))
+            counts[name] += 1
+        return hook
+
+    with hooked(model, layers, make_hook), torch.no_grad():
+        model(split_batch(batch).to(model_device(model, layers)))
+    groups = []
+    for name, x in order:
+        if groups and groups[-1][1] is x:
+            groups[-1][0].append(name)
+        else:
+            groups.append(([name], x))
+    return [g for g, _ in groups], counts
+
+
+def _check_stats(stats: Sequence[str]) -> tuple:
+    stats = tuple(stats)
+    for s in stats:
+        if s not in STATS:
+            raise ValueError(f"unknown statistic {s!r}; known: {STATS}")
+    return stats
+
+
+def accumulate_inputs(model: nn.Module, layers: Mapping[str, nn.Linear], calib_loader: Iterable,
+                      stats: Sequence[str] = ("xtx", "sumsq"), max_rows: Optional[int] = None,
+                      stop_after: Optional[Mapping[str, int]] = None, progress: bool = True,
+                      desc: str = "calibration") -> dict:
+    """Raw sums over every input row (leading dims flattened) of each layer.
+
+    Returns ``{name: {"n": rows, <stat>: tensor for each of stats}}``, float64
+    on the layer's weight device (see :data:`STATS`).  ``max_rows``: stop
+    accumulating a layer after that many rows; the loop ends early once
+    every layer has them.  ``stop_after``: ``{name: calls}`` -- end each
+    forward (by an exception from the hook) once every listed layer has run
+    that many times, which saves the rest of the network's compute.
+    ``calib_loader`` yields tensors or ``(x, y, ...)`` tuples.  Runs under
+    ``no_grad`` in eval mode (:func:`hooked`).  No batches -> ValueError.
+    """
+    stats = _check_stats(stats)
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+        raise ValueError(f"max_rows must be None or a positive int, got {max_rows!r}")
+    names = list(layers)
+    dev = model_device(model, layers)
+    acc = {}
+    for n, mod in layers.items():
+        k, wd = mod.in_features, mod.weight.device
+        a = {"n": 0}
+        if "xtx" in stats:
+            a["xtx"] = torch.zeros(k, k, dtype=torch.float64, device=wd)
+        if "sumsq" in stats:
+            a["sumsq"] = torch.zeros(k, dtype=torch.float64, device=wd)
+        if "sumabs" in stats:
+            a["sumabs"] = torch.zeros(k, dtype=torch.float64, device=wd)
+        acc[n] = a
+    calls = {n: 0 for n in names}
+
+    def make_hook(name):
+        a = acc[name]
+        wd = layers[name].weight.device
+
+        def hook(mod, inputs):
+            calls[name] += 1
+            if max_rows is None or a["n"] < max_rows:
+                x = inputs[0].detach()
+                x = x.reshape(-1, x.shape[-1])
+                if max_rows is not None:
+                    x = x[: max_rows - a["n"]]
+                x = x.to(device=wd, dtype=torch.float64)
+                if "xtx" in a:
+                    a["xtx"].addmm_(x.t(), x)
+                if "sumsq" in a:
+                    a["sumsq"] += x.pow(2).sum(0)
+                if "sumabs" in a:
+                    a["sumabs"] += x.abs().sum(0)
+                a["n"] += int(x.shape[0])
+            if stop_after is not None and all(calls[k] >= c for k, c in stop_after.items()):
+                raise _StopForward
+        return hook
+
+    from tqdm.auto import tqdm
+
+    total = len(calib_loader) if hasattr(calib_loader, "__len__") else None
+    num_batches = 0
+    with hooked(model, layers, make_hook), torch.no_grad():
+        for batch in tqdm(calib_loader, desc=desc, unit="batch", total=total, disable=not progress, leave=False):
+            x = split_batch(batch).to(dev)
+            for k in calls:
+                calls[k] = 0
+            try:
+                model(x)
+            except _StopForward:
+                pass
+            num_batches += 1
+            if max_rows is not None and all(acc[n]["n"] >= max_rows for n in names):
+                break
+    if num_batches == 0:
+        raise ValueError("calib_loader yielded no batches")
+    return acc
+
+
+def sequential(model: nn.Module, layers: Union[Mapping[str, nn.Linear], list, None], calib_loader: Iterable,
+               process: Callable[[str, nn.Linear, dict], None], stats: Sequence[str] = ("xtx",),
+               max_rows: Optional[int] = None, progress: bool = True, desc: str = "calibrate",
+               missing: str = "error") -> list:
+    """Layer-by-layer calibration driver; returns the layer names in the order processed.
+
+    The layers are grouped by :func:`forward_groups` (first calibration batch).
+    For each group in forward order, the inputs of its layers are accumulated
+    over the whole ``calib_loader`` with the current model -- every earlier
+    group already compressed by ``process`` -- stopping each forward as soon
+    as the group's layers have run, then ``process(name, layer, raw_stats)``
+    is called per layer (raw sums of :func:`accumulate_inputs`).  ``missing``:
+    layers that never run in the forward raise ValueError (``"error"``) or are
+    processed last with zero statistics and ``n = 0`` (``"zeros"``).  A tqdm
+    bar shows the groups.
+    """
+    if missing not in ("error", "zeros"):
+        raise ValueError(f"missing must be 'error' or 'zeros', got {missing!r}")
+    layers = resolve_layers(model, layers)
+    stats = _check_stats(stats)
+    calib_loader = reiterable(calib_loader)
+    first = next(iter(calib_loader), None)
+    if first is None:
+        raise ValueError("calib_loader yielded no batches")
+    groups, counts = forward_groups(model, layers, first)
+    absent = [n for n in layers if counts[n] == 0]
+    if absent and missing == "error":
+        raise ValueError(f"layers {absent} did not run in the model's forward over the calibration data")
+
+    from tqdm.auto import tqdm
+
+    done = []
+    for group in tqdm(groups, desc=desc, unit="group", disable=not progress):
+        acc = accumulate_inputs(model, {n: layers[n] for n in group}, calib_loader, stats=stats,
+                                max_rows=max_rows, stop_after={n: counts[n] for n in group}, progress=False)
+        for name in group:
+            process(name, layers[name], acc.pop(name))
+            done.append(name)
+        del acc
+    for name in absent:
+        mod = layers[name]
+        k, wd = mod.in_features, mod.weight.device
+        zero = {"n": 0}
+        if "xtx" in stats:
+            zero["xtx"] = torch.zeros(k, k, dtype=torch.float64, device=wd)
+        for s in ("sumsq", "sumabs"):
+            if s in stats:
+                zero[s] = torch.zeros(k, dtype=torch.float64, device=wd)
+        process(name, mod, zero)
+        done.append(name)
+    return done
