@@ -83,7 +83,7 @@ def compress(model: nn.Module, calib=None, scheme: str = "2:4", method: Optional
              quality_fn: Optional[Callable[[nn.Module], float]] = None, dense_quality: Optional[float] = None,
              layers=None, progress: bool = False, block_size=(32, 32), sparsity: float = 0.5,
              group_size: Optional[int] = None, symmetric: bool = False, dtype: torch.dtype = torch.float16,
-             **method_options):
+             speed: str = "auto", **method_options):
     """Compress ``model``'s linear layers; returns ``(compressed_model, report)``.
 
     ``calib``: calibration batches (tensors or ``(x, ...)`` tuples fed as ``model(x)``),
@@ -99,6 +99,14 @@ def compress(model: nn.Module, calib=None, scheme: str = "2:4", method: Optional
     ``layer_dense_bytes``/``layer_compressed_bytes`` (converted layers only),
     ``ratio`` (layer compressed / dense), and with ``quality_fn`` ``quality_dense``,
     ``quality`` and ``quality_on``.
+
+    ``speed``: ``"auto"`` (default) times the dense and the compressed model's
+    forward on the first calibration batch when the model's parameters are on
+    a CUDA device (``triton.testing.do_bench`` medians, after warm-up) and
+    reports ``latency_dense_ms``, ``latency_ms``, ``speedup`` and ``speed_on``;
+    on CPU it records ``speed = "not measured: ..."`` (CPU runs use the
+    reference/interpreter backends, whose timings say nothing about the
+    kernels).  ``"off"`` skips it.
     """
     if scheme not in SCHEME_METHODS:
         raise ValueError(f"unknown scheme {scheme!r}; supported: {SCHEMES}")
@@ -112,6 +120,8 @@ def compress(model: nn.Module, calib=None, scheme: str = "2:4", method: Optional
                                   "but no combined format yet")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if speed not in ("auto", "off"):
+        raise ValueError(f"speed must be 'auto' or 'off', got {speed!r}")
 
     work = copy.deepcopy(model)
     work.eval()
@@ -174,7 +184,40 @@ def compress(model: nn.Module, calib=None, scheme: str = "2:4", method: Optional
         report["quality_dense"] = float(quality_fn(model) if dense_quality is None else dense_quality)
         report["quality"] = float(quality_fn(eval_model if eval_model is not None else work))
         report["quality_on"] = quality_on
+    if speed == "auto":
+        report.update(_speed_report(model, work, calib))
     return work, report
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _speed_report(dense: nn.Module, compressed: nn.Module, calib) -> dict:
+    """Forward latency of the dense and the compressed model on the first calibration batch (CUDA only)."""
+    dev = _model_device(dense)
+    if dev.type != "cuda":
+        return {"speed": "not measured: the model is not on a CUDA device (CPU runs use the reference or "
+                         "interpreter backends, whose timings say nothing about the kernels)"}
+    from .calibration import split_batch
+
+    first = next(iter(calib), None) if calib is not None else None
+    if first is None:
+        return {"speed": "not measured: no calibration batch to time the forward on"}
+    import triton.testing
+
+    x = split_batch(first).to(dev)
+
+    def timed(m):
+        with torch.no_grad():
+            return float(triton.testing.do_bench(lambda: m(x), warmup=25, rep=100, return_mode="median"))
+
+    t_dense = timed(dense)
+    t_comp = timed(compressed)
+    return {"latency_dense_ms": t_dense, "latency_ms": t_comp, "speedup": t_dense / t_comp,
+            "speed_on": f"{torch.cuda.get_device_name(dev)}, input {tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"}
 
 
 def save_compressed(model: nn.Module, path: str, report: Optional[dict] = None) -> tuple:

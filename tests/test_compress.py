@@ -61,6 +61,7 @@ def test_compress_returns_valid_model(digits, compressed, scheme, method):
     assert 0 < rep["ratio"] < (0.6 if scheme != "int4" else 0.2)
     assert rep["quality_dense"] == pytest.approx(digits.dense_quality)
     assert 0.8 < rep["quality"] <= 1.0 and rep["quality_on"]
+    assert rep["speed"].startswith("not measured") and "latency_ms" not in rep  # CPU model
     x = _x(digits)
     dtype = next(model.parameters()).dtype
     y = model(x.to(dtype))
@@ -92,6 +93,22 @@ def test_unsupported_combinations(digits):
         compress(digits.model, digits.calib, "int4", "wanda")
     with pytest.raises(ValueError, match="unknown scheme"):
         compress(digits.model, digits.calib, "3:8", "magnitude")
+    with pytest.raises(ValueError, match="speed"):
+        compress(digits.model, digits.calib, "2:4", "magnitude", speed="fast")
+
+
+@pytest.mark.gpu
+def test_compress_reports_kernel_speed_on_cuda(digits):
+    import copy
+
+    model = copy.deepcopy(digits.model).cuda().half()
+    calib = [(b[0].cuda().half(),) for b in digits.calib]
+    comp, rep = compress(model, calib, "2:4", "magnitude")
+    assert rep["latency_dense_ms"] > 0 and rep["latency_ms"] > 0
+    assert rep["speedup"] == pytest.approx(rep["latency_dense_ms"] / rep["latency_ms"])
+    assert torch.cuda.get_device_name() in rep["speed_on"]
+    print(f"\ndigits MLP 2:4 on {rep['speed_on']}: dense {rep['latency_dense_ms']:.4f} ms, "
+          f"2:4 {rep['latency_ms']:.4f} ms, speedup {rep['speedup']:.2f}x")
 
 
 @pytest.mark.parametrize("scheme,method", [("2:4", "wanda"), ("block", "magnitude"), ("int4", "rtn")])
