@@ -518,3 +518,83 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence], file=None) -> 
     print("  ".join("-" * w for w in widths), file=file)
     for r in srows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)), file=file)
+
+
+# --------------------------------------------------------------------------- one case: check, then time
+
+@dataclass
+class Backend:
+    """One implementation to time on a case: ``fn(x, w)`` with per-input-set weights ``weights``.
+
+    ``skip``: a reason not to run it (a ``skip`` row).  ``tol``: bound on the
+    relative error vs the reference before it is timed.  ``ref_fn(x)``: its
+    own fp32 reference (e.g. on fake-quantized activations); default: the
+    case's.  ``peer``: a failure of a peer is a ``skip`` row (it could not run
+    here), of sparsekit or dense a ``fail`` row.
+    """
+
+    name: str
+    fn: Callable | None
+    weights: Sequence = ()
+    weight_bytes: int = 0
+    skip: str = ""
+    tol: float = 1e-2
+    ref_fn: Callable | None = None
+    note: str = ""
+    peer: bool = False
+
+
+def _short(e: BaseException, n: int = 200) -> str:
+    s = f"{type(e).__name__}: {e}"
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def time_case(op: str, case: str, dtype: str, backends: Sequence[Backend], xs: Sequence, ref, *,
+              flops: int | None, io_bytes: int, ctx: dict | None = None, timer: Callable | None = None,
+              warmup_ms: float = 10.0, rep_ms: float = 50.0, ceilings: tuple | None = None,
+              sync: Callable | None = None, choose: Callable | None = None, log=print) -> list[Row]:
+    """Rows for one case: each backend is run once and checked against ``ref`` (or its own
+    ``ref_fn``); only backends within their ``tol`` are timed (``timer``, default
+    :func:`time_rotating`, over ``zip(xs, backend.weights)``).  ``choose(x)``: the backend
+    name sparsekit's automatic dispatch picks (recorded on a ``sparsekit_auto`` row).
+    Throughput columns are filled; ratios are left to :func:`fill_ratios` over the group."""
+    timer = timer or time_rotating
+    sync = sync or (lambda: None)
+    rows: list[Row] = []
+    for b in backends:
+        row = Row(op=op, case=case, backend=b.name, dtype=dtype, n_sets=len(xs), flops=flops,
+                  bytes=b.weight_bytes + io_bytes, note=b.note, **(ctx or {}))
+        if b.skip:
+            row.status, row.note = "skip", b.skip
+            row.bytes = row.flops = None
+            rows.append(row)
+            continue
+        try:
+            if b.name == "sparsekit_auto" and choose is not None:
+                row.chosen_backend = choose(xs[0])
+            out = b.fn(xs[0], b.weights[0])
+            sync()
+            r = b.ref_fn(xs[0]) if b.ref_fn is not None else ref
+            if tuple(out.shape) != tuple(r.shape):
+                raise ValueError(f"output shape {tuple(out.shape)} != {tuple(r.shape)}")
+            row.rel_err = rel_err(out.float(), r)
+        except Exception as e:
+            row.status = "skip" if b.peer else "fail"
+            row.note = ("could not run: " if b.peer else "error: ") + _short(e)
+            rows.append(row)
+            log(f"[{op}] {case} {dtype} {b.name}: {row.status}: {row.note}")
+            continue
+        if not (row.rel_err < b.tol):
+            row.status = "skip" if b.peer else "fail"
+            row.note = f"rel_err {row.rel_err:.3g} >= {b.tol:g} vs the reference: not timed"
+            rows.append(row)
+            log(f"[{op}] {case} {dtype} {b.name}: {row.status}: {row.note}")
+            continue
+        try:
+            row.p20_ms, row.p50_ms, row.p80_ms = timer(b.fn, list(zip(xs, b.weights)),
+                                                       warmup_ms=warmup_ms, rep_ms=rep_ms)
+        except Exception as e:
+            row.status, row.note = "fail", "timing error: " + _short(e)
+        fill_throughput(row, ceilings)
+        rows.append(row)
+    return rows

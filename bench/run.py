@@ -25,8 +25,8 @@ CPU_MESSAGE = "No CUDA device: GPU timings skipped; ran the CPU correctness swee
 
 
 def _known_ops() -> dict:
-    from . import block_sparse, int4, sparse24
-    return {sparse24.OP: sparse24, block_sparse.OP: block_sparse, int4.OP: int4}
+    from . import block_sparse, int4, sparse24, sparse24_int4
+    return {sparse24.OP: sparse24, block_sparse.OP: block_sparse, int4.OP: int4, sparse24_int4.OP: sparse24_int4}
 
 
 def _parse_shapes(s: str) -> list[tuple[int, int]]:

@@ -14,7 +14,7 @@ import threading
 
 __all__ = ["load", "FAMILIES"]
 
-FAMILIES = ("sparse24", "block_sparse", "int4", "int8", "draft_attention", "triple_gate_conv")
+FAMILIES = ("sparse24", "block_sparse", "int4", "int8", "draft_attention", "triple_gate_conv", "sparse24_int4")
 
 _lock = threading.Lock()
 _interp_modules: dict = {}

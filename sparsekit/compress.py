@@ -8,15 +8,20 @@ scheme     methods                          modules in the compressed model
 ``2:4``    magnitude, wanda, sparsegpt      :class:`~sparsekit.nn.SparseLinear` (values + 2-bit metadata)
 ``block``  magnitude                        :class:`~sparsekit.nn.BlockSparseLinear` (``block_size``, ``sparsity``)
 ``int4``   rtn, gptq, awq                   :class:`~sparsekit.nn.QLinear` (packed nibbles, fp16 group scales)
+``2:4+int4`` magnitude, wanda, sparsegpt    :class:`~sparsekit.nn.SparseQLinear` (2:4 metadata + int4 kept values)
 ========== ================================ =====================================================
 
-``2:4+int4`` raises NotImplementedError: no module stores a 2:4 weight whose
-kept values are int4 codes (``Sparse24Weight`` holds float values only).
+``2:4+int4`` prunes with the method (SparseGPT compensates the kept weights
+for the pruned ones), then quantizes the kept values round-to-nearest,
+group-wise along the compressed row (``group_size`` counts kept values, i.e.
+``2 * group_size`` dense input features; default the largest of 128/64/32
+that divides it).
 
 The input model is never modified (the work happens on a deep copy).
 
-Quality (``quality_fn`` given): for 2:4 and block it is measured on the
-compressed model itself (float32 modules on CPU).  QLinear computes in
+Quality (``quality_fn`` given): for 2:4, block and 2:4+int4 it is measured on
+the compressed model itself (float32 activations on CPU; SparseQLinear takes
+float32 inputs against its dequantized weight).  QLinear computes in
 float16/bfloat16 only, so for int4 it is measured on a float32 copy of the
 model whose converted layers hold exactly the QLinear's dequantized weight
 (``qlinear.weight``, the int4 codes times the stored fp16 scales); only the
@@ -114,10 +119,6 @@ def compress(model: nn.Module, calib=None, scheme: str = "2:4", method: Optional
     if method not in SCHEME_METHODS[scheme]:
         raise ValueError(f"method {method!r} does not apply to scheme {scheme!r}; "
                          f"choose from {SCHEME_METHODS[scheme]}")
-    if scheme == "2:4+int4":
-        raise NotImplementedError("scheme '2:4+int4' needs a module that stores a 2:4 weight with int4 values; "
-                                  "sparsekit has SparseLinear (float values + 2:4 metadata) and QLinear (dense int4) "
-                                  "but no combined format yet")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if speed not in ("auto", "off"):
@@ -145,6 +146,20 @@ def compress(model: nn.Module, calib=None, scheme: str = "2:4", method: Optional
         masks = prune_model_(work, calib, method=method, pattern="2:4", layers=lin, progress=progress, **opts)
         for n in names:
             _set_module(work, n, SparseLinear.from_dense(lin[n], mask=masks[n]))
+    elif scheme == "2:4+int4":
+        from .formats.sparse24_int4 import compressed_group_size
+        from .nn import SparseQLinear
+        from .prune import prune_model_
+
+        masks = prune_model_(work, calib, method=method, pattern="2:4", layers=lin, progress=progress, **opts)
+        gsizes = {}
+        for n in names:
+            gsizes[n] = compressed_group_size(lin[n].in_features, group_size)
+            _set_module(work, n, SparseQLinear.from_dense(lin[n], mask=masks[n], group_size=gsizes[n],
+                                                          symmetric=symmetric, dtype=dtype))
+        details.update(group_size=sorted(set(gsizes.values()))[0] if len(set(gsizes.values())) == 1 else gsizes,
+                       group_size_unit="compressed columns (kept values)", symmetric=symmetric,
+                       dtype=str(dtype).replace("torch.", ""))
     elif scheme == "block":
         from .nn import BlockSparseLinear
 

@@ -9,12 +9,12 @@ pytest.importorskip("sklearn")
 pytest.importorskip("safetensors")
 from sparsekit import cli  # noqa: E402
 from sparsekit.compress import SCHEME_METHODS, compress, load_compressed, module_bytes, save_compressed  # noqa: E402
-from sparsekit.nn import BlockSparseLinear, QLinear, SparseLinear  # noqa: E402
+from sparsekit.nn import BlockSparseLinear, QLinear, SparseLinear, SparseQLinear  # noqa: E402
 from sparsekit.prune import is_2to4  # noqa: E402
 from sparsekit.workloads import digits_workload  # noqa: E402
 
-CASES = [(s, m) for s in ("2:4", "block", "int4") for m in SCHEME_METHODS[s]]
-MODULE = {"2:4": SparseLinear, "block": BlockSparseLinear, "int4": QLinear}
+CASES = [(s, m) for s in ("2:4", "block", "int4", "2:4+int4") for m in SCHEME_METHODS[s]]
+MODULE = {"2:4": SparseLinear, "block": BlockSparseLinear, "int4": QLinear, "2:4+int4": SparseQLinear}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_compress_returns_valid_model(digits, compressed, scheme, method):
     for n in names:
         mod = model.get_submodule(n)
         assert isinstance(mod, MODULE[scheme]), (n, type(mod))
-        if scheme == "2:4":
+        if scheme in ("2:4", "2:4+int4"):
             w = mod.weight
             assert is_2to4(w)
             groups = (w.reshape(w.shape[0], -1, 4) != 0).sum(-1)
@@ -58,7 +58,7 @@ def test_compress_returns_valid_model(digits, compressed, scheme, method):
     # report fields
     assert rep["dense_bytes"] == module_bytes(digits.model)
     assert rep["compressed_bytes"] == module_bytes(model) < rep["dense_bytes"]
-    assert 0 < rep["ratio"] < (0.6 if scheme != "int4" else 0.2)
+    assert 0 < rep["ratio"] < {"2:4": 0.6, "block": 0.6, "int4": 0.2, "2:4+int4": 0.12}[scheme]
     assert rep["quality_dense"] == pytest.approx(digits.dense_quality)
     assert 0.8 < rep["quality"] <= 1.0 and rep["quality_on"]
     assert rep["speed"].startswith("not measured") and "latency_ms" not in rep  # CPU model
@@ -87,8 +87,8 @@ def test_int4_quality_on_float_copy_matches_qlinear(digits, compressed):
 
 
 def test_unsupported_combinations(digits):
-    with pytest.raises(NotImplementedError, match="2:4"):
-        compress(digits.model, digits.calib, "2:4+int4", "sparsegpt")
+    with pytest.raises(ValueError, match="does not apply"):
+        compress(digits.model, digits.calib, "2:4+int4", "gptq")
     with pytest.raises(ValueError, match="does not apply"):
         compress(digits.model, digits.calib, "int4", "wanda")
     with pytest.raises(ValueError, match="unknown scheme"):
@@ -111,7 +111,8 @@ def test_compress_reports_kernel_speed_on_cuda(digits):
           f"2:4 {rep['latency_ms']:.4f} ms, speedup {rep['speedup']:.2f}x")
 
 
-@pytest.mark.parametrize("scheme,method", [("2:4", "wanda"), ("block", "magnitude"), ("int4", "rtn")])
+@pytest.mark.parametrize("scheme,method", [("2:4", "wanda"), ("block", "magnitude"), ("int4", "rtn"),
+                                           ("2:4+int4", "sparsegpt")])
 def test_save_compressed_round_trip(tmp_path, digits, compressed, scheme, method):
     model, rep = compressed[(scheme, method)]
     wpath, rpath = save_compressed(model, str(tmp_path / "model.safetensors"), rep)
@@ -149,6 +150,23 @@ def test_cli_compress_digits(tmp_path, capsys):
     assert rep["quality"] > 0.9 and "quality_dense" in rep and "compressed_bytes" in printed
 
 
-def test_cli_compress_rejects_unimplemented_scheme(tmp_path, capsys):
-    assert cli.main(["compress", "--workload", "digits", "--scheme", "2:4+int4", "--out", str(tmp_path)]) == 2
-    assert "2:4+int4" in capsys.readouterr().err
+def test_cli_compress_rejects_bad_combination(tmp_path, capsys):
+    assert cli.main(["compress", "--workload", "digits", "--scheme", "int4", "--method", "wanda",
+                     "--out", str(tmp_path)]) == 2
+    assert "does not apply" in capsys.readouterr().err
+
+
+def test_2to4_int4_matches_its_dequantized_weights_and_is_smaller(digits, compressed):
+    """2:4+int4 = the 2:4 model of the same method, with its kept values rounded to int4."""
+    model, rep = compressed[("2:4+int4", "sparsegpt")]
+    sp, rep24 = compressed[("2:4", "sparsegpt")]
+    x = _x(digits)
+    ref = nn.Sequential(*[m.to_dense().float() if isinstance(m, SparseQLinear) else m for m in model])
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+    for n in rep["layers"]:
+        a, b = model.get_submodule(n), sp.get_submodule(n)
+        assert torch.equal(a.weight_format().mask(), b.weight_format().mask())
+        wq, w = a.weight.float(), b.weight.float()
+        assert (wq - w).norm() / w.norm() < 0.1   # int4 rounding of the kept values only
+    assert rep["layer_compressed_bytes"] < 0.3 * rep24["layer_compressed_bytes"]  # fp32 2:4 values -> int4
+    assert rep["group_size_unit"].startswith("compressed")

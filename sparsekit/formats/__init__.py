@@ -2,5 +2,6 @@
 from .block_sparse import BlockSparseWeight, block_grid
 from .int4 import Int4Weight
 from .sparse24 import Sparse24Weight
+from .sparse24_int4 import Sparse24Int4Weight
 
-__all__ = ["Sparse24Weight", "BlockSparseWeight", "Int4Weight", "block_grid"]
+__all__ = ["Sparse24Weight", "BlockSparseWeight", "Int4Weight", "Sparse24Int4Weight", "block_grid"]

@@ -3,6 +3,7 @@ from .block_sparse import block_sparse_linear, block_sparse_linear_packed
 from .int4 import int4_linear, int4_linear_packed
 from .dispatch import BACKENDS, ENV_VAR, available_backends, resolve
 from .sparse24 import sparse24_linear, sparse24_linear_packed
+from .sparse24_int4 import sparse24_int4_linear, sparse24_int4_linear_packed
 
 
 def select_backend(op: str, x, weight=None) -> str:
@@ -14,4 +15,4 @@ def select_backend(op: str, x, weight=None) -> str:
 
 __all__ = ["BACKENDS", "ENV_VAR", "available_backends", "resolve", "select_backend",
            "sparse24_linear", "sparse24_linear_packed", "block_sparse_linear", "block_sparse_linear_packed",
-           "int4_linear", "int4_linear_packed"]
+           "int4_linear", "int4_linear_packed", "sparse24_int4_linear", "sparse24_int4_linear_packed"]
