@@ -15,7 +15,8 @@ import argparse
 import sys
 import time
 
-DEFAULT_CONFIGS = (("2:4", "magnitude"), ("2:4", "wanda"), ("2:4", "sparsegpt"), ("int4", "rtn"), ("int4", "gptq"))
+DEFAULT_CONFIGS = (("2:4", "magnitude"), ("2:4", "wanda"), ("2:4", "sparsegpt"), ("int4", "rtn"), ("int4", "gptq"),
+                   ("2:4+int4", "sparsegpt"))
 DEFAULT_WORKLOADS = ("digits", "minilm")
 
 __all__ = ["DEFAULT_CONFIGS", "DEFAULT_WORKLOADS", "quality_table", "format_table", "print_quality_table", "main"]
