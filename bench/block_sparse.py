@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import harness
-from .harness import Row, format_case
+from .harness import Backend, Row, format_case
 
 OP = "block_sparse_linear"
 
@@ -104,15 +104,6 @@ def _torch_bsr_fn(bias):
 
 # --------------------------------------------------------------------------- GPU benchmark
 
-class _Backend:
-    """One timed implementation: ``fn(x, w)`` with per-set weights ``weights``."""
-
-    def __init__(self, name: str, fn: Callable | None, weights: Sequence, weight_bytes: int,
-                 skip: str = "", note: str = ""):
-        self.name, self.fn, self.weights, self.weight_bytes = name, fn, list(weights), weight_bytes
-        self.skip, self.note = skip, note
-
-
 def _prepare_backends(n: int, k: int, block: int, density: float, dtype: torch.dtype, n_sets: int,
                       wanted: Sequence[str], gen: torch.Generator, device="cuda"):
     """Weights for every backend, ``n_sets`` distinct copies each (for rotation)."""
@@ -126,9 +117,9 @@ def _prepare_backends(n: int, k: int, block: int, density: float, dtype: torch.d
         sparse_w.append(sw)
         bias = b if bias is None else bias
     it = torch.empty((), dtype=dtype).element_size()
-    out: dict[str, _Backend] = {}
+    out: dict[str, Backend] = {}
     if "dense" in wanted:
-        out["dense"] = _Backend("dense", lambda x, w: F.linear(x, w, bias), dense_w, n * k * it)
+        out["dense"] = Backend("dense", lambda x, w: F.linear(x, w, bias), dense_w, n * k * it, tol=GPU_TOL)
     sp_bytes = sparse_w[0].nbytes()
     for name in OWN_FORCED:
         if name not in wanted:
@@ -138,11 +129,11 @@ def _prepare_backends(n: int, k: int, block: int, density: float, dtype: torch.d
             why = "" if have else f"{name} backend not available on {dev.type}"
         except Exception as e:
             have, why = False, _short(e)
-        out[name] = _Backend(name, lambda x, w, _b=name: ops.block_sparse_linear(x, w, bias, backend=_b),
-                             sparse_w, sp_bytes, skip=why)
+        out[name] = Backend(name, lambda x, w, _b=name: ops.block_sparse_linear(x, w, bias, backend=_b),
+                            sparse_w, sp_bytes, skip=why, tol=GPU_TOL)
     if "sparsekit_auto" in wanted:
-        out["sparsekit_auto"] = _Backend("sparsekit_auto", lambda x, w: ops.block_sparse_linear(x, w, bias),
-                                         sparse_w, sp_bytes)
+        out["sparsekit_auto"] = Backend("sparsekit_auto", lambda x, w: ops.block_sparse_linear(x, w, bias),
+                                        sparse_w, sp_bytes, tol=GPU_TOL)
     if "torch_bsr" in wanted:
         try:
             if dev.type != "cuda":
@@ -151,9 +142,9 @@ def _prepare_backends(n: int, k: int, block: int, density: float, dtype: torch.d
             ws = [w.to_sparse_bsr((block, block)) for w in dense_w]
             nbytes = sum(t.numel() * t.element_size()
                          for t in (ws[0].values(), ws[0].crow_indices(), ws[0].col_indices()))
-            out["torch_bsr"] = _Backend("torch_bsr", fn, ws, nbytes)
+            out["torch_bsr"] = Backend("torch_bsr", fn, ws, nbytes, tol=GPU_TOL, peer=True)
         except Exception as e:
-            out["torch_bsr"] = _Backend("torch_bsr", None, [], 0, skip=f"unavailable: {_short(e)}")
+            out["torch_bsr"] = Backend("torch_bsr", None, [], 0, skip=f"unavailable: {_short(e)}", peer=True)
     return out, dense_w, bias
 
 
@@ -173,8 +164,7 @@ def run_gpu(shapes: Iterable[tuple[int, int]] = SHAPES, ms: Iterable[int] = MS,
     ceilings = ctx.pop("ceilings", None)
     device = torch.device(device)
     on_gpu = device.type == "cuda"
-    timer = timer or harness.time_rotating
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    sync = torch.cuda.synchronize if on_gpu else None
     if densities is None:
         densities = DENSITIES if on_gpu else DRY_DENSITIES
     if blocks is None:
@@ -199,46 +189,11 @@ def run_gpu(shapes: Iterable[tuple[int, int]] = SHAPES, ms: Iterable[int] = MS,
                         xs = [torch.randn(m, k, device=device, dtype=torch.float32, generator=gen).to(dtype)
                               for _ in range(n_sets)]
                         ref = F.linear(xs[0].float(), dense_w[0].float(), bias.float())
-                        io_bytes = (m * k + m * n + n) * it
-                        for name in backends:
-                            b = bk.get(name)
-                            if b is None:
-                                continue
-                            row = Row(op=OP, case=case, backend=name, dtype=dname, n_sets=n_sets,
-                                      flops=2 * m * n * k, bytes=b.weight_bytes + io_bytes, **ctx)
-                            if b.skip:
-                                row.status, row.note = "skip", b.skip
-                                row.bytes = row.flops = None
-                                group.append(row)
-                                continue
-                            try:
-                                if name == "sparsekit_auto":
-                                    row.chosen_backend = _select(ops, xs[0])
-                                out = b.fn(xs[0], b.weights[0])
-                                sync()
-                                if tuple(out.shape) != (m, n):
-                                    raise ValueError(f"output shape {tuple(out.shape)} != {(m, n)}")
-                                row.rel_err = harness.rel_err(out.float(), ref)
-                            except Exception as e:
-                                peer = name in harness.PEER_BACKENDS and name != "dense"
-                                row.status = "skip" if peer else "fail"
-                                row.note = ("could not run: " if peer else "error: ") + _short(e)
-                                group.append(row)
-                                log(f"[{OP}] {case} {dname} {name}: {row.status}: {row.note}")
-                                continue
-                            if not (row.rel_err < GPU_TOL):
-                                row.status = "fail"
-                                row.note = f"rel_err {row.rel_err:.3g} >= {GPU_TOL:g} vs fp32 math: not timed"
-                                group.append(row)
-                                log(f"[{OP}] {case} {dname} {name}: FAIL {row.note}")
-                                continue
-                            try:
-                                row.p20_ms, row.p50_ms, row.p80_ms = timer(
-                                    b.fn, list(zip(xs, b.weights)), warmup_ms=warmup_ms, rep_ms=rep_ms)
-                            except Exception as e:
-                                row.status, row.note = "fail", "timing error: " + _short(e)
-                            harness.fill_throughput(row, ceilings)
-                            group.append(row)
+                        group += harness.time_case(
+                            OP, case, dname, [bk[name] for name in backends if name in bk], xs, ref,
+                            flops=2 * m * n * k, io_bytes=(m * k + m * n + n) * it, ctx=ctx, timer=timer,
+                            warmup_ms=warmup_ms, rep_ms=rep_ms, ceilings=ceilings, sync=sync,
+                            choose=lambda x: _select(ops, x), log=log)
                         del xs, ref
                     harness.fill_ratios(group)
                     for r in group:

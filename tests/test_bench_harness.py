@@ -192,3 +192,30 @@ def test_timing_path_dry_run_on_cpu(tmp_path):
     assert by[("M=1,N=24,K=40", "sparsekit_auto")].chosen_backend == "reference"
     assert by[("M=1,N=24,K=40", "triton")].status == "skip"      # triton needs CUDA tensors
     assert by[("M=1,N=24,K=40", "cutlass24")].status == "skip"
+
+
+def test_time_case_checks_before_timing():
+    import torch
+
+    x = [torch.randn(3, 4), torch.randn(3, 4)]
+    w = [torch.randn(5, 4), torch.randn(5, 4)]
+    ref = x[0] @ w[0].T
+
+    def boom(a, b):
+        raise RuntimeError("no kernel here")
+
+    bks = [harness.Backend("dense", lambda a, b: a @ b.T, w, 80),
+           harness.Backend("triton", lambda a, b: a @ b.T + 1.0, w, 40),          # wrong: fail, not timed
+           harness.Backend("cusparselt", boom, w, 40, peer=True),                  # a peer that cannot run
+           harness.Backend("cutlass24", None, skip="unavailable: test"),
+           harness.Backend("sparsekit_auto", lambda a, b: a @ b.T, w, 40)]
+    rows = harness.time_case("sparse24_linear", "M=3,N=5,K=4", "fp32", bks, x, ref, flops=120, io_bytes=12,
+                             timer=harness.time_rotating_cpu, warmup_ms=0.1, rep_ms=0.5,
+                             choose=lambda a: "reference", log=lambda *a: None)
+    by = {r.backend: r for r in rows}
+    assert by["dense"].status == "ok" and by["dense"].p50_ms > 0 and by["dense"].rel_err == 0
+    assert by["triton"].status == "fail" and by["triton"].p50_ms is None and "not timed" in by["triton"].note
+    assert by["cusparselt"].status == "skip" and "no kernel here" in by["cusparselt"].note
+    assert by["cutlass24"].status == "skip" and by["cutlass24"].bytes is None
+    assert by["sparsekit_auto"].chosen_backend == "reference" and by["sparsekit_auto"].n_sets == 2
+    assert by["dense"].bytes == 92
