@@ -84,6 +84,14 @@ def load(family: str, interpret: bool = False):
         # triton itself must be imported (and its helpers decorated) normally
         import triton  # noqa: F401
         import triton.language  # noqa: F401
+
+        # so must the compiled family module and everything it imports
+        # (kernels._common, helpers shared with other families): the
+        # interpreter copy's relative imports then find them in sys.modules.
+        # Imported for the first time while TRITON_INTERPRET=1 is set below,
+        # they would be cached as interpreted functions, and every compiled
+        # kernel loaded later in the process would break.
+        importlib.import_module(f"{__name__}.{family}")
         _install_interpreter_shim()
         path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{family}.py")
         name = f"{__name__}._interpreted_{family}"
