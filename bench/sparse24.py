@@ -5,10 +5,19 @@ the same run
 
 * ``dense``          ``F.linear(x, W, b)`` on the pruned dense weight (cuBLAS; the baseline)
 * ``triton``         sparsekit's Triton kernel
-* ``cuda``           sparsekit's csrc kernel (only where built, and only for M <= 16)
+* ``cuda``           sparsekit's csrc kernels (only where built): the GEMV for M <= 16,
+                     the ``mma.sp`` sparse-tensor-core GEMM above (fp16/bf16)
 * ``sparsekit_auto`` sparsekit's own choice (``chosen_backend`` says which)
 * ``cutlass24``      torch ``to_sparse_semi_structured`` with CUTLASS
 * ``cusparselt``     torch ``to_sparse_semi_structured`` with cuSPARSELt
+
+and (``int8``, default: on a GPU) rows of op ``sparse24_int8_linear`` (dtype ``int8``:
+W8A8 with a 2:4 weight, fp16 activations quantized per token inside the
+timed call): ``cuda`` (sparsekit's int8 ``mma.sp`` kernel) and ``triton``
+(its Triton int8 kernel) against ``dense``
+= the same per-token quantization + ``torch._int_mm`` on the dense int8
+weight + the same scale epilogue (guarded: ``_int_mm`` needs M > 16 and
+N, K multiples of 8; otherwise a ``skip`` row says why).
 
 Every backend's output is first checked against fp32 math on the same pruned
 weight (rel err < 1e-2); a failing backend is reported and not timed.  A peer
@@ -33,10 +42,11 @@ from .harness import Row, format_case
 OP = "sparse24_linear"
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192)]
-MS = [1, 4, 16, 64, 256, 1024, 4096]
+MS = [1, 4, 16, 64, 256, 1024, 4096, 8192]
+OP_INT8 = "sparse24_int8_linear"
 QUICK_SHAPES = [(4096, 4096), (11008, 4096)]
 QUICK_MS = [1, 16, 256, 4096]
-CUDA_MAX_M = 16           # the csrc kernel is a small-batch (GEMV-like) kernel
+CUDA_MAX_M = 16           # the csrc GEMV's limit; above it the cuda backend is the mma.sp GEMM (fp16/bf16)
 GPU_TOL = 1e-2            # rel err bound for the pre-timing check (fp16/bf16)
 BACKENDS = ("dense", "triton", "cuda", "sparsekit_auto", "cutlass24", "cusparselt")
 OWN_FORCED = ("triton", "cuda", "interpret", "reference")   # sparsekit backends forced by name
@@ -159,7 +169,7 @@ def run_gpu(shapes: Iterable[tuple[int, int]] = SHAPES, ms: Iterable[int] = MS,
             dtypes: Iterable[str] = ("fp16",), backends: Sequence[str] = BACKENDS,
             warmup_ms: float = 10.0, rep_ms: float = 50.0, ctx: dict | None = None,
             on_rows: Callable[[list[Row]], None] | None = None, log=print, seed: int = 0,
-            device="cuda", timer: Callable | None = None) -> list[Row]:
+            device="cuda", timer: Callable | None = None, int8: bool | None = None) -> list[Row]:
     """Time every backend on every case; ``on_rows`` gets each (dtype, shape) group as it finishes.
 
     ``device="cpu"`` (with ``timer=harness.time_rotating_cpu``) runs the same
@@ -198,8 +208,8 @@ def run_gpu(shapes: Iterable[tuple[int, int]] = SHAPES, ms: Iterable[int] = MS,
                         continue
                     row = Row(op=OP, case=case, backend=name, dtype=dname, n_sets=n_sets,
                               flops=2 * m * n * k, bytes=b.weight_bytes + io_bytes, **ctx)
-                    if name == "cuda" and m > CUDA_MAX_M:
-                        continue
+                    if name == "cuda" and m > CUDA_MAX_M and dtype == torch.float32:
+                        continue  # no 2:4 fp32 tensor-core form; the GEMV stops at M = 16
                     if b.skip:
                         row.status, row.note = "skip", b.skip
                         row.bytes = row.flops = None
@@ -249,7 +259,105 @@ def run_gpu(shapes: Iterable[tuple[int, int]] = SHAPES, ms: Iterable[int] = MS,
             del bk, dense_w, bias
             if on_gpu:
                 torch.cuda.empty_cache()
+    if int8 is None:
+        int8 = on_gpu  # the int8 rows come with every GPU run; CPU dry runs ask for them explicitly
+    if int8:
+        ctx2 = dict(ctx)
+        if ceilings is not None:
+            ctx2["ceilings"] = ceilings
+        all_rows.extend(run_int8(shapes, ms, warmup_ms=warmup_ms, rep_ms=rep_ms, ctx=ctx2, on_rows=on_rows,
+                                 log=log, seed=seed, device=device, timer=timer))
     return all_rows
+
+
+def _int8_dense_peer(w_int: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor):
+    """quant(x) -> torch._int_mm(xq, Wq^T) -> scales (+ bias): the dense int8 peer."""
+    from sparsekit.ops.act_quant import per_token_quant_reference
+
+    wt = w_int.contiguous().t()       # (K, N), column-major: the layout cuBLASLt's int8 GEMM takes
+
+    def fn(x, _w):
+        xq, xs = per_token_quant_reference(x, 8)
+        acc = torch._int_mm(xq, wt)
+        return (acc.float() * xs * w_scale[None, :] + bias.float()).to(x.dtype)
+    return fn
+
+
+def run_int8(shapes: Iterable[tuple[int, int]] = SHAPES, ms: Iterable[int] = MS, warmup_ms: float = 10.0,
+             rep_ms: float = 50.0, ctx: dict | None = None, on_rows: Callable[[list[Row]], None] | None = None,
+             log=print, seed: int = 0, device="cuda", timer: Callable | None = None) -> list[Row]:
+    """int8 2:4 rows (op ``sparse24_int8_linear``, dtype ``int8``): sparsekit ``cuda`` vs ``_int_mm`` dense."""
+    from sparsekit.formats.sparse24 import Sparse24Int8Weight as Q
+    from sparsekit.ops import dispatch
+    from sparsekit.ops.sparse24_int8 import sparse24_int8_linear
+
+    ctx = dict(ctx or {})
+    ceilings = ctx.pop("ceilings", None)
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    timer = timer or harness.time_rotating
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed + 8)
+    rows_all: list[Row] = []
+    have_cuda = "cuda" in dispatch.available_backends(OP_INT8, device)
+    for (n, k) in shapes:
+        w, sw, b = make_weight(n, k, torch.float16, device, gen)
+        q = Q.from_sparse24(sw)
+        w_int = q.int_dense()
+        group: list[Row] = []
+        for m in ms:
+            case = format_case(M=m, N=n, K=k)
+            xs = [torch.randn(m, k, device=device, dtype=torch.float32, generator=gen).half() for _ in range(2)]
+            ref = sparse24_int8_linear(xs[0], q, b, backend="reference").float()
+            impls = {}
+            impls["cuda"] = ((lambda x, _w: sparse24_int8_linear(x, q, b, backend="cuda")),
+                             "" if have_cuda else "cuda backend not available (csrc extension not built)")
+            impls["triton"] = ((lambda x, _w: sparse24_int8_linear(x, q, b, backend="triton")),
+                               "" if on_gpu else "triton backend needs CUDA tensors")
+            why = ""
+            if not on_gpu:
+                why = "torch._int_mm needs CUDA"
+            elif m <= 16 or k % 8 or n % 8:
+                why = f"torch._int_mm needs M > 16 and N, K multiples of 8 (M={m}, N={n}, K={k})"
+            impls["dense"] = (_int8_dense_peer(w_int, q.scale, b), why)
+            for name, (fn, skip) in impls.items():
+                row = Row(op=OP_INT8, case=case, backend=name, dtype="int8", n_sets=len(xs),
+                          flops=2 * m * n * k, bytes=(q.nbytes() if name == "cuda" else n * k) + (m * k + m * n) * 2,
+                          **ctx)
+                if skip:
+                    row.status, row.note = "skip", skip
+                    row.bytes = row.flops = None
+                    group.append(row)
+                    continue
+                try:
+                    out = fn(xs[0], None)
+                    sync()
+                    row.rel_err = harness.rel_err(out.float(), ref)
+                except Exception as e:
+                    row.status, row.note = ("skip" if name == "dense" else "fail"), "error: " + _short(e)
+                    group.append(row)
+                    continue
+                if not (row.rel_err < GPU_TOL):
+                    row.status, row.note = "fail", f"rel_err {row.rel_err:.3g} vs the fake-quant reference: not timed"
+                    group.append(row)
+                    continue
+                try:
+                    row.p20_ms, row.p50_ms, row.p80_ms = timer(fn, [(x, None) for x in xs],
+                                                               warmup_ms=warmup_ms, rep_ms=rep_ms)
+                except Exception as e:
+                    row.status, row.note = "fail", "timing error: " + _short(e)
+                harness.fill_throughput(row, ceilings)
+                group.append(row)
+        harness.fill_ratios(group)
+        for r in group:
+            log(f"[{OP_INT8}] {r.case:>22} {r.backend:>6}: {r.status} "
+                + (f"p50 {r.p50_ms:.4f} ms x dense {r.speedup_vs_dense or float('nan'):.2f}" if r.p50_ms else r.note))
+        if on_rows is not None:
+            on_rows(group)
+        rows_all.extend(group)
+    return rows_all
+
 
 
 # --------------------------------------------------------------------------- CPU correctness sweep

@@ -65,7 +65,10 @@ def _impl(backend, weights):
 @pytest.mark.parametrize("m", MS)
 def test_sparse24_linear(benchmark, weights, backend, m):
     if backend == "cuda" and m > sparse24.CUDA_MAX_M:
-        pytest.skip(f"the cuda backend handles M <= {sparse24.CUDA_MAX_M}")
+        from sparsekit.ops import _cuda
+
+        if not _cuda.has_mma_sp():
+            pytest.skip(f"this build's cuda backend handles M <= {sparse24.CUDA_MAX_M} (no mma.sp GEMM)")
     fn, ws = _impl(backend, weights)
     gen = torch.Generator(device="cuda").manual_seed(m)
     xs = [torch.randn(m, K, device="cuda", generator=gen).half() for _ in range(N_SETS)]

@@ -13,6 +13,12 @@ Kernels:
   * ``_sp24_dx``:     dX = dY @ W; tiles (M, K), loops over N.
   * ``_sp24_dvalues``: dW = dY^T @ X on (N, K) tiles, then only the stored
                        positions are written, in ``values`` layout.
+  * ``_sp24_int8_fwd``: the int8 2:4 forward (W8A8): int8 x (per-token
+                       quantized) times the expanded int8 weight tile, int32
+                       accumulation, ``acc * x_scale[m] * w_scale[n] (+ bias)``
+                       in the epilogue.  The GPU fallback of the csrc mma.sp
+                       int8 kernel (dense int8 tensor-core math on the expanded
+                       tile, compressed weight reads).
 """
 from __future__ import annotations
 
@@ -148,6 +154,37 @@ def _sp24_dvalues(DY, X, MT, DV,
              mask=(offs_n[:, None] < N) & (offs_v[None, :] < 2 * G))
 
 
+@triton.jit
+def _sp24_int8_fwd(XQ, XS, V, MT, WS, B, Y,
+                   M, N, K, G,
+                   stride_xm, stride_xk, stride_vn, stride_mn, stride_ym, stride_yn,
+                   HAS_BIAS: tl.constexpr, INTERP_BF16: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_n = (N + BLOCK_N - 1) // BLOCK_N
+    pid_m, pid_n = grouped_tile(pid, num_m, num_n, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    BLOCK_G: tl.constexpr = BLOCK_K // 4
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    k_tiles = (K + BLOCK_K - 1) // BLOCK_K
+    for kt in range(0, k_tiles):
+        offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = tl.load(XQ + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
+        w = _expand_tile(V, MT, offs_n, kt * BLOCK_G, stride_vn, stride_mn, N, G, BLOCK_N, BLOCK_G)
+        acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
+    xs = tl.load(XS + offs_m, mask=offs_m < M, other=0.0)
+    ws = tl.load(WS + offs_n, mask=offs_n < N, other=0.0)
+    y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+    if HAS_BIAS:
+        y += tl.load(B + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    ymask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+             cast_out(y, Y.dtype.element_ty, INTERP_BF16), mask=ymask)
+
+
 # ----------------------------------------------------------------------------
 # launch configuration
 
@@ -250,4 +287,39 @@ def sparse24_grad_values(dy: torch.Tensor, x: torch.Tensor, meta: torch.Tensor, 
     _sp24_dvalues[grid](dy, x, meta, out, M, N, K, G,
                         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), meta.stride(0), out.stride(0),
                         IEEE=_is_ieee(dy.dtype), INTERP_BF16=_interp_bf16(dy), **cfg)
+    return out
+
+
+def int8_fwd_config(M: int) -> dict:
+    """Tiles of the int8 forward by M bucket (int8 tensor-core dots need K tiles >= 32)."""
+    if M <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+    if M <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+_INTERP_INT8 = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2)
+
+
+def sparse24_int8_linear(xq: torch.Tensor, x_scale: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                         w_scale: torch.Tensor, K: int, bias: torch.Tensor | None, out: torch.Tensor,
+                         config: dict | None = None) -> torch.Tensor:
+    """``out[M, N] = (xq @ Wq^T) * x_scale[:, None] * w_scale[None, :] (+ bias)``.
+
+    ``xq`` int8 ``(M, K)`` (any strides), ``x_scale`` float32 ``(M,)``, ``values``
+    int8 / ``meta`` uint8 of a :class:`~sparsekit.formats.sparse24.Sparse24Int8Weight`,
+    ``w_scale`` float32 ``(N,)``; ``out`` preallocated (its dtype is the output's).
+    """
+    M = xq.shape[0]
+    N = values.shape[0]
+    G = values.shape[1] // 2
+    if config is None:
+        config = dict(_INTERP_INT8) if _interpreting(xq) else int8_fwd_config(M)
+    cfg = dict(config)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _sp24_int8_fwd[grid](xq, x_scale, values, meta, w_scale, bias if bias is not None else w_scale, out,
+                         M, N, K, G,
+                         xq.stride(0), xq.stride(1), values.stride(0), meta.stride(0), out.stride(0), out.stride(1),
+                         HAS_BIAS=bias is not None, INTERP_BF16=_interp_bf16(out), **cfg)
     return out

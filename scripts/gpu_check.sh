@@ -12,7 +12,7 @@
 #   BENCH_ARGS          extra arguments for `sparsekit bench` (default: "--dtype fp16,bf16")
 #   SPARSEKIT_CUDA_ARCHS  archs for the csrc build (default: this GPU's, e.g. 90a)
 #   PYTHON              interpreter (default python3)
-#   GPU_CHECK_SKIP      space-separated step names to skip (build info tests-gpu sanitizer bench tests-all)
+#   GPU_CHECK_SKIP      space-separated step names to skip (build info tests-gpu bench dispatch-table sanitizer tests-all)
 #
 # Every step runs under `timeout`; a failing step does not stop the script.
 # Exit status: the worst step's (0 = everything passed).
@@ -109,6 +109,19 @@ run_step tests-gpu 120 "$OUT/tests.log" $PY -m pytest tests -m gpu -q -p no:cach
 # ---------------------------------------------------------------- 4. benchmarks (before the sanitizer: measuring is what the GPU minutes are for)
 # shellcheck disable=SC2086
 run_step bench 240 "$OUT/bench.log" $PY -m sparsekit.bench --out "$OUT" $BENCH_ARGS
+
+# ---------------------------------------------------------------- 4b. measured 2:4 dispatch table from this run's rows
+# (the fastest backend per (dtype, N, K, M bucket), dense where nothing beat it;
+# commit it as sparsekit/ops/tables/<gpu-slug>.json after review)
+build_dispatch_table() {
+    shopt -s nullglob
+    local csvs=("$OUT"/*.csv)
+    if ((${#csvs[@]} == 0)); then echo "no benchmark CSV in $OUT"; return 1; fi
+    $PY -m sparsekit.ops.dispatch_build "${csvs[@]}" --out "$OUT/dispatch_table.json" && cat "$OUT/dispatch_table.json"
+}
+export -f build_dispatch_table
+export OUT
+run_step dispatch-table 30 "$OUT/bench.log" bash -c build_dispatch_table
 
 # ---------------------------------------------------------------- 5. compute-sanitizer
 SANITIZER=$(command -v compute-sanitizer || true)

@@ -172,3 +172,32 @@ def test_cuda_backend_unavailable_without_cuda():
     assert _cuda.MAX_M == 16
     with pytest.raises(RuntimeError, match="unavailable"):
         _cuda.sparse24_linear(torch.zeros(1, 8), torch.zeros(1, 4), torch.zeros(1, 1, dtype=torch.uint8), 8, None)
+
+
+def test_mma_sp_unavailable_without_cuda():
+    if _HAS_CUDA:
+        pytest.skip("CUDA is available here")
+    assert _cuda.has_mma_sp() is False
+    x = torch.zeros(32, 64, dtype=torch.float16)
+    s = Sparse24Weight.from_dense(torch.zeros(16, 64, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="unavailable"):
+        _cuda.sparse24_mma_sp(x, s.values, s.meta, 64, None)
+    with pytest.raises(RuntimeError, match="unavailable"):
+        _cuda.sparse24_mma_sp_int8(x.to(torch.int8), torch.ones(32), s.values.to(torch.int8), s.meta,
+                                   torch.ones(16), 64, None, torch.float16)
+
+
+@pytest.mark.gpu
+@needs_cuda_ext
+def test_cuda_backend_routes_by_m_and_dtype():
+    from sparsekit.ops import sparse24_linear
+
+    s, b = _make(64, 128, torch.float16, seed=9, bias=True)
+    for m in (1, 16, 17, 300):                     # GEMV up to 16 rows, mma.sp GEMM above
+        x = torch.randn(m, 128, device="cuda", dtype=torch.float16)
+        if m > _cuda.MAX_M and not _cuda.has_mma_sp():
+            continue
+        _check(sparse24_linear(x, s, b, backend="cuda"), x, s, b, torch.float16)
+    s32, b32 = _make(64, 128, torch.float32, seed=9, bias=True)
+    with pytest.raises(ValueError, match="float32 only for M <= 16"):
+        sparse24_linear(torch.randn(17, 128, device="cuda"), s32, b32, backend="cuda")

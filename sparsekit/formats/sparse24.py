@@ -16,14 +16,32 @@ Layout, for a weight ``W`` of shape ``(N, K)`` (out_features, in_features):
 
 So the compressed weight reads ``Kp/2 * itemsize + Kp/8`` bytes per row:
 56.25% of dense for fp16/bf16.
+
+Two more pieces live here:
+
+* :func:`mma_sp_meta` -- the metadata reordered into the per-lane order that
+  the sparse tensor-core instruction ``mma.sp`` consumes (see its docstring),
+  computed with torch ops on the metadata's own device and cached per metadata
+  tensor (:func:`cached_mma_sp_meta`), so the CUDA kernel loads one 32-bit word
+  per lane with no index arithmetic.
+* :class:`Sparse24Int8Weight` -- the int8 variant: the same ``meta``, int8
+  ``values`` and one float32 scale per output channel (symmetric, per-channel:
+  ``W ~= values * scale[:, None]`` at the stored positions).
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Sparse24Weight"]
+__all__ = ["Sparse24Weight", "Sparse24Int8Weight", "mma_sp_meta", "cached_mma_sp_meta", "MMA_K_WINDOW",
+           "padded_k", "mma_padded_k", "TensorCache"]
+
+#: Dense K columns covered by one metadata word per lane (see :func:`mma_sp_meta`).
+MMA_K_WINDOW = 64
+# the 4-bit code of a padding group: positions (0, 1) with zero values (valid for mma.sp)
+_PAD_NIBBLE = 0x4
 
 # all 6 ways to pick 2 of 4 positions, as (i0, i1) with i0 < i1
 _PAIRS = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
@@ -31,6 +49,107 @@ _PAIRS = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
 
 def padded_k(k: int) -> int:
     return (k + 7) // 8 * 8
+
+
+def mma_padded_k(k: int, multiple: int = MMA_K_WINDOW) -> int:
+    """``k`` rounded up to ``multiple`` (the K padding of the mma.sp kernel's operands)."""
+    return (k + multiple - 1) // multiple * multiple
+
+
+def mma_sp_meta(meta: torch.Tensor, in_features: int, k_multiple: int = MMA_K_WINDOW) -> torch.Tensor:
+    """Reorder 2:4 metadata into the per-lane words of ``mma.sp`` (m16n8k32 f16/bf16, m16n8k64 s8).
+
+    ``meta`` is a :class:`Sparse24Weight`'s ``(N, Kp/8)`` uint8 metadata of a
+    weight with ``in_features`` columns.  Returns an int32 tensor (bit
+    patterns of uint32 words) of shape ``(ceil(N/16), Kpad/64, 32)`` with
+    ``Kpad = mma_padded_k(in_features, k_multiple)``, on ``meta``'s device,
+    contiguous, so the words a warp needs for one 16-row tile and one 64-column
+    K window are 128 consecutive bytes.
+
+    The sparse operand of the instruction is the weight (rows = output
+    features).  For the 16-row tile ``T`` and the K window ``w`` (dense columns
+    ``64w .. 64w+63``), lane ``l = 4*g + t`` (``g = l >> 2`` its group,
+    ``t = l & 3`` its index in the group) holds::
+
+        word = H[16T + g, 4w + t] | H[16T + g + 8, 4w + t] << 16
+
+    where ``H[r, b]`` is row ``r``'s 16-bit metadata of dense columns
+    ``16b .. 16b+15``: four 4-bit group codes ``i0 | i1 << 2``, the lowest
+    group in the lowest bits -- which is exactly ``meta[r, 2b] | meta[r, 2b+1] << 8``
+    of this format (the PTX ISA's metadata nibble is the same ``i0 | i1 << 2``
+    with ``i0 < i1``, so no re-encoding is needed, only the move).
+
+    * f16/bf16 ``mma.sp.m16n8k32``: a window is two k32 steps.  Step 0 uses
+      sparsity selector 0 (lanes with ``t`` = 0, 1 supply the metadata: row
+      ``g`` in the low half, row ``g+8`` in the high half, ``t`` = 0 for the
+      step's columns 0-15 and ``t`` = 1 for 16-31); step 1 uses selector 1
+      (``t`` = 2, 3 the same way).  One word load serves both steps.
+    * s8 ``mma.sp.m16n8k64``: a window is one k64 step; every lane supplies
+      metadata (selector 0), lane ``t`` the step's columns ``16t .. 16t+15``
+      (the same word formula).
+
+    Rows ``>= N`` and columns ``>= Kp`` are padding: code ``(0, 1)`` (a valid
+    pattern) over zero values.  ``sparsekit/ops/_mma_sp_emulator.py`` replays
+    the kernel's use of these words lane by lane and is tested against dense
+    math; ``csrc/sparse24/sparse24_mma_sp.cu`` uses the same index formulas.
+    """
+    if not isinstance(meta, torch.Tensor) or meta.dtype != torch.uint8 or meta.dim() != 2:
+        raise TypeError("meta must be a 2-D uint8 tensor (a Sparse24Weight's meta)")
+    kp = padded_k(in_features)
+    n = meta.shape[0]
+    if meta.shape[1] != kp // 8:
+        raise ValueError(f"meta has {meta.shape[1]} bytes per row; in_features={in_features} needs {kp // 8}")
+    if k_multiple % MMA_K_WINDOW:
+        raise ValueError(f"k_multiple must be a multiple of {MMA_K_WINDOW}, got {k_multiple}")
+    kpad = mma_padded_k(max(in_features, 1), k_multiple)
+    nt = (n + 15) // 16
+    pad_byte = _PAD_NIBBLE | (_PAD_NIBBLE << 4)
+    full = torch.full((nt * 16, kpad // 8), pad_byte, dtype=torch.uint8, device=meta.device)
+    full[:n, : kp // 8] = meta
+    b = full.to(torch.int64).view(nt * 16, kpad // 16, 2)
+    h = b[..., 0] | (b[..., 1] << 8)                                  # (16 nt, Kpad/16): H[r, block]
+    h = h.view(nt, 2, 8, kpad // 64, 4)                               # tile, row half, g, window, t
+    words = h[:, 0] | (h[:, 1] << 16)                                 # (nt, g, window, t)
+    words = words.permute(0, 2, 1, 3).reshape(nt, kpad // 64, 32)     # lane = 4 g + t
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words)
+    return words.to(torch.int32).contiguous()
+
+
+class TensorCache:
+    """A cache of values derived from tensors, keyed by tensor identity (not
+    equality) and dropped when the tensor is freed; each entry remembers a key
+    (e.g. the tensor's ``_version``) and is recomputed when that key changes."""
+
+    def __init__(self):
+        self._data: dict = {}
+
+    def get(self, t: torch.Tensor, key, make):
+        tid = id(t)
+        hit = self._data.get(tid)
+        if hit is not None and hit[0]() is t and hit[1] == key:
+            return hit[2]
+        value = make()
+        try:
+            ref = weakref.ref(t, lambda _r, tid=tid, d=self._data: d.pop(tid, None)
+                              if d.get(tid, (None,))[0] is _r else None)
+        except TypeError:  # not weakly referenceable: no caching
+            return value
+        self._data[tid] = (ref, key, value)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+# metadata tensor -> ((version, in_features, k_multiple), reordered words)
+_MMA_META_CACHE = TensorCache()
+
+
+def cached_mma_sp_meta(meta: torch.Tensor, in_features: int, k_multiple: int = MMA_K_WINDOW) -> torch.Tensor:
+    """:func:`mma_sp_meta`, computed once per metadata tensor (and again only
+    if the tensor is modified in place: the cache is keyed on its version)."""
+    key = (meta._version, int(in_features), int(k_multiple))
+    return _MMA_META_CACHE.get(meta, key, lambda: mma_sp_meta(meta, in_features, k_multiple))
 
 
 @dataclass
@@ -89,6 +208,14 @@ class Sparse24Weight:
         values = self.values.to(*args, **kwargs)
         meta = self.meta.to(device=values.device)
         return Sparse24Weight(values, meta, self.shape)
+
+    def mma_meta(self, k_multiple: int = MMA_K_WINDOW) -> torch.Tensor:
+        """The metadata in ``mma.sp`` lane order (:func:`mma_sp_meta`), cached on ``meta``."""
+        return cached_mma_sp_meta(self.meta, self.in_features, k_multiple)
+
+    def to_int8(self) -> "Sparse24Int8Weight":
+        """The int8 variant: same mask and metadata, values quantized per output channel."""
+        return Sparse24Int8Weight.from_sparse24(self)
 
     # ------------------------------------------------------------- conversion
     @staticmethod
@@ -172,3 +299,102 @@ class Sparse24Weight:
 
     def __repr__(self) -> str:
         return f"Sparse24Weight(shape={self.shape}, dtype={self.dtype}, device={self.device}, nbytes={self.nbytes()})"
+
+
+@dataclass
+class Sparse24Int8Weight:
+    """A 2:4 sparse weight with int8 values and per-output-channel scales.
+
+    ``values`` ``(N, Kp/2)`` int8 and ``meta`` ``(N, Kp/8)`` uint8 are laid out
+    exactly as in :class:`Sparse24Weight`; ``scale`` ``(N,)`` float32 makes the
+    represented weight ``W[n, k] = values * scale[n]`` at the stored positions
+    (zero elsewhere).  Quantization is symmetric per output channel:
+    ``scale = max|W[n, :]| / 127`` and ``values = clamp(round(W / scale), -127, 127)``.
+    This is the weight half of the int8 2:4 path (GPUSQ-ViT style W8A8 with
+    2:4 sparsity); activations are quantized per token at run time.
+    """
+
+    values: torch.Tensor
+    meta: torch.Tensor
+    scale: torch.Tensor
+    shape: tuple
+
+    def __post_init__(self):
+        self.shape = tuple(int(s) for s in self.shape)
+        self.validate()
+
+    def validate(self) -> None:
+        if len(self.shape) != 2:
+            raise ValueError(f"Sparse24Int8Weight.shape must be (out_features, in_features), got {self.shape}")
+        n, k = self.shape
+        kp = padded_k(k)
+        for name in ("values", "meta", "scale"):
+            if not isinstance(getattr(self, name), torch.Tensor):
+                raise TypeError(f"Sparse24Int8Weight.{name} must be a tensor")
+        if self.values.dtype != torch.int8:
+            raise TypeError(f"values must be int8, got {self.values.dtype}")
+        if tuple(self.values.shape) != (n, kp // 2):
+            raise ValueError(f"values must have shape {(n, kp // 2)} for a {self.shape} weight, got {tuple(self.values.shape)}")
+        if self.meta.dtype != torch.uint8:
+            raise TypeError(f"meta must be uint8, got {self.meta.dtype}")
+        if tuple(self.meta.shape) != (n, kp // 8):
+            raise ValueError(f"meta must have shape {(n, kp // 8)} for a {self.shape} weight, got {tuple(self.meta.shape)}")
+        if self.scale.dtype != torch.float32 or tuple(self.scale.shape) != (n,):
+            raise ValueError(f"scale must be float32 of shape ({n},), got {self.scale.dtype} {tuple(self.scale.shape)}")
+        if not (self.values.device == self.meta.device == self.scale.device):
+            raise ValueError("values, meta and scale must be on one device")
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def nbytes(self) -> int:
+        return self.values.numel() + self.meta.numel() + 4 * self.scale.numel()
+
+    def to(self, device) -> "Sparse24Int8Weight":
+        """Move to ``device`` (the dtypes are fixed)."""
+        return Sparse24Int8Weight(self.values.to(device), self.meta.to(device), self.scale.to(device), self.shape)
+
+    def mma_meta(self, k_multiple: int = 2 * MMA_K_WINDOW) -> torch.Tensor:
+        """The metadata in ``mma.sp`` lane order (:func:`mma_sp_meta`), cached on ``meta``."""
+        return cached_mma_sp_meta(self.meta, self.in_features, k_multiple)
+
+    @classmethod
+    def from_sparse24(cls, weight: Sparse24Weight) -> "Sparse24Int8Weight":
+        """Quantize a float :class:`Sparse24Weight` (same mask, same metadata)."""
+        if not isinstance(weight, Sparse24Weight):
+            raise TypeError(f"weight must be a Sparse24Weight, got {type(weight).__name__}")
+        v = weight.values.detach().float()
+        amax = v.abs().amax(dim=1) if v.shape[1] else torch.zeros(v.shape[0], device=v.device)
+        scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+        q = torch.clamp(torch.round(v / scale[:, None]), -127, 127).to(torch.int8)
+        return cls(q.contiguous(), weight.meta.clone(), scale.contiguous(), weight.shape)
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> "Sparse24Int8Weight":
+        """Compress a dense 2:4 weight (as :meth:`Sparse24Weight.from_dense`) and quantize it."""
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+            weight = weight.detach().float()
+        return cls.from_sparse24(Sparse24Weight.from_dense(weight, mask))
+
+    def int_dense(self) -> torch.Tensor:
+        """The int8 dense ``(N, K)`` weight (zeros at pruned positions)."""
+        n, k = self.shape
+        dense = torch.zeros(n, padded_k(k), dtype=torch.int8, device=self.values.device)
+        dense.scatter_(1, Sparse24Weight.columns_from_meta(self.meta), self.values)
+        return dense[:, :k].contiguous()
+
+    def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dequantized dense weight ``values * scale`` in ``dtype``."""
+        return (self.int_dense().float() * self.scale[:, None]).to(dtype)
+
+    def __repr__(self) -> str:
+        return f"Sparse24Int8Weight(shape={self.shape}, device={self.device}, nbytes={self.nbytes()})"

@@ -6,8 +6,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..formats.sparse24 import Sparse24Weight, padded_k
+from ..formats.sparse24 import Sparse24Int8Weight, Sparse24Weight, padded_k
 from ..ops.sparse24 import sparse24_linear_packed
+from ..ops.sparse24_int8 import sparse24_int8_linear_packed
 from ..prune.masks import mask_2to4
 
 __all__ = ["SparseLinear"]
@@ -26,11 +27,20 @@ class SparseLinear(nn.Module):
     state_dict stores exactly these, so saving keeps the compressed size.
     Build one with :meth:`from_dense`; fine-tuning updates the kept values and
     never changes the mask.
+
+    ``act_bits=8`` makes it the int8 2:4 layer (GPUSQ-ViT's deployment form):
+    ``values`` is then an int8 buffer with a float32 ``w_scale`` buffer (one
+    scale per output channel), activations are quantized per token to int8 at
+    run time and the op (:func:`sparsekit.ops.sparse24_int8.sparse24_int8_linear`)
+    accumulates in int32; ``dtype`` is the activation/output dtype.  Inference
+    only: the int8 layer has no trainable weight.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, pattern: str = "2:4",
-                 device=None, dtype=None, backend: Optional[str] = None):
+                 device=None, dtype=None, backend: Optional[str] = None, act_bits: Optional[int] = None):
         super().__init__()
+        if act_bits not in (None, 8):
+            raise ValueError(f"act_bits must be None (float activations) or 8 (int8 2:4), got {act_bits!r}")
         if pattern == "block":
             raise ValueError("construct block-sparse layers with BlockSparseLinear (or SparseLinear.from_dense("
                              "linear, pattern='block', ...))")
@@ -42,9 +52,14 @@ class SparseLinear(nn.Module):
         self.out_features = int(out_features)
         self.pattern = pattern
         self.backend = backend
+        self.act_bits = act_bits
         kp = padded_k(self.in_features)
         factory = dict(device=device, dtype=dtype if dtype is not None else torch.get_default_dtype())
-        self.values = nn.Parameter(torch.zeros(out_features, kp // 2, **factory))
+        if act_bits == 8:
+            self.register_buffer("values", torch.zeros(out_features, kp // 2, dtype=torch.int8, device=device))
+            self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        else:
+            self.values = nn.Parameter(torch.zeros(out_features, kp // 2, **factory))
         self.register_buffer("meta", torch.full((out_features, kp // 8), _EMPTY_META, dtype=torch.uint8, device=device))
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, **factory))
@@ -55,7 +70,8 @@ class SparseLinear(nn.Module):
     @classmethod
     def from_dense(cls, linear: nn.Linear, pattern: str = "2:4", mask: Optional[torch.Tensor] = None,
                    scores: Optional[torch.Tensor] = None, backend: Optional[str] = None,
-                   block_size=(32, 32), sparsity: Optional[float] = None) -> nn.Module:
+                   block_size=(32, 32), sparsity: Optional[float] = None,
+                   act_bits: Optional[int] = None) -> nn.Module:
         """Prune ``linear`` to ``pattern`` and compress it.
 
         ``pattern="2:4"``: the mask is ``mask`` if given (it must be 2:4), else
@@ -65,6 +81,10 @@ class SparseLinear(nn.Module):
         with ``block_size=(bm, bk)``; ``mask`` is then a bool block grid
         (e.g. from :func:`sparsekit.prune.block_mask_from_scores`), else
         ``sparsity`` drops that fraction of blocks by magnitude.
+
+        ``act_bits=8`` (2:4 only): the int8 2:4 layer -- the pruned weight is
+        quantized per output channel (:class:`~sparsekit.formats.Sparse24Int8Weight`)
+        and activations per token at run time.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_dense expects an nn.Linear, got {type(linear).__name__}")
@@ -79,32 +99,51 @@ class SparseLinear(nn.Module):
                                                 block_mask=mask, backend=backend)
         if sparsity is not None:
             raise ValueError("pattern='2:4' has a fixed sparsity of 50%; sparsity= applies to pattern='block'")
+        if act_bits not in (None, 8):
+            raise ValueError(f"act_bits must be None (float activations) or 8 (int8 2:4), got {act_bits!r}")
         w = linear.weight.detach()
         if mask is None:
             mask = mask_2to4(w, scores)
         packed = Sparse24Weight.from_dense(w, mask=mask)
         mod = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, pattern=pattern,
-                  device=w.device, dtype=w.dtype, backend=backend)
+                  device=w.device, dtype=w.dtype, backend=backend, act_bits=act_bits)
         with torch.no_grad():
-            mod.values.copy_(packed.values)
+            if act_bits == 8:
+                q = Sparse24Int8Weight.from_sparse24(packed)
+                mod.values.copy_(q.values)
+                mod.w_scale.copy_(q.scale)
+            else:
+                mod.values.copy_(packed.values)
             mod.meta.copy_(packed.meta)
             if linear.bias is not None:
                 mod.bias.copy_(linear.bias.detach())
         return mod
 
-    def weight_format(self) -> Sparse24Weight:
-        """The compressed weight (sharing storage with this module)."""
-        return Sparse24Weight(self.values.detach(), self.meta, (self.out_features, self.in_features))
+    def weight_format(self):
+        """The compressed weight (sharing storage with this module): a
+        :class:`Sparse24Weight`, or a :class:`Sparse24Int8Weight` when ``act_bits=8``."""
+        shape = (self.out_features, self.in_features)
+        if self.act_bits == 8:
+            return Sparse24Int8Weight(self.values, self.meta, self.w_scale, shape)
+        return Sparse24Weight(self.values.detach(), self.meta, shape)
+
+    def _float_dtype(self) -> torch.dtype:
+        if self.act_bits == 8:
+            return self.bias.dtype if self.bias is not None else torch.get_default_dtype()
+        return self.values.dtype
 
     @property
     def weight(self) -> torch.Tensor:
-        """Dense ``(out, in)`` weight, materialized on each access (for inspection)."""
+        """Dense ``(out, in)`` weight (dequantized when ``act_bits=8``), materialized on each access."""
+        if self.act_bits == 8:
+            return self.weight_format().to_dense(self._float_dtype())
         return self.weight_format().to_dense()
 
     def to_dense(self) -> nn.Linear:
-        """An ``nn.Linear`` computing the same function (pruned entries zero)."""
+        """An ``nn.Linear`` computing the same function (pruned entries zero; for
+        ``act_bits=8`` the dequantized weight, without the activation rounding)."""
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.values.device, dtype=self.values.dtype)
+                        device=self.values.device, dtype=self._float_dtype())
         with torch.no_grad():
             lin.weight.copy_(self.weight)
             if self.bias is not None:
@@ -113,8 +152,12 @@ class SparseLinear(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_bits == 8:
+            return sparse24_int8_linear_packed(x, self.values, self.meta, self.w_scale, self.in_features,
+                                               self.bias, backend=self.backend)
         return sparse24_linear_packed(x, self.values, self.meta, self.in_features, self.bias, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, pattern={self.pattern!r}")
+                f"bias={self.bias is not None}, pattern={self.pattern!r}"
+                + (f", act_bits={self.act_bits}" if self.act_bits else ""))

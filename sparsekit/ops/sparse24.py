@@ -9,6 +9,22 @@ trace under ``torch.compile``):
 
 The gradient of the weight is taken with respect to the stored ``values``
 only, so the 2:4 mask is preserved through fine-tuning.
+
+Forward backends (``backend=`` or automatic, see :mod:`sparsekit.ops.dispatch`):
+
+``cuda``        csrc: the small-M GEMV kernel for M <= 16 (fp32/fp16/bf16) and
+                the ``mma.sp`` sparse-tensor-core GEMM otherwise (fp16/bf16);
+                metadata reordered for ``mma.sp`` once per weight and cached
+``triton``      the Triton kernels (``interpret``: the same on CPU)
+``cusparselt``  ``torch._cslt_sparse_mm`` on a ``torch._cslt_compress``-ed copy
+                of the weight, compressed once per weight and cached (fp16/bf16)
+``dense``       ``F.linear`` on a dense expansion of the weight, expanded once per
+                weight and cached: the dense cuBLAS speed at the dense weight's
+                memory cost (kept in addition to the compressed weight)
+``reference``   ``F.linear`` on a dense expansion made on every call
+
+The backward of ``cuda``/``cusparselt`` runs the Triton kernels, that of
+``dense`` the reference.
 """
 from __future__ import annotations
 
@@ -18,15 +34,80 @@ import torch
 import torch.nn.functional as F
 
 from .. import testing as _testing
-from ..formats.sparse24 import Sparse24Weight, padded_k
+from ..formats.sparse24 import Sparse24Weight, TensorCache, padded_k
 from . import dispatch
 
 __all__ = ["sparse24_linear", "sparse24_linear_packed"]
 
-dispatch.register("sparse24_linear")
-# the backward ops run on the forward's backend (the csrc kernel is forward-only:
-# a 'cuda' forward differentiates with the Triton kernels)
-_BACKWARD_BACKEND = {"cuda": "triton", "triton": "triton", "interpret": "interpret", "reference": "reference"}
+_HALF = ("fp16", "bf16")
+
+
+def _cuda_accepts(m, n, k, dtype) -> bool:
+    # GEMV for M <= 16 (any float dtype); mma.sp GEMM beyond (16-bit floats only)
+    from . import _cuda
+
+    return (m is not None and m <= _cuda.MAX_M) or (dtype in _HALF and _cuda.has_mma_sp())
+
+
+def _cusparselt_accepts(m, n, k, dtype) -> bool:
+    return dtype in _HALF
+
+
+dispatch.register("sparse24_linear", dispatch.BACKENDS + ("cusparselt", "dense"),
+                  accepts={"cuda": _cuda_accepts, "cusparselt": _cusparselt_accepts})
+# the backward ops run on the forward's backend (the csrc kernels and cuSPARSELt
+# are forward-only: such a forward differentiates with the Triton kernels)
+_BACKWARD_BACKEND = {"cuda": "triton", "triton": "triton", "interpret": "interpret", "reference": "reference",
+                     "cusparselt": "triton", "dense": "reference"}
+
+# weight-derived operands cached per values tensor, keyed on (values version, meta version, tag)
+_DENSE_CACHE = TensorCache()
+_CSLT_CACHE = TensorCache()
+
+
+def _cached(cache, values: torch.Tensor, meta: torch.Tensor, tag, make):
+    return cache.get(values, (values._version, meta._version, id(meta), tag), make)
+
+
+def dense_weight_cached(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Tensor:
+    """The dense ``(N, K)`` weight, expanded once per (values, meta) tensor version (``dense`` backend)."""
+    return _cached(_DENSE_CACHE, values, meta, ("dense", k),
+                   lambda: _dense_from(values.detach(), meta, k))
+
+
+# cuSPARSELt wants sizes that are multiples of these (conservative; the weight
+# and x are zero-padded, which keeps them 2:4 and changes no result)
+_CSLT_PAD_N, _CSLT_PAD_K, _CSLT_PAD_M = 32, 64, 16
+
+
+def _cslt_compressed(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Tensor:
+    def make():
+        w = _dense_from(values.detach(), meta, k)
+        n = w.shape[0]
+        np_ = -(-n // _CSLT_PAD_N) * _CSLT_PAD_N
+        kp = -(-k // _CSLT_PAD_K) * _CSLT_PAD_K
+        if (np_, kp) != (n, k):
+            w = F.pad(w, (0, kp - k, 0, np_ - n))
+        return torch._cslt_compress(w.contiguous())
+    return _cached(_CSLT_CACHE, values, meta, ("cslt", k), make)
+
+
+def _cusparselt_linear(x2: torch.Tensor, values, meta, k: int, bias) -> torch.Tensor:
+    n = values.shape[0]
+    m = x2.shape[0]
+    comp = _cslt_compressed(values, meta, k)
+    kp = -(-k // _CSLT_PAD_K) * _CSLT_PAD_K
+    mp = -(-m // _CSLT_PAD_M) * _CSLT_PAD_M
+    np_ = -(-n // _CSLT_PAD_N) * _CSLT_PAD_N
+    xt = x2
+    if (mp, kp) != (m, k):
+        xt = F.pad(x2, (0, kp - k, 0, mp - m))
+    b = None
+    if bias is not None:
+        b = F.pad(bias, (0, np_ - n)) if np_ != n else bias
+    # (Np x Kp) @ (Kp x Mp) = y^T
+    yt = torch._cslt_sparse_mm(comp, xt.t().contiguous(), b)
+    return yt[:n, :m].t().contiguous()
 
 
 def _kernels(backend: str):
@@ -53,6 +134,8 @@ def _sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, 
     if backend == "reference":
         w = _dense_from(values, meta, in_features)
         return F.linear(x, w, bias).contiguous()
+    if backend == "dense":
+        return F.linear(x, dense_weight_cached(values, meta, in_features), bias).contiguous()
     x2 = _as_2d(x)
     out = _testing.alloc_output((x2.shape[0], n), x.dtype, x.device)
     if x2.shape[0] > 0 and n > 0:
@@ -63,7 +146,12 @@ def _sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, 
         elif backend == "cuda":
             from . import _cuda
 
-            out = _cuda.sparse24_linear(x2, values, meta, in_features, bias)
+            if x2.shape[0] <= _cuda.MAX_M:
+                out = _cuda.sparse24_linear(x2, values, meta, in_features, bias)
+            else:
+                out = _cuda.sparse24_mma_sp(x2, values, meta, in_features, bias)
+        elif backend == "cusparselt":
+            out = _cusparselt_linear(x2, values, meta, in_features, bias)
         else:
             _kernels(backend).sparse24_linear(x2, values, meta, in_features, bias, out)
     return out.reshape(*lead, n)
@@ -181,13 +269,19 @@ def sparse24_linear_packed(x: torch.Tensor, values: torch.Tensor, meta: torch.Te
     """:func:`sparse24_linear` on the raw ``values``/``meta`` tensors (what modules hold)."""
     _check(x, values, meta, in_features, bias)
     m = x.numel() // in_features if in_features else x.numel()
-    chosen = dispatch.resolve("sparse24_linear", x.device, backend, m)
-    if chosen == "cuda":
+    n = values.shape[0]
+    chosen = dispatch.resolve("sparse24_linear", x.device, backend, m, n=n, k=in_features, dtype=x.dtype)
+    if chosen == "cuda" and not _cuda_accepts(m, n, in_features, dispatch.DTYPE_NAMES.get(x.dtype)):
         from . import _cuda
 
-        if m > _cuda.MAX_M:
-            raise ValueError(f"the 'cuda' 2:4 kernel handles at most {_cuda.MAX_M} rows (M), got M={m}; "
-                             "use backend='triton' or automatic dispatch")
+        if x.dtype == torch.float32:
+            raise ValueError(f"the 'cuda' 2:4 backend runs float32 only for M <= {_cuda.MAX_M} rows (the GEMV "
+                             f"kernel; mma.sp has no 2:4 float32 form), got M={m}; use float16/bfloat16, "
+                             "backend='triton' or automatic dispatch")
+        raise ValueError(f"the 'cuda' 2:4 GEMM (mma.sp) is missing from the loaded extension and the GEMV kernel "
+                         f"handles at most {_cuda.MAX_M} rows, got M={m}; rebuild csrc/ or use backend='triton'")
+    if chosen == "cusparselt" and x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"the 'cusparselt' backend supports float16 and bfloat16, got {x.dtype}")
     return _sparse24_linear(x, values, meta, in_features, bias, chosen)
 
 
@@ -197,8 +291,9 @@ def sparse24_linear(x: torch.Tensor, weight: Sparse24Weight, bias: Optional[torc
 
     ``x`` is ``(..., K)`` in the weight's dtype (float16, bfloat16 or float32)
     with any strides; the result is ``(..., N)``.  ``backend`` forces one of
-    ``cuda``, ``triton``, ``interpret``, ``reference`` (default: chosen per
-    device and M, or ``SPARSEKIT_BACKEND``).  Differentiable in ``x``, the
+    ``cuda``, ``triton``, ``interpret``, ``reference``, ``cusparselt``, ``dense``
+    (default: chosen per device, M, N, K and dtype from the dispatch table, or
+    ``SPARSEKIT_BACKEND``).  Differentiable in ``x``, the
     stored values and ``bias``.
     """
     if not isinstance(weight, Sparse24Weight):
