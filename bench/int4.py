@@ -11,15 +11,28 @@ M, time in the same run
 * ``torchao_int4``   torchao's int4 weight-only linear (its own RTN of the dense weight), if importable
 * ``gemlite``        GemLite's A16W4 layer on the same codes, if importable
 
+and the int8-activation variants (per-token dynamic activation quantization,
+one fused quant launch + one int8 tensor-core GEMM, ``sparsekit.ops.int8``):
+
+* ``triton_w4a8``        the same int4 codes, activations quantized to int8 per token (W4A8)
+* ``triton_w4a8_mixed``  W4A8 with token-adaptive bits: top 25% tokens by L2 norm at 8 bits, the rest 4
+* ``triton_w8a8``        per-channel int8 weight (RTN of the same float weight), int8 activations
+* ``torch_int_mm``       peer for W8A8: the same quantization in torch ops + ``torch._int_mm`` + a torch epilogue
+
 Every backend's output is first checked against fp32 math on the dequantized
 weight (rel err < 1e-2; torchao quantizes on its own grid, so it is checked
-against the unquantized weight with a loose bound); a failing sparsekit
-backend is reported and not timed, a peer that cannot run gives a ``skip`` row
-with the reason.
+against the unquantized weight with a loose bound; the int8-activation rows
+against fp32 math on the SAME fake-quantized activations and their own
+dequantized weight, rel err < 5e-3); a failing sparsekit backend is reported
+and not timed, a peer that cannot run gives a ``skip`` row with the reason.
+``speedup_vs_dense`` of every row is against ``F.linear`` in the activation
+dtype (the W8A8 row quantizes the same float weight to int8 instead of int4).
 
 CPU (``cpu_sweep``): no timings; the ``interpret`` and ``reference`` backends
-and the automatic choice are compared against float64 math on the same
-dequantized weight, on small odd shapes, fp16 and bf16.
+(and ``interpret_w4a8`` / ``interpret_w4a8_mixed`` / ``interpret_w8a8``) and
+the automatic choice are compared against float64 math on the same
+dequantized weight (and the same fake-quantized activations), on small odd
+shapes, fp16 and bf16.
 """
 from __future__ import annotations
 
@@ -41,9 +54,16 @@ GROUP_SIZE = 128
 SYMMETRIC = False
 GPU_TOL = 1e-2            # rel err bound for the pre-timing check
 TORCHAO_TOL = 0.2         # torchao quantizes the dense weight itself: checked vs the float weight
-BACKENDS = ("dense", "triton", "sparsekit_auto", "torch_int4mm", "torchao_int4", "gemlite")
+BACKENDS = ("dense", "triton", "sparsekit_auto", "torch_int4mm", "torchao_int4", "gemlite",
+            "triton_w4a8", "triton_w4a8_mixed", "triton_w8a8", "torch_int_mm")
 OWN_FORCED = ("triton", "interpret", "reference")
-CPU_TIMING_BACKENDS = ("dense", "interpret", "reference", "sparsekit_auto", "torch_int4mm")
+CPU_TIMING_BACKENDS = ("dense", "interpret", "reference", "sparsekit_auto", "torch_int4mm",
+                       "interpret_w4a8", "interpret_w8a8")
+# int8-activation variants: "<own backend>_<variant>"
+A8_VARIANTS = {"w4a8": ("int4", 8), "w4a8_mixed": ("int4", "mixed"), "w8a8": ("int8", 8)}
+A8_FRAC8 = 0.25           # mixed: fraction of tokens at 8 bits
+A8_TOL = 5e-3             # rel err bound vs fp32 math on the same fake-quantized activations
+PEERS_LOCAL = ("torch_int4mm", "torch_int_mm")    # peers not (yet) in harness.PEER_BACKENDS
 
 # CPU sweep: (N, K, group_size)
 CPU_CASES = [(33, 128, 32), (70, 96, -1), (20, 256, 128)]
@@ -83,7 +103,58 @@ def make_weight(n: int, k: int, dtype: torch.dtype, device, gen: torch.Generator
     return w, q, b
 
 
+def split_a8(name: str):
+    """``"triton_w4a8_mixed"`` -> ``("triton", "w4a8_mixed")``; None for other backend names."""
+    for base in OWN_FORCED:
+        variant = name[len(base) + 1:] if name.startswith(base + "_") else None
+        if variant in A8_VARIANTS:
+            return base, variant
+    return None
+
+
+def a8_call(variant: str, x, q4, q8, bias, backend=None):
+    """Run an int8-activation variant on ``x`` (``q4``: Int4Weight, ``q8``: Int8Weight)."""
+    from sparsekit.ops import int8 as ops8
+
+    weight, act = A8_VARIANTS[variant]
+    if weight == "int8":
+        return ops8.int8_linear(x, q8, bias, act_bits=act, frac8=A8_FRAC8, backend=backend)
+    return ops8.w4a8_linear(x, q4, bias, act_bits=act, frac8=A8_FRAC8, backend=backend)
+
+
+def a8_reference(variant: str, x, q4, q8, bias, dtype=torch.float32):
+    """``dtype`` math on the same fake-quantized activations and the variant's dequantized weight."""
+    from sparsekit.ops.act_quant import per_token_quant_reference, select_token_bits
+    from sparsekit.ops.int8 import dequantize_int4_fp32
+
+    weight, act = A8_VARIANTS[variant]
+    bits = select_token_bits(x, A8_FRAC8) if act == "mixed" else act
+    qx, sx = per_token_quant_reference(x, bits)
+    xh = qx.to(dtype) * sx.to(dtype)
+    if weight == "int8":
+        w = q8.dequantize().to(dtype)
+    else:
+        w = dequantize_int4_fp32(q4.qweight, q4.scales, q4.zeros, q4.group_size, q4.in_features).to(dtype)
+    return F.linear(xh, w, bias.to(dtype))
+
+
 # --------------------------------------------------------------------------- peers
+
+def _torch_int_mm_fn(q8, bias):
+    """W8A8 in torch ops: per-token quantization (reference), ``torch._int_mm`` (int32), scales + bias."""
+    if not hasattr(torch, "_int_mm"):
+        raise RuntimeError("this torch has no _int_mm")
+    from sparsekit.ops.act_quant import per_token_quant_reference
+
+    wt = q8.qweight.t()               # (K, N) column-major, as cuBLASLt's int8 GEMM wants
+    ws = q8.scales
+
+    def fn(x, _w=None):
+        qx, sx = per_token_quant_reference(x, 8)
+        acc = torch._int_mm(qx, wt)
+        return (acc.float() * sx * ws + bias.float()).to(x.dtype)
+    return fn
+
 
 def _torch_int4mm_fn(q, bias):
     """tinygemm (``torch._weight_int4pack_mm``) on the same codes: w = (q - 8) * s + (8 - z) * s."""
@@ -137,9 +208,10 @@ def _gemlite_fn(q, dtype, bias):
 
 class _Backend:
     def __init__(self, name: str, fn: Callable | None, weights: Sequence, weight_bytes: int,
-                 skip: str = "", tol: float = GPU_TOL, vs_float: bool = False):
+                 skip: str = "", tol: float = GPU_TOL, vs_float: bool = False, ref_fn: Callable | None = None):
         self.name, self.fn, self.weights, self.weight_bytes = name, fn, list(weights), weight_bytes
         self.skip, self.tol, self.vs_float = skip, tol, vs_float
+        self.ref_fn = ref_fn      # x -> this backend's own reference (int8-activation rows)
 
 
 def _prepare_backends(n, k, dtype, n_sets, wanted, gen, device, log=print):
@@ -165,6 +237,27 @@ def _prepare_backends(n, k, dtype, n_sets, wanted, gen, device, log=print):
                              quants, qbytes, skip="" if ok else why)
     if "sparsekit_auto" in wanted:
         out["sparsekit_auto"] = _Backend("sparsekit_auto", lambda x, w: ops.int4_linear(x, w, bias), quants, qbytes)
+    a8 = [name for name in wanted if split_a8(name) is not None]
+    q8s = []
+    if any(A8_VARIANTS[split_a8(name)[1]][0] == "int8" for name in a8) or "torch_int_mm" in wanted:
+        from sparsekit.formats.int8 import Int8Weight
+        q8s = [Int8Weight.from_float(w) for w in floats]
+    for name in a8:
+        base, variant = split_a8(name)
+        ok, why = dispatch._op_backends("int8_linear")[base](dev)
+        int8w = A8_VARIANTS[variant][0] == "int8"
+        pairs = list(zip(quants, q8s)) if int8w else [(q, None) for q in quants]
+        out[name] = _Backend(
+            name, lambda x, w, _v=variant, _b=base: a8_call(_v, x, w[0], w[1], bias, backend=_b), pairs,
+            (q8s[0].nbytes() if int8w else qbytes), skip="" if ok else why, tol=A8_TOL,
+            ref_fn=lambda x, _v=variant, _p=pairs[0]: a8_reference(_v, x, _p[0], _p[1], bias))
+    if "torch_int_mm" in wanted:
+        try:
+            fns = [_torch_int_mm_fn(q, bias) for q in q8s]
+            out["torch_int_mm"] = _Backend("torch_int_mm", lambda x, f: f(x), fns, q8s[0].nbytes(), tol=A8_TOL,
+                                           ref_fn=lambda x, _q=q8s[0]: a8_reference("w8a8", x, None, _q, bias))
+        except Exception as e:
+            out["torch_int_mm"] = _Backend("torch_int_mm", None, [], 0, skip=f"unavailable: {_short(e)}")
     peers = {
         "torch_int4mm": lambda: ([_torch_int4mm_fn(q, bias) for q in quants], {}),
         "torchao_int4": lambda: ([_torchao_fn(w, dtype, bias) for w in floats], dict(tol=TORCHAO_TOL, vs_float=True)),
@@ -238,17 +331,20 @@ def run_gpu(shapes: Iterable[tuple[int, int]] = SHAPES, ms: Iterable[int] = MS,
                                 ref_float = F.linear(xs[0].float(), floats[0], bias.float())
                             row.rel_err = harness.rel_err(out.float(), ref_float)
                             row.note = "own RTN grid; rel_err vs the unquantized weight"
+                        elif b.ref_fn is not None:
+                            row.rel_err = harness.rel_err(out.float(), b.ref_fn(xs[0]))
+                            row.note = "rel_err vs fp32 math on the same fake-quantized activations"
                         else:
                             row.rel_err = harness.rel_err(out.float(), ref)
                     except Exception as e:
-                        peer = name in harness.PEER_BACKENDS or name == "torch_int4mm"
+                        peer = name in harness.PEER_BACKENDS or name in PEERS_LOCAL
                         row.status = "skip" if peer else "fail"
                         row.note = ("could not run: " if peer else "error: ") + _short(e)
                         group.append(row)
                         log(f"[{OP}] {case} {dname} {name}: {row.status}: {row.note}")
                         continue
                     if not (row.rel_err < b.tol):
-                        peer = name == "torch_int4mm" or name in harness.PEER_BACKENDS and name != "dense"
+                        peer = name in PEERS_LOCAL or name in harness.PEER_BACKENDS and name != "dense"
                         row.status = "skip" if peer else "fail"
                         row.note = f"rel_err {row.rel_err:.3g} >= {b.tol:g} vs fp32 math: not timed"
                         group.append(row)
@@ -291,10 +387,17 @@ def _cpu_cases(quick: bool):
         yield format_case(M=5, N=n, K=k, group=gs, x="transposed"), (5,), n, k, gs, True
 
 
+CPU_SWEEP_BACKENDS = ("interpret", "reference", "sparsekit_auto", "interpret_w4a8", "interpret_w4a8_mixed",
+                      "interpret_w8a8")
+
+
 def cpu_sweep(quick: bool = False, dtypes: Sequence[str] = CPU_DTYPES,
-              backends: Sequence[str] = ("interpret", "reference", "sparsekit_auto"),
+              backends: Sequence[str] = CPU_SWEEP_BACKENDS,
               cases=None, seed: int = 0, log=print) -> tuple[list[Row], bool]:
-    """Compare sparsekit's CPU backends with float64 math on the dequantized weight."""
+    """Compare sparsekit's CPU backends with float64 math on the dequantized weight
+    (int8-activation backends: on the same fake-quantized activations)."""
+    from sparsekit.formats.int8 import Int8Weight
+
     import sparsekit.ops as ops_pkg
     ops, _ = _ops()
     gen = torch.Generator().manual_seed(seed)
@@ -313,9 +416,24 @@ def cpu_sweep(quick: bool = False, dtypes: Sequence[str] = CPU_DTYPES,
                 x = torch.randn(*lead, k, generator=gen).to(dtype)
             wd = q.dequantize()
             ref = F.linear(x.double(), wd.double(), b.double())
+            q8 = Int8Weight.from_float(wd.float())
             for name in backends:
                 row = Row(op=OP, case=case, backend=name, dtype=dname, **ctx)
+                a8 = split_a8(name)
                 try:
+                    if a8 is not None:
+                        out = a8_call(a8[1], x, q, q8, b, backend=a8[0])
+                        ref_a8 = a8_reference(a8[1], x, q, q8, b, dtype=torch.float64)
+                        if tuple(out.shape) != tuple(ref_a8.shape) or out.dtype != dtype:
+                            raise ValueError(f"output {tuple(out.shape)} {out.dtype} != {tuple(ref_a8.shape)} {dtype}")
+                        row.rel_err = harness.rel_err(out, ref_a8)
+                        finite = bool(torch.isfinite(out).all())
+                        tol = CPU_TOL[dname]
+                        row.status = "ok" if finite and row.rel_err < tol else "fail"
+                        row.note = (f"tol {tol:g}; vs the same fake-quantized activations"
+                                    + ("" if finite else "; non-finite output"))
+                        rows.append(row)
+                        continue
                     if name == "sparsekit_auto":
                         row.chosen_backend = ops_pkg.select_backend(OP, x, q)
                         out = ops.int4_linear(x, q, b)

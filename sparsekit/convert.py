@@ -90,7 +90,7 @@ class BlockSparseConfig(_LinearConfig):
 
 @dataclass
 class Int4Config(_LinearConfig):
-    """Swap ``nn.Linear`` layers for int4-weight :class:`~sparsekit.nn.QLinear` (W4A16).
+    """Swap ``nn.Linear`` layers for int4-weight :class:`~sparsekit.nn.QLinear` (W4A16, or W4A8 / mixed).
 
     method: ``"rtn"`` (no data), ``"gptq"`` or ``"awq"`` (both need ``calib``,
         an iterable of model input batches; layers are calibrated one after
@@ -100,6 +100,11 @@ class Int4Config(_LinearConfig):
         layer's dtype when half precision, else float16).
     method_kwargs: extra arguments for the quantizer (e.g. ``act_order=True``,
         ``damp=0.01`` for GPTQ; ``grid=20`` for AWQ).
+    act_bits: None (W4A16, fp16/bf16 activations), 8 (W4A8: per-token dynamic
+        int8 activations), 4 (W4A4, a quality baseline) or ``"mixed"``
+        (token-adaptive: the top ``frac8`` of tokens by activation norm at 8
+        bits, the rest at 4).
+    frac8: fraction of tokens kept at 8 bits when ``act_bits="mixed"``.
     """
 
     group_size: int = 128
@@ -108,9 +113,15 @@ class Int4Config(_LinearConfig):
     calib: object = None
     dtype: Optional[torch.dtype] = None
     method_kwargs: dict = field(default_factory=dict)
+    act_bits: Optional[Union[int, str]] = None
+    frac8: float = 0.25
 
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.act_bits, bool) or self.act_bits not in (None, 8, 4, "mixed"):
+            raise ValueError(f"act_bits must be None (W4A16), 8, 4 or 'mixed', got {self.act_bits!r}")
+        if isinstance(self.frac8, bool) or not isinstance(self.frac8, (int, float)) or not 0 <= self.frac8 <= 1:
+            raise ValueError(f"frac8 must be a number in [0, 1], got {self.frac8!r}")
         if self.method not in ("rtn", "gptq", "awq"):
             raise ValueError(f"unknown method {self.method!r}; choose 'rtn', 'gptq' or 'awq'")
         if self.method != "rtn" and self.calib is None:
@@ -172,7 +183,8 @@ def quantize_(model: nn.Module, config: Union[str, Int4Config] = "int4",
     if cfg.method == "rtn":
         for name, mod in tqdm(targets, desc="quantize_", unit="layer", disable=not progress):
             _replace(model, name, QLinear.from_float(mod, group_size=cfg.group_size, symmetric=cfg.symmetric,
-                                                     dtype=cfg.dtype, backend=cfg.backend))
+                                                     dtype=cfg.dtype, backend=cfg.backend, act_bits=cfg.act_bits,
+                                                     frac8=cfg.frac8))
         return model
     from .quant import quantize_model_weights
 
@@ -181,7 +193,8 @@ def quantize_(model: nn.Module, config: Union[str, Int4Config] = "int4",
                                      symmetric=cfg.symmetric, bits=4, layers=originals, progress=progress,
                                      **cfg.method_kwargs)
     for name, mod in originals.items():
-        _replace(model, name, QLinear.from_quant_result(mod, results[name], dtype=cfg.dtype, backend=cfg.backend))
+        _replace(model, name, QLinear.from_quant_result(mod, results[name], dtype=cfg.dtype, backend=cfg.backend,
+                                                        act_bits=cfg.act_bits, frac8=cfg.frac8))
     return model
 
 

@@ -1,65 +1,109 @@
-"""Drop-in int4-weight replacement for ``nn.Linear``."""
+"""Drop-in low-bit replacement for ``nn.Linear``: W4A16, W4A8, W8A8 and token-adaptive mixed activations.
+
+:class:`QLinear` holds a packed weight and picks its op from two settings:
+
+=========  ============  ==========================================================
+``bits``   ``act_bits``  forward
+=========  ============  ==========================================================
+4          None          W4A16: :func:`sparsekit.ops.int4.int4_linear` (fp16/bf16 activations)
+4          8 / 4         W4A8 / W4A4: :func:`sparsekit.ops.int8.w4a8_linear` (per-token int8 activations)
+4          "mixed"       W4A8 with the top ``frac8`` tokens (by importance) at 8 bits, the rest at 4
+8          8 / 4 / mixed W8A8 (etc.): :func:`sparsekit.ops.int8.int8_linear`
+=========  ============  ==========================================================
+
+Activation quantization is dynamic (scales computed per token at run time),
+so nothing about it is stored: ``act_bits`` and ``frac8`` are constructor
+settings, and a state_dict carries only the weight buffers (and bias).  In
+``"mixed"`` mode ``forward(x, importance=...)`` accepts a per-token score
+(e.g. the attention each token received); the default is the token's
+activation L2 norm.  ``act_bits=4`` stores 4-bit activations in int8 (same
+kernel as A8): a quality baseline, not a faster path.
+"""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from ..formats.int4 import Int4Weight, resolve_group_size
+from ..formats.int8 import Int8Weight
+from ..ops.act_quant import _check_frac8
 from ..ops.int4 import int4_linear_packed
+from ..ops.int8 import int8_linear_packed, w4a8_linear_packed
 
 __all__ = ["QLinear"]
 
 _SCALE_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _check_act_bits(act_bits) -> None:
+def _check_act_bits(act_bits, bits: int = 4) -> None:
     if act_bits is None:
+        if bits == 8:
+            raise ValueError("bits=8 (W8A8) quantizes the activations too: pass act_bits=8, 4 or 'mixed' "
+                             "(int8 weights with fp16/bf16 activations have no kernel)")
         return
-    if act_bits in (8, "mixed"):
-        raise NotImplementedError(
-            f"act_bits={act_bits!r} (W4A8 / token-adaptive mixed activations) has no kernel in sparsekit yet; "
-            "use act_bits=None (W4A16: fp16/bf16 activations)")
-    raise ValueError(f"act_bits must be None, 8 or 'mixed', got {act_bits!r}")
+    if isinstance(act_bits, bool) or act_bits not in (8, 4, "mixed"):
+        raise ValueError(f"act_bits must be None (W4A16), 8, 4 or 'mixed', got {act_bits!r}")
+
+
+def _check_bits(bits) -> int:
+    if isinstance(bits, bool) or bits not in (4, 8):
+        raise ValueError(f"QLinear packs 4-bit (group-wise int4) or 8-bit (per-channel int8) weights, got bits={bits}")
+    return int(bits)
 
 
 class QLinear(nn.Module):
-    """``nn.Linear`` with a packed group-wise int4 weight (W4A16).
+    """``nn.Linear`` with a packed low-bit weight (W4A16, W4A8, W8A8, mixed 4/8-bit activations).
 
-    Buffers: ``qweight`` (int32, 8 codes per word, see
+    ``bits=4`` buffers: ``qweight`` (int32, 8 codes per word, see
     :mod:`sparsekit.formats.int4`), ``scales`` and, unless symmetric, ``zeros``
-    (``(out, in / group_size)`` in the compute dtype, float16 or bfloat16), and
-    for AWQ-quantized layers an ``input_scale`` ``(in,)`` that divides the
-    input at run time.  ``bias`` stays a parameter.  Inputs must be in the
-    module's dtype (like ``nn.Linear``); the output is too.
+    (``(out, in / group_size)`` in the compute dtype, float16 or bfloat16).
+    ``bits=8`` buffers: ``qweight`` ``(out, in)`` int8 and ``scales`` ``(out,)``
+    float32 (per-channel symmetric, :mod:`sparsekit.formats.int8`).  AWQ-quantized
+    layers also hold an ``input_scale`` ``(in,)`` that divides the input at run
+    time.  ``bias`` stays a parameter.  Inputs must be in the module's dtype
+    (like ``nn.Linear``); the output is too.  See the module docstring for
+    ``act_bits`` / ``frac8``.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
-                 group_size: int = 128, symmetric: bool = False, act_bits=None,
-                 dtype: torch.dtype = torch.float16, device=None, backend: Optional[str] = None):
+                 group_size: int = 128, symmetric: bool = False, act_bits: Union[None, int, str] = None,
+                 frac8: float = 0.25, dtype: torch.dtype = torch.float16, device=None,
+                 backend: Optional[str] = None):
         super().__init__()
-        if bits != 4:
-            raise ValueError(f"QLinear packs 4-bit weights only, got bits={bits}")
-        _check_act_bits(act_bits)
+        bits = _check_bits(bits)
+        _check_act_bits(act_bits, bits)
+        self.frac8 = _check_frac8(frac8)
         if dtype not in _SCALE_DTYPES:
             raise TypeError(f"QLinear computes in float16 or bfloat16, got dtype={dtype}")
-        if in_features < 8 or in_features % 8:
-            raise ValueError(f"in_features must be a positive multiple of 8 (8 codes per int32), got {in_features}")
         self.in_features = int(in_features)
         self.out_features = int(out_features)
-        self.bits = 4
-        self.group_size = resolve_group_size(group_size, self.in_features)
-        self.symmetric = bool(symmetric)
+        self.bits = bits
         self.act_bits = act_bits
         self.backend = backend
-        g = self.in_features // self.group_size
-        self.register_buffer("qweight", torch.zeros(out_features, in_features // 8, dtype=torch.int32, device=device))
-        self.register_buffer("scales", torch.ones(out_features, g, dtype=dtype, device=device))
-        if self.symmetric:
-            self.register_buffer("zeros", None)
+        self.compute_dtype = dtype
+        if bits == 4:
+            if in_features < 8 or in_features % 8:
+                raise ValueError(f"in_features must be a positive multiple of 8 (8 codes per int32), got {in_features}")
+            self.group_size = resolve_group_size(group_size, self.in_features)
+            self.symmetric = bool(symmetric)
+            g = self.in_features // self.group_size
+            self.register_buffer("qweight", torch.zeros(out_features, in_features // 8, dtype=torch.int32,
+                                                        device=device))
+            self.register_buffer("scales", torch.ones(out_features, g, dtype=dtype, device=device))
+            if self.symmetric:
+                self.register_buffer("zeros", None)
+            else:
+                self.register_buffer("zeros", torch.zeros(out_features, g, dtype=dtype, device=device))
         else:
-            self.register_buffer("zeros", torch.zeros(out_features, g, dtype=dtype, device=device))
+            if in_features < 1:
+                raise ValueError(f"in_features must be positive, got {in_features}")
+            self.group_size = self.in_features          # per output channel
+            self.symmetric = True
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+            self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32, device=device))
+            self.register_buffer("zeros", None)
         self.register_buffer("input_scale", None)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
@@ -67,55 +111,94 @@ class QLinear(nn.Module):
             self.register_parameter("bias", None)
 
     # ----------------------------------------------------------------- builders
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute (input/output) dtype."""
+        if self.bits == 4:
+            return self.scales.dtype
+        return self.bias.dtype if self.bias is not None else self.compute_dtype
+
     @classmethod
-    def from_weight(cls, weight: Int4Weight, bias: Optional[torch.Tensor] = None,
-                    input_scale: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> "QLinear":
-        if not isinstance(weight, Int4Weight):
-            raise TypeError(f"weight must be an Int4Weight, got {type(weight).__name__}")
-        n, k = weight.shape
-        mod = cls(k, n, bias=bias is not None, group_size=weight.group_size, symmetric=weight.symmetric,
-                  dtype=weight.dtype, device=weight.device, backend=backend)
+    def from_weight(cls, weight: Union[Int4Weight, Int8Weight], bias: Optional[torch.Tensor] = None,
+                    input_scale: Optional[torch.Tensor] = None, backend: Optional[str] = None,
+                    act_bits: Union[None, int, str] = None, frac8: float = 0.25,
+                    dtype: Optional[torch.dtype] = None) -> "QLinear":
+        """Wrap a packed :class:`Int4Weight` (bits=4) or :class:`Int8Weight` (bits=8; then
+        ``dtype`` -- default the bias dtype, else float16 -- is the compute dtype)."""
+        if isinstance(weight, Int8Weight):
+            n, k = weight.shape
+            dtype = dtype or (bias.dtype if bias is not None and bias.dtype in _SCALE_DTYPES else torch.float16)
+            mod = cls(k, n, bias=bias is not None, bits=8, act_bits=act_bits, frac8=frac8, dtype=dtype,
+                      device=weight.device, backend=backend)
+        elif isinstance(weight, Int4Weight):
+            n, k = weight.shape
+            if dtype is not None and dtype != weight.dtype:
+                raise TypeError(f"an Int4Weight computes in its scale dtype {weight.dtype}, got dtype={dtype}")
+            dtype = weight.dtype
+            mod = cls(k, n, bias=bias is not None, group_size=weight.group_size, symmetric=weight.symmetric,
+                      act_bits=act_bits, frac8=frac8, dtype=dtype, device=weight.device, backend=backend)
+        else:
+            raise TypeError(f"weight must be an Int4Weight or Int8Weight, got {type(weight).__name__}")
         with torch.no_grad():
             mod.qweight.copy_(weight.qweight)
             mod.scales.copy_(weight.scales)
-            if weight.zeros is not None:
+            if getattr(weight, "zeros", None) is not None:
                 mod.zeros.copy_(weight.zeros)
             if bias is not None:
-                mod.bias.copy_(bias.detach().to(weight.dtype))
+                mod.bias.copy_(bias.detach().to(dtype))
         if input_scale is not None:
             if input_scale.shape != (k,):
                 raise ValueError(f"input_scale must have shape ({k},), got {tuple(input_scale.shape)}")
-            mod.input_scale = input_scale.detach().to(device=weight.device, dtype=weight.dtype).clone()
+            mod.input_scale = input_scale.detach().to(device=weight.device, dtype=dtype).clone()
         return mod
 
     @classmethod
     def from_quant_result(cls, linear: nn.Linear, result, dtype: Optional[torch.dtype] = None,
-                          backend: Optional[str] = None) -> "QLinear":
-        """Pack a :class:`sparsekit.quant.QuantResult` (RTN, GPTQ or AWQ) for ``linear``'s bias."""
+                          backend: Optional[str] = None, act_bits: Union[None, int, str] = None,
+                          frac8: float = 0.25) -> "QLinear":
+        """Pack a 4-bit :class:`sparsekit.quant.QuantResult` (RTN, GPTQ or AWQ) for ``linear``'s bias."""
         if result.bits != 4:
-            raise ValueError(f"QLinear packs 4-bit results, got bits={result.bits}")
+            raise ValueError(f"QLinear packs 4-bit quantizer results, got bits={result.bits}")
         dtype = dtype or (linear.weight.dtype if linear.weight.dtype in _SCALE_DTYPES else torch.float16)
         w = Int4Weight.from_quantized(result.q, result.scales, None if result.symmetric else result.zeros,
                                       result.group_size, result.symmetric, dtype=dtype)
-        return cls.from_weight(w, linear.bias, input_scale=result.input_scale, backend=backend)
+        return cls.from_weight(w, linear.bias, input_scale=result.input_scale, backend=backend,
+                               act_bits=act_bits, frac8=frac8)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128, symmetric: bool = False,
-                   act_bits=None, method: str = "rtn", calib_inputs: Optional[torch.Tensor] = None,
-                   dtype: Optional[torch.dtype] = None, backend: Optional[str] = None, **method_kwargs) -> "QLinear":
-        """Quantize ``linear``: ``method="rtn"`` (no data), ``"gptq"`` or ``"awq"``
-        (both need ``calib_inputs``, the layer's inputs ``(..., in_features)``)."""
+                   act_bits: Union[None, int, str] = None, method: str = "rtn",
+                   calib_inputs: Optional[torch.Tensor] = None, dtype: Optional[torch.dtype] = None,
+                   backend: Optional[str] = None, frac8: float = 0.25, **method_kwargs) -> "QLinear":
+        """Quantize ``linear``.
+
+        ``bits=4``: group-wise int4 by ``method="rtn"`` (no data), ``"gptq"`` or
+        ``"awq"`` (both need ``calib_inputs``, the layer's inputs
+        ``(..., in_features)``); ``act_bits`` None (W4A16), 8, 4 or ``"mixed"``.
+        ``bits=8``: per-channel symmetric int8 by RTN (``group_size`` and
+        ``symmetric`` do not apply), ``act_bits`` 8, 4 or ``"mixed"`` (W8A8).
+        ``frac8``: in ``"mixed"`` mode, the fraction of tokens kept at 8 bits.
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_float expects an nn.Linear, got {type(linear).__name__}")
-        if bits != 4:
-            raise ValueError(f"QLinear packs 4-bit weights only, got bits={bits}")
-        _check_act_bits(act_bits)
+        bits = _check_bits(bits)
+        _check_act_bits(act_bits, bits)
+        _check_frac8(frac8)
+        if method not in ("rtn", "gptq", "awq"):
+            raise ValueError(f"unknown method {method!r}; choose 'rtn', 'gptq' or 'awq'")
+        dtype = dtype or (linear.weight.dtype if linear.weight.dtype in _SCALE_DTYPES else torch.float16)
+        w = linear.weight.detach().float()
+        if bits == 8:
+            if method != "rtn":
+                raise ValueError(f"bits=8 (per-channel int8) is quantized by round-to-nearest; got method={method!r}")
+            bias = None if linear.bias is None else linear.bias.detach().to(dtype)
+            return cls.from_weight(Int8Weight.from_float(w), bias, backend=backend, act_bits=act_bits, frac8=frac8,
+                                   dtype=dtype)
         from .. import quant
 
-        w = linear.weight.detach().float()
         if method == "rtn":
             res = quant.rtn_quantize(w, group_size, symmetric, bits=4)
-        elif method in ("gptq", "awq"):
+        else:
             if calib_inputs is None:
                 raise ValueError(f"method={method!r} needs calib_inputs (the layer's inputs)")
             x = calib_inputs.detach().reshape(-1, linear.in_features).double()
@@ -124,26 +207,31 @@ class QLinear(nn.Module):
                 res = quant.gptq_quantize(w, h, group_size, symmetric, 4, **method_kwargs)
             else:
                 _, res = quant.awq_search(w, x.float(), group_size, symmetric, 4, **method_kwargs)
-        else:
-            raise ValueError(f"unknown method {method!r}; choose 'rtn', 'gptq' or 'awq'")
-        return cls.from_quant_result(linear, res, dtype=dtype, backend=backend)
+        return cls.from_quant_result(linear, res, dtype=dtype, backend=backend, act_bits=act_bits, frac8=frac8)
 
-    def weight_format(self) -> Int4Weight:
+    def weight_format(self) -> Union[Int4Weight, Int8Weight]:
+        if self.bits == 8:
+            return Int8Weight(self.qweight, self.scales.float(), (self.out_features, self.in_features))
         return Int4Weight(self.qweight, self.scales, self.zeros, (self.out_features, self.in_features),
                           self.group_size, self.symmetric)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dequantized ``(out, in)`` weight acting on unscaled inputs (for inspection)."""
+        """The dequantized ``(out, in)`` weight acting on unscaled inputs, in the compute dtype (for inspection)."""
         w = self.weight_format().dequantize()
         if self.input_scale is not None:
             w = w / self.input_scale
-        return w
+        return w.to(self.dtype)
 
     def to_dense(self) -> nn.Linear:
-        """An ``nn.Linear`` holding the dequantized weight (same function up to rounding)."""
+        """An ``nn.Linear`` holding the dequantized weight.
+
+        The same function as this module for W4A16 (up to rounding); with
+        ``act_bits`` set, the dense layer computes on unquantized activations
+        (the activation quantization is dynamic and has no dense equivalent).
+        """
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.scales.device, dtype=self.scales.dtype)
+                        device=self.scales.device, dtype=self.dtype)
         with torch.no_grad():
             lin.weight.copy_(self.weight)
             if self.bias is not None:
@@ -159,13 +247,32 @@ class QLinear(nn.Module):
                                       unexpected_keys, error_msgs)
 
     # ----------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, importance: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``importance`` (``x.shape[:-1]``, mixed mode only): per-token scores choosing the 8-bit tokens."""
+        if importance is not None and self.act_bits != "mixed":
+            raise ValueError(f"importance only applies to act_bits='mixed' (this layer has act_bits={self.act_bits!r})")
         if self.input_scale is not None:
             x = x / self.input_scale
-        return int4_linear_packed(x, self.qweight, self.scales, self.zeros, self.group_size, self.in_features,
-                                  self.bias, backend=self.backend)
+        if self.bits == 8:
+            if isinstance(x, torch.Tensor) and x.dtype != self.dtype:
+                raise TypeError(f"QLinear computes in {self.dtype}; got input of dtype {x.dtype}")
+            return int8_linear_packed(x, self.qweight, self.scales.float(), self.bias, act_bits=self.act_bits,
+                                      frac8=self.frac8, importance=importance, backend=self.backend)
+        if self.act_bits is None:
+            return int4_linear_packed(x, self.qweight, self.scales, self.zeros, self.group_size, self.in_features,
+                                      self.bias, backend=self.backend)
+        return w4a8_linear_packed(x, self.qweight, self.scales, self.zeros, self.group_size, self.in_features,
+                                  self.bias, act_bits=self.act_bits, frac8=self.frac8, importance=importance,
+                                  backend=self.backend)
 
     def extra_repr(self) -> str:
+        if self.bits == 8:
+            wdesc = "bits=8 (per-channel int8)"
+        else:
+            wdesc = f"bits=4, group_size={self.group_size}, symmetric={self.symmetric}"
+        act = "act_bits=16" if self.act_bits is None else f"act_bits={self.act_bits!r}"
+        if self.act_bits == "mixed":
+            act += f", frac8={self.frac8:g}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"bits=4, group_size={self.group_size}, symmetric={self.symmetric}, dtype={self.scales.dtype}"
+                f"{wdesc}, {act}, dtype={self.dtype}"
                 + (", awq_input_scale=True" if self.input_scale is not None else ""))

@@ -1,0 +1,375 @@
+"""Triton kernels for int8-activation matmuls: W8A8, W4A8 and the per-token activation quantizer.
+
+Three kernels, all pure integer/fp32 Triton (no inline PTX), so the same code
+runs compiled on the GPU and under the interpreter on CPU tensors:
+
+``_act_quant``  one program per token row: ``amax = max|x|``, ``scale =
+    amax / qmax`` (1 for an all-zero row), ``q = clamp(rint(x / scale), -qmax,
+    qmax)`` stored as int8, with ``qmax`` 127 (8-bit) or 7 (4-bit) -- a
+    per-token bit width read from a ``bits`` vector, so one launch quantizes
+    the 8-bit and the 4-bit tokens of a token-adaptive mixed-precision batch.
+    Divisions are IEEE round-to-nearest (``tl.math.div_rn``; Triton's plain
+    ``/`` is an approximate division on NVIDIA GPUs) and rounding is
+    half-to-even, so ``q`` equals ``sparsekit.ops.act_quant.per_token_quant_reference``
+    bit for bit.  Rounding: ``libdevice.rint`` compiled; under the interpreter
+    (which cannot run libdevice) ``(v + 1.5 * 2**23) - 1.5 * 2**23``, exact
+    round-half-even for ``|v| < 2**22`` (here ``|v| <= 127``).
+
+``_w8a8_fwd``   ``y = (xq @ wq^T) * x_scale[m] * w_scale[n] (+ bias)``: int8 x
+    int8 ``tl.dot`` into an int32 accumulator (exact), scales and bias in an
+    fp32 epilogue, output fp16/bf16.  ``wq`` is ``(N, K)`` int8 with
+    per-output-channel float32 scales (``sparsekit.formats.int8``).
+
+``_w4a8_fwd``   the int4 weight of ``sparsekit.formats.int4`` (8 nibbles per
+    int32, column ``8j+2s`` in nibble ``s`` and ``8j+2s+1`` in nibble ``s+4``)
+    is unpacked in registers to the exact int8 ``code - zero`` (in [-15, 15];
+    symmetric weights use zero 8), then the same int8 dot runs per weight
+    group with an int32 accumulator; when a group finishes, its int32 sum is
+    converted once and scaled by the group's weight scale into an fp32
+    accumulator; the per-token activation scale (and bias) are applied in the
+    epilogue.  ``group_size = K`` (per channel) is a single int32
+    accumulation.  A K tile never straddles two groups: BLOCK_K divides the
+    group size (or the row is one group).
+
+The Triton interpreter (triton 3.x) runs int8 ``tl.dot`` with an int32
+accumulator exactly, so no interpreter workaround is needed for the dots (the
+bf16 quirks of ``kernels._common`` only touch the bf16 output cast here).
+
+Tiling (GPU, heuristic per M bucket like ``kernels.int4``; not tuned on a
+GPU yet): M <= 16 is GEMV-like (16-row tiles, split-K when the N tiles cannot
+fill the GPU; the split partials are fp32 and meet in ``tl.atomic_add``);
+larger M is a grouped-order tiled GEMM.  Split-K cuts K into chunks that never
+cross a weight group, so every partial is ``sum_g int32_g * scale_g``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from ._common import cast_out, grouped_tile
+
+__all__ = ["per_token_quant", "w8a8_linear", "w4a8_linear", "unpack_w4_int8", "fwd_config", "check_config",
+           "MAX_K"]
+
+# the int32 accumulator holds up to K * 127 * 127 (W8A8); K <= MAX_K keeps it exact
+MAX_K = (2 ** 31 - 1) // (127 * 127)
+
+
+@triton.jit
+def _rint(v, INTERP: tl.constexpr):
+    """Round half to even (fp32 in, fp32 out)."""
+    if INTERP:
+        return (v + 12582912.0) - 12582912.0
+    else:
+        return libdevice.rint(v)
+
+
+@triton.jit
+def _act_quant(X, Q, S, BITS, M, K, stride_xm, stride_xk, stride_qm,
+               HAS_BITS: tl.constexpr, QMAX: tl.constexpr, INTERP: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    xrow = X + row * stride_xm
+    qrow = Q + row * stride_qm
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(xrow + offs * stride_xk, mask=offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    a = tl.max(amax, axis=0)
+    if HAS_BITS:
+        b = tl.load(BITS + row)
+        qmax = tl.where(b == 8, 127.0, 7.0)
+    else:
+        qmax = tl.full([], QMAX, tl.float32)
+    scale = tl.where(a > 0.0, tl.math.div_rn(a, qmax), 1.0)
+    tl.store(S + row, scale)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(xrow + offs * stride_xk, mask=offs < K, other=0.0).to(tl.float32)
+        v = _rint(tl.math.div_rn(x, scale), INTERP)
+        v = tl.minimum(tl.maximum(v, -qmax), qmax)
+        tl.store(qrow + offs, v.to(tl.int8), mask=offs < K)
+
+
+@triton.jit
+def _unpack_i8(Qw, Z, offs_n, k0, g, N, K, stride_qn, stride_zn,
+               SYMMETRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_N, BLOCK_K) int8 tile of ``code - zero`` for columns k0 .. k0+BLOCK_K-1 (group g)."""
+    KW: tl.constexpr = BLOCK_K // 8
+    offs_w = k0 // 8 + tl.arange(0, KW)
+    nmask = offs_n < N
+    words = tl.load(Qw + offs_n[:, None] * stride_qn + offs_w[None, :],
+                    mask=nmask[:, None] & (offs_w[None, :] < K // 8), other=0)
+    if SYMMETRIC:
+        z = tl.full((BLOCK_N, 1), 8, tl.int32)
+    else:
+        z = tl.load(Z + offs_n * stride_zn + g, mask=nmask, other=0.0).to(tl.float32).to(tl.int32)[:, None]
+    # nibble s (s = 0..3) holds column 8j+2s, nibble s+4 column 8j+2s+1
+    lo0 = (((words >> 0) & 0xF) - z).to(tl.int8)
+    lo1 = (((words >> 4) & 0xF) - z).to(tl.int8)
+    lo2 = (((words >> 8) & 0xF) - z).to(tl.int8)
+    lo3 = (((words >> 12) & 0xF) - z).to(tl.int8)
+    hi0 = (((words >> 16) & 0xF) - z).to(tl.int8)
+    hi1 = (((words >> 20) & 0xF) - z).to(tl.int8)
+    hi2 = (((words >> 24) & 0xF) - z).to(tl.int8)
+    hi3 = (((words >> 28) & 0xF) - z).to(tl.int8)
+    # column 8j + 4a + 2b + c (s = 2a + b, c = 0 low / 1 high nibble): nested
+    # joins build (BLOCK_N, KW, a, b, c), which reshapes to column order
+    ev = tl.join(tl.join(lo0, lo2), tl.join(lo1, lo3))
+    od = tl.join(tl.join(hi0, hi2), tl.join(hi1, hi3))
+    return tl.reshape(tl.join(ev, od), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _epilogue(acc, XS, B, Y, offs_m, offs_n, M, N, stride_ym, stride_yn, pid_k,
+              HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """acc (fp32, weight scales applied) * x_scale[m] (+ bias) -> Y (or fp32 atomics for split-K)."""
+    xs = tl.load(XS + offs_m, mask=offs_m < M, other=0.0)
+    acc = acc * xs[:, None]
+    ymask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    yp = Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    if HAS_BIAS:
+        bias = tl.load(B + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        if SPLIT_K == 1:
+            acc += bias
+        else:
+            acc += tl.where(pid_k == 0, bias, 0.0)
+    if SPLIT_K == 1:
+        tl.store(yp, cast_out(acc, Y.dtype.element_ty, INTERP_BF16), mask=ymask)
+    else:
+        tl.atomic_add(yp, acc, mask=ymask)
+
+
+@triton.jit
+def _w8a8_fwd(XQ, XS, WQ, WS, B, Y, M, N, K, TPC,
+              stride_xm, stride_wn, stride_ym, stride_yn,
+              HAS_BIAS: tl.constexpr, INTERP_BF16: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = grouped_tile(pid, num_m, num_n, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    # split pid_k owns the contiguous K tiles [pid_k * TPC, (pid_k + 1) * TPC)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    t_end = tl.minimum((pid_k + 1) * TPC, k_tiles)
+    for kt in range(pid_k * TPC, t_end):
+        offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
+        kmask = offs_k < K
+        a = tl.load(XQ + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=(offs_m[:, None] < M) & kmask[None, :], other=0)
+        b = tl.load(WQ + offs_n[None, :] * stride_wn + offs_k[:, None],
+                    mask=(offs_n[None, :] < N) & kmask[:, None], other=0)
+        acc = tl.dot(a, b, acc)
+    ws = tl.load(WS + offs_n, mask=offs_n < N, other=0.0)
+    out = acc.to(tl.float32) * ws[None, :]
+    _epilogue(out, XS, B, Y, offs_m, offs_n, M, N, stride_ym, stride_yn, pid_k, HAS_BIAS, SPLIT_K, INTERP_BF16)
+
+
+@triton.jit
+def _w4a8_fwd(XQ, XS, Qw, S, Z, B, Y, M, N, K, G, GS, TPC, NCHUNK,
+              stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, stride_yn,
+              HAS_BIAS: tl.constexpr, SYMMETRIC: tl.constexpr, INTERP_BF16: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = grouped_tile(pid, num_m, num_n, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # chunk c = K tiles [c * TPC, (c + 1) * TPC): one weight group (G > 1) or a
+    # split-K share of the single group (G == 1); never two groups
+    for c in range(pid_k, NCHUNK, SPLIT_K):
+        g = tl.minimum((c * TPC * BLOCK_K) // GS, G - 1)
+        acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        t_end = tl.minimum((c + 1) * TPC, k_tiles)
+        for kt in range(c * TPC, t_end):
+            k0 = kt * BLOCK_K
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(XQ + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
+            w = _unpack_i8(Qw, Z, offs_n, k0, g, N, K, stride_qn, stride_zn, SYMMETRIC, BLOCK_N, BLOCK_K)
+            acc_i = tl.dot(a, tl.trans(w), acc_i)
+        s = tl.load(S + offs_n * stride_sn + g, mask=nmask, other=0.0).to(tl.float32)
+        acc += acc_i.to(tl.float32) * s[None, :]
+    _epilogue(acc, XS, B, Y, offs_m, offs_n, M, N, stride_ym, stride_yn, pid_k, HAS_BIAS, SPLIT_K, INTERP_BF16)
+
+
+@triton.jit
+def _w4_unpack(Qw, Z, W, N, K, GS, stride_qn, stride_zn, stride_wn,
+               SYMMETRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W[N, K] int8 = code - zero, through the matmul's register path (tests / debugging)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = pid_k * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    w = _unpack_i8(Qw, Z, offs_n, k0, k0 // GS, N, K, stride_qn, stride_zn, SYMMETRIC, BLOCK_N, BLOCK_K)
+    tl.store(W + offs_n[:, None] * stride_wn + offs_k[None, :], w,
+             mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
+
+
+# ----------------------------------------------------------------------------
+# launch configuration
+
+_INTERP_FWD = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2, SPLIT_K=1)
+_LAUNCH_ONLY = ("num_warps", "num_stages")
+
+
+def _interpreting(t: torch.Tensor) -> bool:
+    return not t.is_cuda
+
+
+def fwd_config(M: int, N: int, K: int, group_size: int | None = None, num_sms: int = 132) -> dict:
+    """Tile configuration by bucketed M (heuristic; no per-GPU tuning yet).
+
+    ``group_size`` is the int4 weight's group (W4A8) or None (W8A8).  BLOCK_K
+    is in int8 elements (128 = one 128-byte row segment); for grouped int4
+    weights it is capped at the group size so a tile stays inside one group.
+    """
+    if M <= 16:
+        cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128 if K < 4096 else 256, GROUP_M=1, num_warps=4, num_stages=4)
+    elif M <= 64:
+        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=4)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+    if group_size is not None and group_size < K:
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], group_size)
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    k_tiles = triton.cdiv(K, cfg["BLOCK_K"])
+    split = 1
+    if M <= 64:
+        while tiles * split < num_sms and split * 2 <= k_tiles // 2 and split < 16:
+            split *= 2
+    cfg["SPLIT_K"] = split
+    return cfg
+
+
+def check_config(cfg: dict, group_size: int | None, K: int) -> None:
+    """ValueError unless BLOCK_K is a power of two >= 32 that keeps every K tile inside one weight group."""
+    bk = cfg["BLOCK_K"]
+    if bk < 32 or bk & (bk - 1):
+        raise ValueError(f"BLOCK_K must be a power of two >= 32 (int8 dot), got {bk}")
+    if group_size is not None and group_size < K and group_size % bk:
+        raise ValueError(f"BLOCK_K={bk} must divide group_size={group_size} (a K tile may not straddle two groups)")
+    if cfg.get("SPLIT_K", 1) < 1:
+        raise ValueError("SPLIT_K must be >= 1")
+
+
+def _config(x, config, M, N, K, group_size):
+    if config is None:
+        if _interpreting(x):
+            config = dict(_INTERP_FWD)
+            if group_size is not None and group_size < K:
+                config["BLOCK_K"] = min(config["BLOCK_K"], group_size)
+        else:
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+            config = fwd_config(M, N, K, group_size, sms)
+    cfg = dict(config)
+    if _interpreting(x):
+        for key in _LAUNCH_ONLY:
+            cfg.pop(key, None)
+    check_config(cfg, group_size, K)
+    return cfg
+
+
+def per_token_quant(x: torch.Tensor, bits: torch.Tensor | None, qmax: float, q: torch.Tensor,
+                    scale: torch.Tensor, block_k: int | None = None) -> None:
+    """Row-wise quantization of 2-D ``x`` (any strides) into ``q`` (M, K) int8 (row stride
+    ``q.stride(0)``, unit column stride) and ``scale`` (M,) float32.
+
+    ``bits`` (M,) integer tensor of 4/8 per row, or None (``qmax`` for every row).
+    """
+    M, K = x.shape
+    if M == 0:
+        return
+    interp = _interpreting(x)
+    if block_k is None:
+        block_k = min(triton.next_power_of_2(max(K, 1)), 256 if interp else 2048)
+    extra = {} if interp else dict(num_warps=4 if block_k <= 1024 else 8)
+    _act_quant[(M,)](x, q, scale, bits if bits is not None else scale, M, K,
+                     x.stride(0), x.stride(1), q.stride(0),
+                     HAS_BITS=bits is not None, QMAX=float(qmax), INTERP=interp, BLOCK_K=block_k, **extra)
+
+
+def w8a8_linear(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
+                bias: torch.Tensor | None, out: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """``out[M, N] = (xq @ wq^T) * xs[:, None] * ws[None, :] (+ bias)``.
+
+    xq (M, K) int8 (unit column stride), xs (M,) fp32, wq (N, K) int8, ws (N,)
+    fp32, out preallocated fp16/bf16.
+    """
+    M, K = xq.shape
+    N = wq.shape[0]
+    cfg = _config(xq, config, M, N, K, None)
+    split = cfg.pop("SPLIT_K", 1)
+    k_tiles = triton.cdiv(K, cfg["BLOCK_K"])
+    split = max(1, min(split, k_tiles))
+    tpc = triton.cdiv(k_tiles, split)
+    split = triton.cdiv(k_tiles, tpc)
+    target = out if split == 1 else torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
+    _w8a8_fwd[grid](xq, xs, wq, ws, bias if bias is not None else ws, target, M, N, K, tpc,
+                    xq.stride(0), wq.stride(0), target.stride(0), target.stride(1),
+                    HAS_BIAS=bias is not None, INTERP_BF16=_interpreting(xq) and out.dtype == torch.bfloat16,
+                    SPLIT_K=split, **cfg)
+    if split != 1:
+        out.copy_(target)
+    return out
+
+
+def w4a8_linear(xq: torch.Tensor, xs: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                zeros: torch.Tensor | None, group_size: int, K: int, bias: torch.Tensor | None,
+                out: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """``out[M, N] = sum_g (xq @ (code - zero)_g^T) * scale_g * xs[:, None] (+ bias)`` for a packed int4 weight."""
+    M = xq.shape[0]
+    N = qweight.shape[0]
+    G = scales.shape[1]
+    gs_eff = group_size if G > 1 else None
+    cfg = _config(xq, config, M, N, K, gs_eff)
+    split = cfg.pop("SPLIT_K", 1)
+    bk = cfg["BLOCK_K"]
+    k_tiles = triton.cdiv(K, bk)
+    if G > 1:
+        tpc = group_size // bk
+        nchunk = G
+        split = max(1, min(split, G))
+    else:
+        split = max(1, min(split, k_tiles))
+        tpc = triton.cdiv(k_tiles, split)
+        nchunk = triton.cdiv(k_tiles, tpc)
+        split = nchunk
+    target = out if split == 1 else torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
+    z = zeros if zeros is not None else scales
+    _w4a8_fwd[grid](xq, xs, qweight, scales, z, bias if bias is not None else scales, target,
+                    M, N, K, G, group_size, tpc, nchunk,
+                    xq.stride(0), qweight.stride(0), scales.stride(0), z.stride(0),
+                    target.stride(0), target.stride(1),
+                    HAS_BIAS=bias is not None, SYMMETRIC=zeros is None,
+                    INTERP_BF16=_interpreting(xq) and out.dtype == torch.bfloat16, SPLIT_K=split, **cfg)
+    if split != 1:
+        out.copy_(target)
+    return out
+
+
+def unpack_w4_int8(qweight: torch.Tensor, zeros: torch.Tensor | None, group_size: int, K: int,
+                   out: torch.Tensor, block_k: int = 32) -> torch.Tensor:
+    """``out[N, K]`` int8 = ``code - zero`` by the W4A8 kernel's register unpacking (tests / debugging)."""
+    N = qweight.shape[0]
+    z = zeros if zeros is not None else qweight
+    grid = (triton.cdiv(N, 16), triton.cdiv(K, block_k))
+    _w4_unpack[grid](qweight, z, out, N, K, group_size, qweight.stride(0), z.stride(0), out.stride(0),
+                     SYMMETRIC=zeros is None, BLOCK_N=16, BLOCK_K=block_k)
+    return out
