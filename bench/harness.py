@@ -36,9 +36,12 @@ RESULTS_DIR = os.path.join(REPO_ROOT, "bench", "results")
 
 # Peers that sparsekit's own backends are compared against ("best peer").
 PEER_BACKENDS = ("dense", "cutlass24", "cusparselt", "cudnn", "sdpa_flash", "flex",
-                 "torch_bsr", "torchao_int4", "gemlite")
+                 "torch_bsr", "torchao_int4", "gemlite", "torch_int_mm", "torch_int4mm")
 # sparsekit's own backends (everything not a peer is treated as ours).
-OWN_BACKENDS = ("cuda", "triton", "sparsekit_auto", "interpret", "reference")
+OWN_BACKENDS = ("cuda", "triton", "sparsekit_auto", "interpret", "reference",
+                "triton_w4a8", "triton_w4a8_mixed", "triton_w8a8", "interpret_w4a8", "interpret_w4a8_mixed",
+                "interpret_w8a8", "reference_w4a8", "reference_w4a8_mixed", "reference_w8a8",
+                "triton_24", "triton_int4")
 
 
 # --------------------------------------------------------------------------- case strings

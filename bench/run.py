@@ -25,8 +25,9 @@ CPU_MESSAGE = "No CUDA device: GPU timings skipped; ran the CPU correctness swee
 
 
 def _known_ops() -> dict:
-    from . import block_sparse, int4, sparse24, sparse24_int4
-    return {sparse24.OP: sparse24, block_sparse.OP: block_sparse, int4.OP: int4, sparse24_int4.OP: sparse24_int4}
+    from . import block_sparse, draft_attention, int4, sparse24, sparse24_int4, triple_gate_conv
+    return {sparse24.OP: sparse24, block_sparse.OP: block_sparse, int4.OP: int4, sparse24_int4.OP: sparse24_int4,
+            triple_gate_conv.OP: triple_gate_conv, draft_attention.OP: draft_attention}
 
 
 def _parse_shapes(s: str) -> list[tuple[int, int]]:
@@ -76,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", type=_parse_dtypes, default=None,
                    help="GPU: fp16 (default), bf16, 'fp16,bf16' or 'both'; CPU: restricts the sweep's dtypes")
     p.add_argument("--shapes", type=_parse_shapes, default=None,
-                   help="weight shapes NxK, comma separated (default: 4096x4096,11008x4096,4096x11008,8192x8192)")
+                   help="shapes AxB, comma separated: linear ops NxK (default 4096x4096,11008x4096,4096x11008,8192x8192); "
+                        "triple_gate_conv2d CxH (W = H); draft_attention HxW latent (21 frames)")
     p.add_argument("--m", type=_parse_ints, default=None, help="batch sizes M, comma separated")
     p.add_argument("--backends", nargs="+", default=None, help="subset of backends to time")
     p.add_argument("--out", default=None,
@@ -145,7 +147,7 @@ def _run_gpu(args, mods) -> int:
         mod = mods[name]
         shapes = args.shapes or (mod.QUICK_SHAPES if args.quick else mod.SHAPES)
         ms = args.m or (mod.QUICK_MS if args.quick else mod.MS)
-        dtypes = args.dtype or ["fp16"]
+        dtypes = args.dtype or list(getattr(mod, "DEFAULT_DTYPES", ["fp16"]))
         backends = args.backends or list(mod.BACKENDS)
         extra = {}
         if dry:
@@ -175,7 +177,8 @@ def _run_gpu(args, mods) -> int:
             written += [csv_path, md]
             if not args.no_plot:
                 try:
-                    png = harness.write_plot(rows, os.path.join(out_dir, f"{name}_{stamp}.png"), title)
+                    png = harness.write_plot(rows, os.path.join(out_dir, f"{name}_{stamp}.png"), title,
+                                             x_key=getattr(mod, "PLOT_X", "M"))
                     if png:
                         written.append(png)
                 except Exception as e:

@@ -12,8 +12,9 @@ import platform
 import sys
 
 # ops whose backends `info` lists (those not registered in this build are skipped)
-KNOWN_OPS = ("sparse24_linear", "sparse24_grad_input", "sparse24_grad_values",
-             "block_sparse_linear", "int4_linear", "draft_attention", "triple_gate_conv2d")
+KNOWN_OPS = ("sparse24_linear", "sparse24_grad_input", "sparse24_grad_values", "sparse24_int8_linear",
+             "block_sparse_linear", "int4_linear", "int8_linear", "w4a8_linear", "per_token_quant",
+             "sparse24_int4_linear", "draft_attention", "triple_gate_conv2d")
 
 
 def _parser() -> argparse.ArgumentParser:
