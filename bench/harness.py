@@ -601,3 +601,13 @@ def time_case(op: str, case: str, dtype: str, backends: Sequence[Backend], xs: S
         fill_throughput(row, ceilings)
         rows.append(row)
     return rows
+
+
+def print_cpu_table(rows: Sequence[Row], file=None) -> None:
+    """The CPU correctness sweep's table: case, dtype, backend (and the automatic choice), rel_err, pass."""
+    table = []
+    for r in rows:
+        be = r.backend + (f" ({r.chosen_backend})" if r.chosen_backend else "")
+        table.append([r.case, r.dtype, be, "" if r.rel_err is None else f"{r.rel_err:.2e}",
+                      "PASS" if r.status == "ok" else "FAIL", r.note])
+    print_table(["case", "dtype", "backend", "rel_err", "pass", "note"], table, file=file)

@@ -452,10 +452,4 @@ def cpu_sweep(quick: bool = False, dtypes: Sequence[str] = CPU_DTYPES,
     return rows, all(r.status == "ok" for r in rows)
 
 
-def print_cpu_table(rows: Sequence[Row], file=None) -> None:
-    table = []
-    for r in rows:
-        be = r.backend + (f" ({r.chosen_backend})" if r.chosen_backend else "")
-        table.append([r.case, r.dtype, be, "" if r.rel_err is None else f"{r.rel_err:.2e}",
-                      "PASS" if r.status == "ok" else "FAIL", r.note])
-    harness.print_table(["case", "dtype", "backend", "rel_err", "pass", "note"], table, file=file)
+print_cpu_table = harness.print_cpu_table

@@ -53,3 +53,25 @@ def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
     pid_m = first_m + (pid % width) % gsize
     pid_n = (pid % width) // gsize
     return pid_m, pid_n
+
+
+@triton.jit
+def store_tile(acc, Y, B, offs_m, offs_n, M, N, stride_ym, stride_yn, pid_k,
+               HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """Epilogue of the linear kernels: ``Y[offs_m, offs_n] = acc (+ bias)``.
+
+    SPLIT_K == 1: bias added in fp32, cast to Y's dtype (:func:`cast_out`) and
+    stored.  SPLIT_K > 1: Y is a zeroed fp32 buffer and every K-slice program
+    adds its partial sum with fp32 atomics; only slice 0 adds the bias.
+    """
+    ymask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    yp = Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(B + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(yp, cast_out(acc, Y.dtype.element_ty, INTERP_BF16), mask=ymask)
+    else:
+        if HAS_BIAS:
+            if pid_k == 0:
+                acc += tl.load(B + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.atomic_add(yp, acc, mask=ymask)

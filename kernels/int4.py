@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_out, dot_acc, grouped_tile
+from ._common import cast_out, dot_acc, grouped_tile, store_tile
 
 
 @triton.jit
@@ -139,17 +139,7 @@ def _w4a16_fwd(X, Q, S, Z, B, Y,
         w = _dequant_tile(Q, S, Z, offs_n, k0, N, K, G, GS, stride_qn, stride_sn, stride_zn,
                           SYMMETRIC, IS_BF16, INTERP_BF16, BLOCK_N, BLOCK_K, TILE_GROUPS)
         acc = dot_acc(x, tl.trans(w), acc, False, INTERP_BF16)
-    ymask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    yp = Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(B + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(yp, cast_out(acc, Y.dtype.element_ty, INTERP_BF16), mask=ymask)
-    else:
-        if HAS_BIAS:
-            if pid_k == 0:
-                acc += tl.load(B + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.atomic_add(yp, acc, mask=ymask)
+    store_tile(acc, Y, B, offs_m, offs_n, M, N, stride_ym, stride_yn, pid_k, HAS_BIAS, SPLIT_K, INTERP_BF16)
 
 
 @triton.jit

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_out, dot_acc, grouped_tile
+from ._common import dot_acc, grouped_tile, store_tile
 from .int4 import _dequant_tile, check_config, fwd_config as _int4_fwd_config, tile_groups
 from .sparse24 import _group_codes
 
@@ -65,17 +65,7 @@ def _sp24q_fwd(X, Q, S, Z, MT, B, Y,
         w3 = tl.where(c == i0[:, :, None], v0[:, :, None], tl.where(c == i1[:, :, None], v1[:, :, None], zero))
         w = tl.reshape(w3, (BLOCK_N, BLOCK_K)).to(x.dtype)   # fp32 activations: exact widening
         acc = dot_acc(x, tl.trans(w), acc, IEEE, INTERP_BF16_X)
-    ymask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    yp = Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(B + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(yp, cast_out(acc, Y.dtype.element_ty, INTERP_BF16_X), mask=ymask)
-    else:
-        if HAS_BIAS:
-            if pid_k == 0:
-                acc += tl.load(B + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.atomic_add(yp, acc, mask=ymask)
+    store_tile(acc, Y, B, offs_m, offs_n, M, N, stride_ym, stride_yn, pid_k, HAS_BIAS, SPLIT_K, INTERP_BF16_X)
 
 
 # ----------------------------------------------------------------------------
