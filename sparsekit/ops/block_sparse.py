@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .. import testing as _testing
 from ..formats.block_sparse import BLOCK_SIDES, BlockSparseWeight, block_rows, dense_from_blocks
+from ._checks import check_bias, check_x
 from . import dispatch
 
 __all__ = ["block_sparse_linear", "block_sparse_linear_packed"]
@@ -157,18 +158,12 @@ _block_sparse_linear.register_autograd(_backward, setup_context=_setup_context)
 def _check(x, blocks, crow, col, tcol_ptr, trow, tblk, out_features, in_features, bias):
     """Shape / dtype / device checks (no data-dependent checks: those would sync the GPU;
     :meth:`BlockSparseWeight.validate` checks the index contents)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(blocks, torch.Tensor):
         raise TypeError(f"blocks must be a torch.Tensor, got {type(blocks).__name__}")
     for name, v in (("out_features", out_features), ("in_features", in_features)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise TypeError(f"{name} must be a non-negative int, got {v!r}")
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (..., in_features)")
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1]} features in its last dim but the weight expects "
-                         f"in_features={in_features}")
+    check_x(x, in_features)
     if not x.is_floating_point():
         raise TypeError(f"x must be floating point, got {x.dtype}")
     if x.dtype != blocks.dtype:
@@ -199,13 +194,7 @@ def _check(x, blocks, crow, col, tcol_ptr, trow, tblk, out_features, in_features
             raise ValueError(f"{name} is on {t.device} but the blocks are on {blocks.device}")
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
-        if bias.shape != (out_features,):
-            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype or bias.device != x.device:
-            raise TypeError(f"bias must match x ({x.dtype} on {x.device}), got {bias.dtype} on {bias.device}")
+    check_bias(bias, out_features, x)
 
 
 def block_sparse_linear_packed(x: torch.Tensor, blocks: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .. import testing as _testing
 from ..formats.int4 import SCALE_DTYPES, Int4Weight, dequantize_int4
+from ._checks import check_bias, check_x
 from . import dispatch
 
 __all__ = ["int4_linear", "int4_linear_packed"]
@@ -76,12 +77,7 @@ _int4_linear.register_autograd(_backward, setup_context=_setup_context)
 
 # ---------------------------------------------------------------------- public API
 def _check(x, qweight, scales, zeros, group_size, in_features, bias):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (..., in_features)")
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1]} features in its last dim but the weight expects in_features={in_features}")
+    check_x(x, in_features)
     if x.dtype not in SCALE_DTYPES:
         raise TypeError(f"int4_linear supports float16 and bfloat16 activations, got {x.dtype}")
     if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.int32:
@@ -104,13 +100,7 @@ def _check(x, qweight, scales, zeros, group_size, in_features, bias):
     for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
         if t is not None and t.device != x.device:
             raise ValueError(f"x is on {x.device} but the weight's {name} is on {t.device}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
-        if bias.shape != (n,):
-            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype or bias.device != x.device:
-            raise TypeError(f"bias must match x ({x.dtype} on {x.device}), got {bias.dtype} on {bias.device}")
+    check_bias(bias, n, x)
 
 
 def int4_linear_packed(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from .. import testing as _testing
 from ..formats.int4 import SYMMETRIC_ZERO, Int4Weight, unpack_int4
 from ..formats.int8 import Int8Weight
+from ._checks import check_bias, check_x
 from . import dispatch
 from .act_quant import quantize_rows, resolve_act_bits
 
@@ -169,27 +170,10 @@ _w4a8_linear.register_autograd(_backward_w4, setup_context=_setup_w4)
 
 # ---------------------------------------------------------------------- checks
 def _check_x(x, in_features, dtypes, what):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (..., in_features)")
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1]} features in its last dim but the weight expects "
-                         f"in_features={in_features}")
+    check_x(x, in_features)
     if x.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{what} supports {names} activations, got {x.dtype}")
-
-
-def _check_bias(bias, n, x):
-    if bias is None:
-        return
-    if not isinstance(bias, torch.Tensor):
-        raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
-    if tuple(bias.shape) != (n,):
-        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-    if bias.dtype != x.dtype or bias.device != x.device:
-        raise TypeError(f"bias must match x ({x.dtype} on {x.device}), got {bias.dtype} on {bias.device}")
 
 
 # the int32 accumulator holds up to K * 127 * 127 (same as kernels.int8.MAX_K)
@@ -216,7 +200,7 @@ def int8_linear_packed(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Ten
     for name, t in (("qweight", qweight), ("wscale", wscale)):
         if t.device != x.device:
             raise ValueError(f"x is on {x.device} but the weight's {name} is on {t.device}")
-    _check_bias(bias, n, x)
+    check_bias(bias, n, x)
     _check_k(k)
     nbits, bits = resolve_act_bits(x, act_bits, frac8, importance)
     m = x.numel() // k if k else 0

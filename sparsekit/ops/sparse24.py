@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from .. import testing as _testing
 from ..formats.sparse24 import Sparse24Weight, TensorCache, padded_k
+from ._checks import check_bias, check_x
 from . import dispatch
 
 __all__ = ["sparse24_linear", "sparse24_linear_packed"]
@@ -239,12 +240,7 @@ _sparse24_linear.register_autograd(_backward, setup_context=_setup_context)
 
 # ---------------------------------------------------------------------- public API
 def _check(x, values, meta, in_features, bias):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (..., in_features)")
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1]} features in its last dim but the weight expects in_features={in_features}")
+    check_x(x, in_features)
     if not x.is_floating_point():
         raise TypeError(f"x must be floating point, got {x.dtype}")
     if x.dtype != values.dtype:
@@ -255,13 +251,7 @@ def _check(x, values, meta, in_features, bias):
         raise ValueError(f"x is on {x.device} but the weight is on {values.device}")
     if meta.device != values.device or meta.dtype != torch.uint8:
         raise ValueError("meta must be a uint8 tensor on the weight's device")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
-        if bias.shape != (values.shape[0],):
-            raise ValueError(f"bias must have shape ({values.shape[0]},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype or bias.device != x.device:
-            raise TypeError(f"bias must match x ({x.dtype} on {x.device}), got {bias.dtype} on {bias.device}")
+    check_bias(bias, values.shape[0], x)
 
 
 def sparse24_linear_packed(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, in_features: int,

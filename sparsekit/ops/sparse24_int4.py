@@ -19,6 +19,7 @@ from .. import testing as _testing
 from ..formats.int4 import SCALE_DTYPES, dequantize_int4
 from ..formats.sparse24 import Sparse24Weight
 from ..formats.sparse24_int4 import Sparse24Int4Weight, k_padded16
+from ._checks import check_bias, check_x
 from . import dispatch
 
 __all__ = ["sparse24_int4_linear", "sparse24_int4_linear_packed", "dequantize_sparse24_int4"]
@@ -89,12 +90,7 @@ _sp24q_linear.register_autograd(_backward, setup_context=_setup_context)
 
 # ---------------------------------------------------------------------- public API
 def _check(x, qweight, scales, zeros, meta, group_size, in_features, bias):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (..., in_features)")
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1]} features in its last dim but the weight expects in_features={in_features}")
+    check_x(x, in_features)
     if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.int32 or qweight.dim() != 2:
         raise TypeError("qweight must be a 2-D int32 tensor (8 packed int4 codes per word)")
     n = qweight.shape[0]
@@ -117,13 +113,7 @@ def _check(x, qweight, scales, zeros, meta, group_size, in_features, bias):
     for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("meta", meta)):
         if t is not None and t.device != x.device:
             raise ValueError(f"x is on {x.device} but the weight's {name} is on {t.device}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
-        if bias.shape != (n,):
-            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype or bias.device != x.device:
-            raise TypeError(f"bias must match x ({x.dtype} on {x.device}), got {bias.dtype} on {bias.device}")
+    check_bias(bias, n, x)
 
 
 def sparse24_int4_linear_packed(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from ..formats.sparse24 import Sparse24Int8Weight, Sparse24Weight, TensorCache, padded_k
+from ._checks import check_bias, check_x
 from . import dispatch
 from .act_quant import per_token_quant_reference
 
@@ -97,12 +98,7 @@ def _(x, values, meta, w_scale, in_features, bias, backend):
 
 
 def _check(x, values, meta, w_scale, in_features, bias):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (..., in_features)")
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1]} features in its last dim but the weight expects in_features={in_features}")
+    check_x(x, in_features)
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"sparse24_int8_linear takes float16, bfloat16 or float32 activations, got {x.dtype}")
     if values.dtype != torch.int8:
@@ -114,13 +110,7 @@ def _check(x, values, meta, w_scale, in_features, bias):
     for name, t in (("values", values), ("meta", meta), ("w_scale", w_scale)):
         if t.device != x.device:
             raise ValueError(f"x is on {x.device} but {name} is on {t.device}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
-        if bias.shape != (values.shape[0],):
-            raise ValueError(f"bias must have shape ({values.shape[0]},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype or bias.device != x.device:
-            raise TypeError(f"bias must match x ({x.dtype} on {x.device}), got {bias.dtype} on {bias.device}")
+    check_bias(bias, values.shape[0], x)
 
 
 def sparse24_int8_linear_packed(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, w_scale: torch.Tensor,

@@ -45,6 +45,7 @@ from typing import List, NamedTuple, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_bias
 from . import dispatch
 
 __all__ = ["REUSE", "UPDATE", "SKIP", "TileGates", "triple_gate_conv2d", "triple_gate_map", "compact_gates",
@@ -406,13 +407,7 @@ def triple_gate_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     if weight.device != x.device:
         raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
     co = weight.shape[0]
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a tensor or None, got {type(bias).__name__}")
-        if tuple(bias.shape) != (co,):
-            raise ValueError(f"bias must have shape ({co},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype or bias.device != x.device:
-            raise TypeError(f"bias must match x ({x.dtype} on {x.device}), got {bias.dtype} on {bias.device}")
+    check_bias(bias, co, x)
     ks, st, pd, dl, ho, wo = _check_geometry(x, tuple(weight.shape[2:]), stride, padding, dilation, tile)
     n = x.shape[0]
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (n, co, ho, wo):
