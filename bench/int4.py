@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from . import harness
-from .harness import Row, format_case
+from .harness import Backend, Row, format_case
 
 OP = "int4_linear"
 
@@ -63,7 +63,7 @@ CPU_TIMING_BACKENDS = ("dense", "interpret", "reference", "sparsekit_auto", "tor
 A8_VARIANTS = {"w4a8": ("int4", 8), "w4a8_mixed": ("int4", "mixed"), "w8a8": ("int8", 8)}
 A8_FRAC8 = 0.25           # mixed: fraction of tokens at 8 bits
 A8_TOL = 5e-3             # rel err bound vs fp32 math on the same fake-quantized activations
-PEERS_LOCAL = ("torch_int4mm", "torch_int_mm")    # peers not (yet) in harness.PEER_BACKENDS
+A8_NOTE = "rel_err vs fp32 math on the same fake-quantized activations"
 
 # CPU sweep: (N, K, group_size)
 CPU_CASES = [(33, 128, 32), (70, 96, -1), (20, 256, 128)]
@@ -206,14 +206,6 @@ def _gemlite_fn(q, dtype, bias):
 
 # --------------------------------------------------------------------------- GPU benchmark
 
-class _Backend:
-    def __init__(self, name: str, fn: Callable | None, weights: Sequence, weight_bytes: int,
-                 skip: str = "", tol: float = GPU_TOL, vs_float: bool = False, ref_fn: Callable | None = None):
-        self.name, self.fn, self.weights, self.weight_bytes = name, fn, list(weights), weight_bytes
-        self.skip, self.tol, self.vs_float = skip, tol, vs_float
-        self.ref_fn = ref_fn      # x -> this backend's own reference (int8-activation rows)
-
-
 def _prepare_backends(n, k, dtype, n_sets, wanted, gen, device, log=print):
     ops, dispatch = _ops()
     dev = torch.device(device)
@@ -226,17 +218,18 @@ def _prepare_backends(n, k, dtype, n_sets, wanted, gen, device, log=print):
     dense_w = [q.dequantize() for q in quants]
     it = torch.empty((), dtype=dtype).element_size()
     qbytes = quants[0].nbytes()
-    out: dict[str, _Backend] = {}
+    out: dict[str, Backend] = {}
     if "dense" in wanted:
-        out["dense"] = _Backend("dense", lambda x, w: F.linear(x, w, bias), dense_w, n * k * it)
+        out["dense"] = Backend("dense", lambda x, w: F.linear(x, w, bias), dense_w, n * k * it, tol=GPU_TOL)
     for name in OWN_FORCED:
         if name not in wanted:
             continue
         ok, why = dispatch._op_backends(OP)[name](dev)
-        out[name] = _Backend(name, lambda x, w, _b=name: ops.int4_linear(x, w, bias, backend=_b),
-                             quants, qbytes, skip="" if ok else why)
+        out[name] = Backend(name, lambda x, w, _b=name: ops.int4_linear(x, w, bias, backend=_b),
+                            quants, qbytes, skip="" if ok else why, tol=GPU_TOL)
     if "sparsekit_auto" in wanted:
-        out["sparsekit_auto"] = _Backend("sparsekit_auto", lambda x, w: ops.int4_linear(x, w, bias), quants, qbytes)
+        out["sparsekit_auto"] = Backend("sparsekit_auto", lambda x, w: ops.int4_linear(x, w, bias), quants, qbytes,
+                                        tol=GPU_TOL)
     a8 = [name for name in wanted if split_a8(name) is not None]
     q8s = []
     if any(A8_VARIANTS[split_a8(name)[1]][0] == "int8" for name in a8) or "torch_int_mm" in wanted:
@@ -247,20 +240,23 @@ def _prepare_backends(n, k, dtype, n_sets, wanted, gen, device, log=print):
         ok, why = dispatch._op_backends("int8_linear")[base](dev)
         int8w = A8_VARIANTS[variant][0] == "int8"
         pairs = list(zip(quants, q8s)) if int8w else [(q, None) for q in quants]
-        out[name] = _Backend(
+        out[name] = Backend(
             name, lambda x, w, _v=variant, _b=base: a8_call(_v, x, w[0], w[1], bias, backend=_b), pairs,
             (q8s[0].nbytes() if int8w else qbytes), skip="" if ok else why, tol=A8_TOL,
-            ref_fn=lambda x, _v=variant, _p=pairs[0]: a8_reference(_v, x, _p[0], _p[1], bias))
+            ref_fn=lambda x, _v=variant, _p=pairs[0]: a8_reference(_v, x, _p[0], _p[1], bias), note=A8_NOTE)
     if "torch_int_mm" in wanted:
         try:
             fns = [_torch_int_mm_fn(q, bias) for q in q8s]
-            out["torch_int_mm"] = _Backend("torch_int_mm", lambda x, f: f(x), fns, q8s[0].nbytes(), tol=A8_TOL,
-                                           ref_fn=lambda x, _q=q8s[0]: a8_reference("w8a8", x, None, _q, bias))
+            out["torch_int_mm"] = Backend("torch_int_mm", lambda x, f: f(x), fns, q8s[0].nbytes(), tol=A8_TOL,
+                                          ref_fn=lambda x, _q=q8s[0]: a8_reference("w8a8", x, None, _q, bias),
+                                          note=A8_NOTE, peer=True)
         except Exception as e:
-            out["torch_int_mm"] = _Backend("torch_int_mm", None, [], 0, skip=f"unavailable: {_short(e)}")
+            out["torch_int_mm"] = Backend("torch_int_mm", None, [], 0, skip=f"unavailable: {_short(e)}", peer=True)
     peers = {
         "torch_int4mm": lambda: ([_torch_int4mm_fn(q, bias) for q in quants], {}),
-        "torchao_int4": lambda: ([_torchao_fn(w, dtype, bias) for w in floats], dict(tol=TORCHAO_TOL, vs_float=True)),
+        "torchao_int4": lambda: ([_torchao_fn(w, dtype, bias) for w in floats],
+                                 dict(tol=TORCHAO_TOL, note="own RTN grid; rel_err vs the unquantized weight",
+                                      ref_fn=lambda x: F.linear(x.float(), floats[0].float(), bias.float()))),
         "gemlite": lambda: ([_gemlite_fn(q, dtype, bias) for q in quants], {}),
     }
     for name, build in peers.items():
@@ -268,9 +264,9 @@ def _prepare_backends(n, k, dtype, n_sets, wanted, gen, device, log=print):
             continue
         try:
             fns, kw = build()
-            out[name] = _Backend(name, lambda x, f: f(x), fns, qbytes, **kw)
+            out[name] = Backend(name, lambda x, f: f(x), fns, qbytes, peer=True, **dict(dict(tol=GPU_TOL), **kw))
         except Exception as e:
-            out[name] = _Backend(name, None, [], 0, skip=f"unavailable: {_short(e)}")
+            out[name] = Backend(name, None, [], 0, skip=f"unavailable: {_short(e)}", peer=True)
     return out, dense_w, floats, bias
 
 
@@ -280,14 +276,12 @@ def run_gpu(shapes: Iterable[tuple[int, int]] = SHAPES, ms: Iterable[int] = MS,
             on_rows: Callable[[list[Row]], None] | None = None, log=print, seed: int = 0,
             device="cuda", timer: Callable | None = None) -> list[Row]:
     """Time every backend on every case (``device="cpu"`` + a CPU timer = a dry run of the harness)."""
-    ops, _ = _ops()
     import sparsekit.ops as ops_pkg
     ctx = dict(ctx or {})
     ceilings = ctx.pop("ceilings", None)
     device = torch.device(device)
     on_gpu = device.type == "cuda"
-    timer = timer or harness.time_rotating
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    sync = torch.cuda.synchronize if on_gpu else None
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     all_rows: list[Row] = []
@@ -306,57 +300,12 @@ def run_gpu(shapes: Iterable[tuple[int, int]] = SHAPES, ms: Iterable[int] = MS,
                 xs = [torch.randn(m, k, device=device, dtype=torch.float32, generator=gen).to(dtype)
                       for _ in range(n_sets)]
                 ref = F.linear(xs[0].float(), dense_w[0].float(), bias.float())
-                ref_float = None
-                io_bytes = (m * k + m * n + n) * it
-                for name in backends:
-                    b = bk.get(name)
-                    if b is None:
-                        continue
-                    row = Row(op=OP, case=case, backend=name, dtype=dname, n_sets=n_sets,
-                              flops=2 * m * n * k, bytes=b.weight_bytes + io_bytes, **ctx)
-                    if b.skip:
-                        row.status, row.note = "skip", b.skip
-                        row.bytes = row.flops = None
-                        group.append(row)
-                        continue
-                    try:
-                        if name == "sparsekit_auto":
-                            row.chosen_backend = ops_pkg.select_backend(OP, xs[0], b.weights[0])
-                        out = b.fn(xs[0], b.weights[0])
-                        sync()
-                        if tuple(out.shape) != (m, n):
-                            raise ValueError(f"output shape {tuple(out.shape)} != {(m, n)}")
-                        if b.vs_float:
-                            if ref_float is None:
-                                ref_float = F.linear(xs[0].float(), floats[0], bias.float())
-                            row.rel_err = harness.rel_err(out.float(), ref_float)
-                            row.note = "own RTN grid; rel_err vs the unquantized weight"
-                        elif b.ref_fn is not None:
-                            row.rel_err = harness.rel_err(out.float(), b.ref_fn(xs[0]))
-                            row.note = "rel_err vs fp32 math on the same fake-quantized activations"
-                        else:
-                            row.rel_err = harness.rel_err(out.float(), ref)
-                    except Exception as e:
-                        peer = name in harness.PEER_BACKENDS or name in PEERS_LOCAL
-                        row.status = "skip" if peer else "fail"
-                        row.note = ("could not run: " if peer else "error: ") + _short(e)
-                        group.append(row)
-                        log(f"[{OP}] {case} {dname} {name}: {row.status}: {row.note}")
-                        continue
-                    if not (row.rel_err < b.tol):
-                        peer = name in PEERS_LOCAL or name in harness.PEER_BACKENDS and name != "dense"
-                        row.status = "skip" if peer else "fail"
-                        row.note = f"rel_err {row.rel_err:.3g} >= {b.tol:g} vs fp32 math: not timed"
-                        group.append(row)
-                        log(f"[{OP}] {case} {dname} {name}: {row.status}: {row.note}")
-                        continue
-                    try:
-                        row.p20_ms, row.p50_ms, row.p80_ms = timer(
-                            b.fn, list(zip(xs, b.weights)), warmup_ms=warmup_ms, rep_ms=rep_ms)
-                    except Exception as e:
-                        row.status, row.note = "fail", "timing error: " + _short(e)
-                    harness.fill_throughput(row, ceilings)
-                    group.append(row)
+                auto_w = bk["sparsekit_auto"].weights[0] if "sparsekit_auto" in bk else None
+                group += harness.time_case(
+                    OP, case, dname, [bk[name] for name in backends if name in bk], xs, ref,
+                    flops=2 * m * n * k, io_bytes=(m * k + m * n + n) * it, ctx=ctx, timer=timer,
+                    warmup_ms=warmup_ms, rep_ms=rep_ms, ceilings=ceilings, sync=sync,
+                    choose=lambda x, _w=auto_w: ops_pkg.select_backend(OP, x, _w), log=log)
                 del xs, ref
             harness.fill_ratios(group)
             for r in group:

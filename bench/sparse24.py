@@ -30,13 +30,14 @@ float64 math on small odd shapes for fp32 / fp16 / bf16.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from . import harness
-from .harness import Row, format_case
+from .harness import Backend, Row, format_case
 
 OP = "sparse24_linear"
 
@@ -110,15 +111,6 @@ def build_semi_structured(w_dense: torch.Tensor, cutlass: bool):
 
 # --------------------------------------------------------------------------- GPU benchmark
 
-class _Backend:
-    """One timed implementation: ``fn(x, w)`` with per-set weights ``weights``."""
-
-    def __init__(self, name: str, fn: Callable, weights: Sequence, weight_bytes: int,
-                 skip: str = "", note: str = ""):
-        self.name, self.fn, self.weights, self.weight_bytes = name, fn, list(weights), weight_bytes
-        self.skip, self.note = skip, note
-
-
 def _prepare_backends(n: int, k: int, dtype: torch.dtype, n_sets: int, wanted: Sequence[str],
                       gen: torch.Generator, device="cuda", log=print):
     """Weights for every backend, ``n_sets`` distinct copies each (for rotation)."""
@@ -132,9 +124,9 @@ def _prepare_backends(n: int, k: int, dtype: torch.dtype, n_sets: int, wanted: S
         sparse_w.append(sw)
         bias = b if bias is None else bias
     it = torch.empty((), dtype=dtype).element_size()
-    out: dict[str, _Backend] = {}
+    out: dict[str, Backend] = {}
     if "dense" in wanted:
-        out["dense"] = _Backend("dense", lambda x, w: F.linear(x, w, bias), dense_w, n * k * it)
+        out["dense"] = Backend("dense", lambda x, w: F.linear(x, w, bias), dense_w, n * k * it, tol=GPU_TOL)
     sp_bytes = sparse_w[0].nbytes()
     for name in OWN_FORCED:
         if name not in wanted:
@@ -145,11 +137,11 @@ def _prepare_backends(n: int, k: int, dtype: torch.dtype, n_sets: int, wanted: S
                 " (csrc extension not built)" if name == "cuda" else "")
         except Exception as e:
             have, why = False, _short(e)
-        out[name] = _Backend(name, lambda x, w, _b=name: ops.sparse24_linear(x, w, bias, backend=_b),
-                             sparse_w, sp_bytes, skip=why)
+        out[name] = Backend(name, lambda x, w, _b=name: ops.sparse24_linear(x, w, bias, backend=_b),
+                            sparse_w, sp_bytes, skip=why, tol=GPU_TOL)
     if "sparsekit_auto" in wanted:
-        out["sparsekit_auto"] = _Backend("sparsekit_auto", lambda x, w: ops.sparse24_linear(x, w, bias),
-                                         sparse_w, sp_bytes)
+        out["sparsekit_auto"] = Backend("sparsekit_auto", lambda x, w: ops.sparse24_linear(x, w, bias),
+                                        sparse_w, sp_bytes, tol=GPU_TOL)
     for name, cutlass in (("cutlass24", True), ("cusparselt", False)):
         if name not in wanted:
             continue
@@ -158,9 +150,9 @@ def _prepare_backends(n: int, k: int, dtype: torch.dtype, n_sets: int, wanted: S
                 raise RuntimeError("torch.backends.cusparselt.is_available() is False")
             ws = [build_semi_structured(w, cutlass) for w in dense_w]
             nbytes = _semi_structured_bytes(ws[0]) or sp_bytes
-            out[name] = _Backend(name, lambda x, w: F.linear(x, w, bias), ws, nbytes)
+            out[name] = Backend(name, lambda x, w: F.linear(x, w, bias), ws, nbytes, tol=GPU_TOL, peer=True)
         except Exception as e:
-            out[name] = _Backend(name, None, [], 0, skip=f"unavailable: {_short(e)}")
+            out[name] = Backend(name, None, [], 0, skip=f"unavailable: {_short(e)}", peer=True)
     return out, dense_w, bias
 
 
@@ -179,8 +171,7 @@ def run_gpu(shapes: Iterable[tuple[int, int]] = SHAPES, ms: Iterable[int] = MS,
     ceilings = ctx.pop("ceilings", None)
     device = torch.device(device)
     on_gpu = device.type == "cuda"
-    timer = timer or harness.time_rotating
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    sync = torch.cuda.synchronize if on_gpu else None
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     all_rows: list[Row] = []
@@ -200,50 +191,19 @@ def run_gpu(shapes: Iterable[tuple[int, int]] = SHAPES, ms: Iterable[int] = MS,
                 xs = [torch.randn(m, k, device=device, dtype=torch.float32, generator=gen).to(dtype)
                       for _ in range(n_sets)]
                 ref = F.linear(xs[0].float(), dense_w[0].float(), bias.float())
-                io_bytes = (m * k + m * n + n) * it
+                sel = []
                 for name in backends:
                     b = bk.get(name)
-                    if b is None:
-                        continue
-                    row = Row(op=OP, case=case, backend=name, dtype=dname, n_sets=n_sets,
-                              flops=2 * m * n * k, bytes=b.weight_bytes + io_bytes, **ctx)
-                    if name == "cuda" and m > CUDA_MAX_M and dtype == torch.float32:
+                    if b is None or (name == "cuda" and m > CUDA_MAX_M and dtype == torch.float32):
                         continue  # no 2:4 fp32 tensor-core form; the GEMV stops at M = 16
-                    if b.skip:
-                        row.status, row.note = "skip", b.skip
-                        row.bytes = row.flops = None
-                        group.append(row)
-                        continue
-                    if name in ("cutlass24", "cusparselt") and m % 8:
-                        row.note = f"torch pads M {m}->{(m + 7) // 8 * 8} internally"
-                    try:
-                        if name == "sparsekit_auto":
-                            row.chosen_backend = ops.select_backend(OP, xs[0], b.weights[0])
-                        out = b.fn(xs[0], b.weights[0])
-                        sync()
-                        if tuple(out.shape) != (m, n):
-                            raise ValueError(f"output shape {tuple(out.shape)} != {(m, n)}")
-                        row.rel_err = harness.rel_err(out.float(), ref)
-                    except Exception as e:
-                        peer = name in harness.PEER_BACKENDS and name != "dense"
-                        row.status = "skip" if peer else "fail"
-                        row.note = ("could not run: " if peer else "error: ") + _short(e)
-                        group.append(row)
-                        log(f"[{OP}] {case} {dname} {name}: {row.status}: {row.note}")
-                        continue
-                    if not (row.rel_err < GPU_TOL):
-                        row.status = "fail"
-                        row.note = f"rel_err {row.rel_err:.3g} >= {GPU_TOL:g} vs fp32 math: not timed"
-                        group.append(row)
-                        log(f"[{OP}] {case} {dname} {name}: FAIL {row.note}")
-                        continue
-                    try:
-                        row.p20_ms, row.p50_ms, row.p80_ms = timer(
-                            b.fn, list(zip(xs, b.weights)), warmup_ms=warmup_ms, rep_ms=rep_ms)
-                    except Exception as e:
-                        row.status, row.note = "fail", "timing error: " + _short(e)
-                    harness.fill_throughput(row, ceilings)
-                    group.append(row)
+                    if name in ("cutlass24", "cusparselt") and m % 8 and not b.skip:
+                        b = dataclasses.replace(b, note=f"torch pads M {m}->{(m + 7) // 8 * 8} internally")
+                    sel.append(b)
+                auto_w = bk["sparsekit_auto"].weights[0] if "sparsekit_auto" in bk else None
+                group += harness.time_case(
+                    OP, case, dname, sel, xs, ref, flops=2 * m * n * k, io_bytes=(m * k + m * n + n) * it, ctx=ctx,
+                    timer=timer, warmup_ms=warmup_ms, rep_ms=rep_ms, ceilings=ceilings, sync=sync,
+                    choose=lambda x, _w=auto_w: ops.select_backend(OP, x, _w), log=log)
                 del xs, ref
             harness.fill_ratios(group)
             for r in group:
@@ -294,8 +254,7 @@ def run_int8(shapes: Iterable[tuple[int, int]] = SHAPES, ms: Iterable[int] = MS,
     ceilings = ctx.pop("ceilings", None)
     device = torch.device(device)
     on_gpu = device.type == "cuda"
-    timer = timer or harness.time_rotating
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    sync = torch.cuda.synchronize if on_gpu else None
     gen = torch.Generator(device=device)
     gen.manual_seed(seed + 8)
     rows_all: list[Row] = []
@@ -309,45 +268,25 @@ def run_int8(shapes: Iterable[tuple[int, int]] = SHAPES, ms: Iterable[int] = MS,
             case = format_case(M=m, N=n, K=k)
             xs = [torch.randn(m, k, device=device, dtype=torch.float32, generator=gen).half() for _ in range(2)]
             ref = sparse24_int8_linear(xs[0], q, b, backend="reference").float()
-            impls = {}
-            impls["cuda"] = ((lambda x, _w: sparse24_int8_linear(x, q, b, backend="cuda")),
-                             "" if have_cuda else "cuda backend not available (csrc extension not built)")
-            impls["triton"] = ((lambda x, _w: sparse24_int8_linear(x, q, b, backend="triton")),
-                               "" if on_gpu else "triton backend needs CUDA tensors")
+            none = [None] * len(xs)
+            io = (m * k + m * n) * 2
             why = ""
             if not on_gpu:
                 why = "torch._int_mm needs CUDA"
             elif m <= 16 or k % 8 or n % 8:
                 why = f"torch._int_mm needs M > 16 and N, K multiples of 8 (M={m}, N={n}, K={k})"
-            impls["dense"] = (_int8_dense_peer(w_int, q.scale, b), why)
-            for name, (fn, skip) in impls.items():
-                row = Row(op=OP_INT8, case=case, backend=name, dtype="int8", n_sets=len(xs),
-                          flops=2 * m * n * k, bytes=(q.nbytes() if name == "cuda" else n * k) + (m * k + m * n) * 2,
-                          **ctx)
-                if skip:
-                    row.status, row.note = "skip", skip
-                    row.bytes = row.flops = None
-                    group.append(row)
-                    continue
-                try:
-                    out = fn(xs[0], None)
-                    sync()
-                    row.rel_err = harness.rel_err(out.float(), ref)
-                except Exception as e:
-                    row.status, row.note = ("skip" if name == "dense" else "fail"), "error: " + _short(e)
-                    group.append(row)
-                    continue
-                if not (row.rel_err < GPU_TOL):
-                    row.status, row.note = "fail", f"rel_err {row.rel_err:.3g} vs the fake-quant reference: not timed"
-                    group.append(row)
-                    continue
-                try:
-                    row.p20_ms, row.p50_ms, row.p80_ms = timer(fn, [(x, None) for x in xs],
-                                                               warmup_ms=warmup_ms, rep_ms=rep_ms)
-                except Exception as e:
-                    row.status, row.note = "fail", "timing error: " + _short(e)
-                harness.fill_throughput(row, ceilings)
-                group.append(row)
+            impls = [
+                Backend("cuda", lambda x, _w: sparse24_int8_linear(x, q, b, backend="cuda"), none, q.nbytes(),
+                        skip="" if have_cuda else "cuda backend not available (csrc extension not built)",
+                        tol=GPU_TOL),
+                Backend("triton", lambda x, _w: sparse24_int8_linear(x, q, b, backend="triton"), none, q.nbytes(),
+                        skip="" if on_gpu else "triton backend needs CUDA tensors", tol=GPU_TOL),
+                Backend("dense", _int8_dense_peer(w_int, q.scale, b), none, n * k, skip=why, tol=GPU_TOL, peer=True,
+                        note="torch._int_mm on the same int8 quantization"),
+            ]
+            group += harness.time_case(OP_INT8, case, "int8", impls, xs, ref, flops=2 * m * n * k, io_bytes=io,
+                                       ctx=ctx, timer=timer, warmup_ms=warmup_ms, rep_ms=rep_ms,
+                                       ceilings=ceilings, sync=sync, log=log)
         harness.fill_ratios(group)
         for r in group:
             log(f"[{OP_INT8}] {r.case:>22} {r.backend:>6}: {r.status} "
