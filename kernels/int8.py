@@ -166,7 +166,7 @@ def _w8a8_fwd(XQ, XS, WQ, WS, B, Y, M, N, K, TPC,
                     mask=(offs_m[:, None] < M) & kmask[None, :], other=0)
         b = tl.load(WQ + offs_n[None, :] * stride_wn + offs_k[:, None],
                     mask=(offs_n[None, :] < N) & kmask[:, None], other=0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     ws = tl.load(WS + offs_n, mask=offs_n < N, other=0.0)
     out = acc.to(tl.float32) * ws[None, :]
     _epilogue(out, XS, B, Y, offs_m, offs_n, M, N, stride_ym, stride_yn, pid_k, HAS_BIAS, SPLIT_K, INTERP_BF16)
@@ -200,7 +200,7 @@ def _w4a8_fwd(XQ, XS, Qw, S, Z, B, Y, M, N, K, G, GS, TPC, NCHUNK,
             a = tl.load(XQ + offs_m[:, None] * stride_xm + offs_k[None, :],
                         mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
             w = _unpack_i8(Qw, Z, offs_n, k0, g, N, K, stride_qn, stride_zn, SYMMETRIC, BLOCK_N, BLOCK_K)
-            acc_i = tl.dot(a, tl.trans(w), acc_i)
+            acc_i = tl.dot(a, tl.trans(w), acc_i, out_dtype=tl.int32)
         s = tl.load(S + offs_n * stride_sn + g, mask=nmask, other=0.0).to(tl.float32)
         acc += acc_i.to(tl.float32) * s[None, :]
     _epilogue(acc, XS, B, Y, offs_m, offs_n, M, N, stride_ym, stride_yn, pid_k, HAS_BIAS, SPLIT_K, INTERP_BF16)
