@@ -59,6 +59,22 @@ DRY_BLOCKS = (16,)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
+# The rows `make gpu-check` times (see bench/sparse24.py GPU_CHECK for the fields).
+GPU_CHECK = {
+    "d25_b64": dict(
+        decides="block-sparse at density 0.25, 64x64 blocks (ideal 4x): Triton vs cuBLAS and torch's BSR kernel",
+        kwargs=dict(shapes=[(4096, 4096)], ms=[1, 16, 256, 4096], dtypes=["fp16"],
+                    backends=("dense", "triton", "torch_bsr"), densities=(0.25,), blocks=(64,)),
+        predict_s=6, warm_s=20),
+}
+
+
+def plan_rows(entry: str = "run_gpu", shapes=SHAPES, ms=MS, dtypes=("fp16",), backends=BACKENDS,
+              densities=DENSITIES, blocks=BLOCKS, **_) -> list[dict]:
+    """The (op, case, dtype, backends) rows ``run_gpu(**kwargs)`` produces on a GPU, in order."""
+    return [dict(op=OP, case=format_case(density=d, block=b, M=m, N=n, K=k), dtype=dname, backends=list(backends))
+            for dname in dtypes for (n, k) in shapes for b in blocks for d in densities for m in ms]
+
 
 def dtype_name(dt: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dt]

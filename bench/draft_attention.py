@@ -81,6 +81,41 @@ CPU_TOL = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 1e-2}
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
+# The rows `make gpu-check` times (see bench/sparse24.py GPU_CHECK for the fields).  One SDPA
+# flash call at S = 80640 takes ~0.15 s (8e13 FLOPs), so do_bench runs it ~7 times; flex is
+# compiled once per geometry (torch.compile, cached by the warm-up step).
+GPU_CHECK = {
+    "s80k_sp90": dict(
+        decides="DraftAttention at 90% sparsity, S = 80640 (21x48x80 latent): vs SDPA flash and FlexAttention",
+        kwargs=dict(shapes=[(21, 48, 80, 0)], ms=[1], dtypes=["bf16"], sparsities=(0.9,),
+                    backends=("sdpa_flash", "triton", "triton_kernel", "draft_overhead", "flex")),
+        predict_s=18, warm_s=45),
+    "s32k_text_sp90": dict(
+        decides="DraftAttention at 90% sparsity, S = 32626 (9x45x80 latent with partial patches + 226 text tokens)",
+        kwargs=dict(shapes=[(9, 45, 80, 226)], ms=[1], dtypes=["bf16"], sparsities=(0.9,),
+                    backends=("sdpa_flash", "triton", "triton_kernel", "draft_overhead", "flex")),
+        predict_s=14, warm_s=40),
+}
+
+
+def plan_rows(entry: str = "run_gpu", shapes=GEOMETRIES, ms=MS, dtypes=DEFAULT_DTYPES, backends=BACKENDS,
+              sparsities=SPARSITIES, heads: int | None = None, head_dim: int | None = None, pool=None,
+              **_) -> list[dict]:
+    """The (op, case, dtype, backends) rows ``run_gpu(**kwargs)`` produces on a GPU, in order."""
+    order = ["sdpa_flash", "dense", "triton", "triton_kernel", "reference", "draft_overhead", "flex"]
+    bks = [b for b in order if b in backends]
+    heads, d = heads or HEADS, head_dim or HEAD_DIM
+    rows = []
+    for dname in dtypes:
+        for shape in shapes:
+            fr, hh, ww, text = _geometry(shape)
+            s = text + fr * hh * ww
+            for b in ms:
+                for sp in sparsities:
+                    rows.append(dict(op=OP, case=format_case(S=s, H=heads, D=d, sparsity=sp, frames=fr, height=hh,
+                                                             width=ww, text=text, B=b), dtype=dname, backends=bks))
+    return rows
+
 
 def _ops():
     import importlib

@@ -76,6 +76,26 @@ CPU_TOL = {"fp16": 1e-3, "bf16": 1e-2}
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
+# The rows `make gpu-check` times (see bench/sparse24.py GPU_CHECK for the fields).
+GPU_CHECK = {
+    "w4a16_small_m": dict(
+        decides="W4A16 at decode sizes (M <= 16): 4-bit reads vs cuBLAS fp16, tinygemm, torchao/GemLite where installed",
+        kwargs=dict(shapes=[(4096, 4096), (8192, 8192)], ms=[1, 4, 8, 16], dtypes=["fp16"],
+                    backends=("dense", "triton", "torch_int4mm", "torchao_int4", "gemlite")),
+        predict_s=10, warm_s=15),
+    "w8a8_w4a8": dict(
+        decides="W8A8 / W4A8 / mixed 4-8 bit activations vs cuBLAS fp16 and torch._int_mm (M = 16, 32, 4096)",
+        kwargs=dict(shapes=[(4096, 4096), (8192, 8192)], ms=[16, 32, 4096], dtypes=["fp16"],
+                    backends=("dense", "triton_w8a8", "triton_w4a8", "triton_w4a8_mixed", "torch_int_mm")),
+        predict_s=13, warm_s=20),
+}
+
+
+def plan_rows(entry: str = "run_gpu", shapes=SHAPES, ms=MS, dtypes=("fp16",), backends=BACKENDS, **_) -> list[dict]:
+    """The (op, case, dtype, backends) rows ``run_gpu(**kwargs)`` produces on a GPU, in order."""
+    return [dict(op=OP, case=format_case(M=m, N=n, K=k, group=_group(k)), dtype=dname, backends=list(backends))
+            for dname in dtypes for (n, k) in shapes for m in ms]
+
 
 def _ops():
     from sparsekit.ops import dispatch

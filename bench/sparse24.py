@@ -62,6 +62,54 @@ CPU_TOL = {"fp32": 1e-5, "fp16": 5e-3, "bf16": 1e-2}
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
+# The rows `make gpu-check` times (scripts/gpu_check.sh; bench/run.py GPU_CHECK_ORDER runs the
+# selections of every op most valuable first).  ``kwargs`` go to ``entry`` (default ``run_gpu``);
+# ``predict_s``: seconds to time them on an H100/H200 with a warm Triton cache (about 0.12 s a
+# small-output row: do_bench 10 + 50 ms, its 5-call estimate and the check; about 0.6 s a row
+# with an M x N >= 16M output, whose check moves it to the host in float64; plus the rotated
+# weight sets and the peers' packing); ``warm_s``: the first-launch compiles of a fresh machine.
+GPU_PEERS = ("dense", "triton", "cuda", "cusparselt", "cutlass24")
+GPU_CHECK = {
+    "fp16_small_m": dict(
+        decides="2:4 at decode sizes (M <= 16, weight-bandwidth bound): compressed reads vs cuBLAS and torch's 2:4",
+        kwargs=dict(shapes=[(4096, 4096), (8192, 8192)], ms=[1, 4, 8, 16], dtypes=["fp16"], backends=GPU_PEERS,
+                    int8=False),
+        predict_s=10, warm_s=15),
+    "fp16_large_m": dict(
+        decides="2:4 at prefill sizes (M >= 4096, tensor-core bound): mma.sp / Triton vs cuBLAS, cuSPARSELt, CUTLASS",
+        kwargs=dict(shapes=[(4096, 4096), (8192, 8192)], ms=[4096, 8192], dtypes=["fp16"], backends=GPU_PEERS,
+                    int8=False),
+        predict_s=20, warm_s=15),
+    "int8": dict(
+        entry="run_int8",
+        decides="int8 2:4 (W8A8): mma.sp s8 / Triton int8 vs torch._int_mm on the same int8 weight",
+        kwargs=dict(shapes=[(4096, 4096), (8192, 8192)], ms=[16, 32, 4096]),
+        predict_s=8, warm_s=15),
+    "bf16": dict(
+        decides="2:4 bf16 rows for the dispatch table (decode and prefill sizes)",
+        kwargs=dict(shapes=[(4096, 4096), (8192, 8192)], ms=[1, 16, 4096], dtypes=["bf16"], backends=GPU_PEERS,
+                    int8=False),
+        predict_s=12, warm_s=15),
+}
+
+
+def plan_rows(entry: str = "run_gpu", shapes=SHAPES, ms=MS, dtypes=("fp16",), backends=BACKENDS,
+              int8: bool | None = None, **_) -> list[dict]:
+    """The (op, case, dtype, backends) rows ``entry(**kwargs)`` produces on a GPU, in order."""
+    rows = []
+    if entry == "run_gpu":
+        for dname in dtypes:
+            for (n, k) in shapes:
+                for m in ms:
+                    bks = [b for b in backends if not (b == "cuda" and m > CUDA_MAX_M and dname == "fp32")]
+                    rows.append(dict(op=OP, case=format_case(M=m, N=n, K=k), dtype=dname, backends=bks))
+    if entry == "run_int8" or int8:
+        for (n, k) in shapes:
+            for m in ms:
+                rows.append(dict(op=OP_INT8, case=format_case(M=m, N=n, K=k), dtype="int8",
+                                 backends=["cuda", "triton", "dense"]))
+    return rows
+
 
 def dtype_name(dt: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dt]

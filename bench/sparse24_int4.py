@@ -49,6 +49,24 @@ CPU_DTYPES = ("fp16", "bf16")
 CPU_TOL = {"fp16": 1e-3, "bf16": 1e-2, "fp32": 1e-5}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
+# The rows `make gpu-check` times (see bench/sparse24.py GPU_CHECK for the fields).
+GPU_CHECK = {
+    "fp16": dict(
+        decides="2:4 + int4 vs cuBLAS, each half alone (2:4 fp16, dense int4) and cuSPARSELt",
+        kwargs=dict(shapes=[(4096, 4096), (8192, 8192)], ms=[1, 16, 4096], dtypes=["fp16"],
+                    backends=("dense", "triton", "triton_24", "triton_int4", "cusparselt")),
+        predict_s=10, warm_s=20),
+}
+
+
+def plan_rows(entry: str = "run_gpu", shapes=SHAPES, ms=MS, dtypes=("fp16",), backends=BACKENDS, **_) -> list[dict]:
+    """The (op, case, dtype, backends) rows ``run_gpu(**kwargs)`` produces on a GPU, in order."""
+    order = ["dense", "triton", "interpret", "reference", "sparsekit_auto", "triton_24", "triton_int4",
+             "cutlass24", "cusparselt"]
+    bks = [b for b in order if b in backends]
+    return [dict(op=OP, case=format_case(M=m, N=n, K=k, group=_group(k)), dtype=dname, backends=bks)
+            for dname in dtypes for (n, k) in shapes for m in ms]
+
 
 def _group(k: int, requested: int = GROUP_SIZE) -> int:
     from sparsekit.formats.sparse24_int4 import compressed_group_size

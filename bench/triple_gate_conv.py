@@ -74,6 +74,31 @@ CPU_TOL = {"fp32": 1e-5, "fp16": 1e-3, "bf16": 1e-2}
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
+# The rows `make gpu-check` times (see bench/sparse24.py GPU_CHECK for the fields).  The targets:
+# >= 2.4x over cuDNN at 25% UPDATE density, break-even at >= 60%, < 5% overhead at 100%.
+GPU_CHECK = {
+    "d25_60_100": dict(
+        decides="triple-gate conv at 25% / 60% / 100% UPDATE tiles vs the best cuDNN layout (3x3, C = 128, 256)",
+        kwargs=dict(shapes=[(128, 256), (256, 256)], ms=[1], dtypes=["fp16"], densities=(0.25, 0.6, 1.0),
+                    backends=("dense", "triton")),
+        predict_s=10, warm_s=30),
+}
+
+
+def plan_rows(entry: str = "run_gpu", shapes=SHAPES, ms=MS, dtypes=("fp16",), backends=BACKENDS,
+              densities=DENSITIES, stages=STAGES, **_) -> list[dict]:
+    """The (op, case, dtype, backends) rows ``run_gpu(**kwargs)`` produces on a GPU, in order."""
+    rows = []
+    for dname in dtypes:
+        for (c, h) in shapes:
+            for n in ms:
+                for density in densities:
+                    base = dict(density=density, C=c, H=h, W=h, k=KERNEL, N=n, tile=TILE)
+                    for stage in stages:
+                        rows.append(dict(op=OP, case=format_case(base, stage=stage), dtype=dname,
+                                         backends=list(backends)))
+    return rows
+
 
 def _ops():
     from sparsekit.ops import dispatch
