@@ -15,6 +15,12 @@ the op and through ``sparsekit.nn.SparseLinear``.
 Each result is also compared with the ``reference`` backend, so the driver
 doubles as a quick numerical check; exit status 1 on any mismatch or error.
 Without CUDA it prints a note and exits 0.
+
+``--small`` (what ``make gpu-check`` runs under memcheck, where every launch is
+slow): one small case per kernel family and backend -- the first fp16 case of
+each family in ``bench/gpu_smoke.py`` (same shapes, so the Triton kernels come
+from the cache the smoke step filled) -- plus the smallest backward case of
+2:4, block-sparse and int4.  ``--cpu --small``: the same on the interpreter.
 """
 from __future__ import annotations
 
@@ -336,11 +342,42 @@ def sparse24_int4(backend: str, cases, dtypes, gen) -> None:
 
 
 
+def small(device: str, gen) -> None:
+    """One small case per family and backend (gpu_smoke's first fp16 case of each) + small backward cases."""
+    global _ran
+    from sparsekit.bench import gpu_smoke
+
+    if device == "cuda":
+        from sparsekit.ops import _cuda
+        all_cases = gpu_smoke.gpu_cases(_cuda.available())
+        cases = gpu_smoke.first_per_family(all_cases)
+        # the csrc mma.sp GEMM too (the first 2:4 cuda case is the M <= 16 GEMV)
+        cases += [c for c in all_cases if c.family == "sparse24" and c.backend == "cuda" and c.dtype == "fp16"
+                  and c.params[0] == 17]
+        if not _cuda.available():
+            print(f"skip cuda backend: {_cuda.unavailable_reason()}", flush=True)
+        backend = "triton"
+    else:
+        cases = gpu_smoke.first_per_family(gpu_smoke.dry_run_cases())
+        backend = "interpret"
+    for c in cases:
+        r = gpu_smoke.run_case(c, device)
+        _ran += 1
+        print(gpu_smoke.format_line(c, r), flush=True)
+        if r.status == "FAIL":
+            _failures.append(f"{c.name}: {r.note or r.rel_err}")
+        if device == "cuda":
+            torch.cuda.synchronize()
+    backward_op(backend, BWD_SHAPES[:1], [torch.float16], gen)
+    block_sparse(backend, BLOCK_CASES[:1], [torch.float16], gen)
+    int4(backend, INT4_CASES[:1], [torch.float16], gen)
+
+
 def main(argv=None) -> int:
     global DEVICE
     argv = sys.argv[1:] if argv is None else argv
     if "--cpu" in argv:
-        return _cpu_dry_run()
+        return _cpu_dry_run(small_only="--small" in argv)
     if not torch.cuda.is_available():
         print("sanitize_driver: no CUDA device; nothing to run (`--cpu` for a dry run on the interpreter)")
         return 0
@@ -353,6 +390,12 @@ def main(argv=None) -> int:
     gen = torch.Generator(device="cuda").manual_seed(0)
     backends = available_backends("sparse24_linear", "cuda")
     print(f"device {torch.cuda.get_device_name()} | sparse24_linear backends: {backends}", flush=True)
+    if "--small" in argv:
+        small("cuda", gen)
+        print(f"sanitize_driver (small): {_ran} checks, {len(_failures)} failed")
+        for f in _failures:
+            print(f"  FAILED {f}")
+        return 1 if _failures else 0
     half = [torch.float16, torch.bfloat16]
     # every shape in fp16; fewer for the other dtypes (memcheck slows every launch)
     forward("triton", FWD_SHAPES, [torch.float16], gen)
@@ -382,11 +425,17 @@ def main(argv=None) -> int:
     return 1 if _failures else 0
 
 
-def _cpu_dry_run() -> int:
+def _cpu_dry_run(small_only: bool = False) -> int:
     """The same code paths on CPU tensors with the ``interpret`` backend (tiny shapes)."""
     global DEVICE
     DEVICE = "cpu"
     gen = torch.Generator().manual_seed(0)
+    if small_only:
+        small("cpu", gen)
+        print(f"sanitize_driver (cpu dry run, small): {_ran} checks, {len(_failures)} failed")
+        for f in _failures:
+            print(f"  FAILED {f}")
+        return 1 if _failures else 0
     forward("interpret", FWD_SHAPES[:2], [torch.float16, torch.float32], gen)
     int8_24("dense", INT8_24_SHAPES[:2], [torch.float32], gen)
     int8_24("interpret", INT8_24_SHAPES[:2], [torch.float16], gen)
