@@ -2,7 +2,8 @@
 #   make install        torch (only if missing) + this checkout, editable, with test extras
 #   make test           the test suite (CPU: Triton interpreter + reference; GPU tests skip without CUDA)
 #   make bench          `sparsekit bench` (GPU: timings into bench/results/<gpu>/; CPU: correctness sweep)
-#   make gpu-check      scripts/gpu_check.sh (the one script for the lent GPU machine; writes to $$OUT)
+#   make gpu-check      scripts/gpu_check.sh (the one call on the lent GPU machine; writes to $$OUT);
+#                       DRY_RUN=1: on CPU, print the plan and run every step that needs no GPU
 #   make compile-csrc   scripts/compile_csrc.sh (compile csrc/ sources without installing)
 
 PYTHON ?= python3
@@ -32,8 +33,9 @@ test: install
 bench: install
 	$(PYTHON) -m sparsekit.cli bench $(BENCH_ARGS)
 
+DRY_RUN ?=
 gpu-check:
-	PYTHON=$(PYTHON) bash scripts/gpu_check.sh
+	PYTHON=$(PYTHON) GPU_CHECK_DRY_RUN=$${GPU_CHECK_DRY_RUN:-$(DRY_RUN)} bash scripts/gpu_check.sh
 
 compile-csrc:
 	bash scripts/compile_csrc.sh
