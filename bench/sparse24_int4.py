@@ -64,8 +64,18 @@ def plan_rows(entry: str = "run_gpu", shapes=SHAPES, ms=MS, dtypes=("fp16",), ba
     order = ["dense", "triton", "interpret", "reference", "sparsekit_auto", "triton_24", "triton_int4",
              "cutlass24", "cusparselt"]
     bks = [b for b in order if b in backends]
-    return [dict(op=OP, case=format_case(M=m, N=n, K=k, group=_group(k)), dtype=dname, backends=bks)
+    return [dict(op=OP, case=format_case(M=m, N=n, K=k, group=plan_group(k)), dtype=dname, backends=bks)
             for dname in dtypes for (n, k) in shapes for m in ms]
+
+
+def plan_group(k: int, requested: int = GROUP_SIZE) -> int:
+    """The ``group`` of a case string -- the weight's effective group size in compressed columns --
+    without importing sparsekit (the gpu-check plan is printed before the checkout is installed).
+    Mirrors ``_group`` + ``Sparse24Int4Weight.effective_group_size``; tests hold them equal."""
+    kc = (k + 15) // 16 * 16 // 2
+    if kc % requested == 0:
+        return requested
+    return next((g for g in (128, 64, 32) if kc % g == 0), kc)
 
 
 def _group(k: int, requested: int = GROUP_SIZE) -> int:

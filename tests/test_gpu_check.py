@@ -107,6 +107,36 @@ def test_out_files_at_most_8(plan):
     assert len(gpu_check.TEST_OUT_FILES) <= gpu_check.MAX_OUT_FILES
 
 
+def test_plan_is_built_without_importing_sparsekit():
+    """On the GPU machine the plan is printed before the checkout is installed."""
+    code = ("import builtins, sys\n"
+            "real = builtins.__import__\n"
+            "def imp(name, g=None, l=None, f=(), level=0):\n"
+            "    if level == 0 and name.split('.')[0] == 'sparsekit':\n"
+            "        raise ImportError('sparsekit imported while planning: ' + name)\n"
+            "    return real(name, g, l, f, level)\n"
+            "builtins.__import__ = imp\n"
+            "from bench import gpu_check\n"
+            "c = gpu_check.Check(sys.argv[1], 480, False, 'main', set(), sys.argv[2], 12)\n"
+            "p = c.plan()\n"
+            "print(len(p['bench']['items']), len(p['smoke']['cases']))\n")
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        r = subprocess.run([sys.executable, "-c", code, os.path.join(d, "o"), os.path.join(d, "w")], cwd=REPO,
+                           env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == [str(len(bench_run.GPU_CHECK_ORDER)), str(len(gpu_smoke.CASES))]
+
+
+@pytest.mark.parametrize("k", [100, 128, 200, 256, 4096, 11008, 8192, 4104])
+def test_sparse24_int4_plan_group_matches_the_weight(k):
+    import torch
+    from sparsekit.bench import sparse24_int4
+
+    _, q, _ = sparse24_int4.make_weight(8, k, torch.float16, "cpu")
+    assert sparse24_int4.plan_group(k) == q.effective_group_size
+
+
 def test_warm_up_covers_every_selection_and_shape():
     items = bench_run.gpu_check_plan()
     assign = bench_run.assign_warm(items, 12)
