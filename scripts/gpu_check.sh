@@ -19,8 +19,10 @@
 # GPU_CHECK_WORK (logs before packing), GPU_CHECK_DRY_BUILD=1 (dry run: also compile csrc),
 # SPARSEKIT_CUDA_ARCHS (default: this GPU's, e.g. 90a), MAX_JOBS, PYTHON (default python3).
 #
-# Exit status: 0 when no step FAILED or ran out of time; 1 otherwise (a failed extension build
-# included); 2 for bad arguments.
+# Exit status: 1 when a step FAILED (a failed or unloadable extension build included) or the smoke
+# step ran out of time before every case ran; a warm-up, bench or sanitizer step stopped at its
+# limit with no failure in what it ran is CUT (listed in summary.txt, exit status 0); 2 for bad
+# arguments.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-python3}
