@@ -73,7 +73,7 @@ class Step:
 # Predictions are for an H100/H200 machine with 16 cores on a fresh start (cold caches):
 #  build  ~60 s: bindings.cpp against torch's headers (~45 s; ninja builds it and the two .cu files
 #         for one arch in parallel) + pip and the link;
-#  smoke  ~40 s: 105 cases in 12 processes, ~30 units of family/backend/dtype, each ~5 Triton
+#  smoke  ~40 s: 105 cases in 12 processes, 34 units of family/backend/dtype, each ~5 Triton
 #         compiles of 2-4 s plus ~6 s of torch import and CUDA init per process;
 #  warmup ~50 s: bounded by the cold torch.compile of flex attention (~30-40 s) in one process,
 #         the other units (each selection x shape) compile in parallel beside it;
@@ -82,18 +82,19 @@ class Step:
 #  sanitizer ~35 s: torch under memcheck starts slowly (~20 s), ~14 tiny cases;
 #  tables ~5 s: two Python starts (torch imports) around a few ms of work.
 #  env ~8 s: the plan (imports torch and the bench modules; slower on a cold disk) and the versions.
-# Budgets: 20 + 100 + 70 + 65 + 150 + 50 + 15 + RESERVE_S 10 = 480 s.
+# Budgets: 20 + 115 + 65 + 60 + 150 + 45 + 15 + RESERVE_S 10 = 480 s.  The build keeps 25 s of its
+# budget for the fallback install without the extension, the load check and `sparsekit info`.
 STEPS = [
     Step("env", 20, 8, "the plan; GPU, driver, torch / triton / nvcc / compute-sanitizer versions"),
-    Step("build", 100, 60, "offline editable install + csrc extension for this GPU's arch (FAILED if the "
+    Step("build", 115, 60, "offline editable install + csrc extension for this GPU's arch (FAILED if the "
                            "extension does not build or load; then installed without it)"),
-    Step("smoke", 70, 40, "every kernel family x backend x dtype on odd shapes vs float64, poisoned outputs "
+    Step("smoke", 65, 40, "every kernel family x backend x dtype on odd shapes vs float64, poisoned outputs "
                           "(parallel processes, shared Triton cache)"),
-    Step("warmup", 65, 50, "benchmark plan launched once in parallel processes: compiles into the shared "
+    Step("warmup", 60, 50, "benchmark plan launched once in parallel processes: compiles into the shared "
                            "caches; nothing timed"),
     Step("bench", 150, 135, "benchmark plan, serial, most valuable first; rows appended as they finish; "
                             "uses every second earlier steps left", elastic=True),
-    Step("sanitizer", 50, 35, "compute-sanitizer memcheck, one small case per family (skipped where the "
+    Step("sanitizer", 45, 35, "compute-sanitizer memcheck, one small case per family (skipped where the "
                               "sanitizer refuses the device)"),
     Step("tables", 15, 5, "dispatch table from the measured rows (sparsekit.ops.dispatch_build)"),
 ]
@@ -445,7 +446,7 @@ class Check:
             r.status = "ok" if ok else "FAILED"
             r.note = "; ".join(notes)
             return
-        rc, to = self._pip_install(log, deadline - 30, with_ext=True)
+        rc, to = self._pip_install(log, deadline - 25, with_ext=True)
         notes = []
         failed = False
         if rc != 0 or to:
