@@ -280,16 +280,19 @@ class Check:
 
     # ------------------------------------------------------------------ output
     def write_summary(self) -> None:
+        """summary.txt: header, plan, each step's details, then the step table and the verdict last
+        (the end of the output is what a truncated reply keeps)."""
         L = list(self.header)
-        L += [self.plan_text, "", "== steps"]
-        L.append(f"   {'step':<10} {'status':<8} {'took':>6} {'limit':>6} {'budget':>7}  note")
-        sc = self.scale()
-        for s, r in zip(self.steps, self.results):
-            L.append(f"   {s.name:<10} {r.status:<8} {r.seconds:>5.0f}s {r.limit:>5.0f}s {s.budget_s * sc:>6.0f}s  {r.note}")
+        L += [self.plan_text, "", "== results"]
         for r in self.results:
             if r.details:
                 L.append(f"== {r.name}")
                 L += ["   " + d for d in r.details]
+        L.append("== steps")
+        L.append(f"   {'step':<10} {'status':<8} {'took':>6} {'limit':>6} {'budget':>7}  note")
+        sc = self.scale()
+        for s, r in zip(self.steps, self.results):
+            L.append(f"   {s.name:<10} {r.status:<8} {r.seconds:>5.0f}s {r.limit:>5.0f}s {s.budget_s * sc:>6.0f}s  {r.note}")
         elapsed = time.time() - self.t0
         if self.finished:
             bad = [r.name for r in self.results if r.status in BAD]
@@ -369,7 +372,7 @@ class Check:
         if len(files) > MAX_OUT_FILES:   # cannot happen: pack() keeps only OUT_FILES
             print(f"[gpu_check] ERROR: {len(files)} files in $OUT (> {MAX_OUT_FILES})")
         text = open(os.path.join(self.out, "summary.txt")).read()
-        print("\n== steps" + text.split("\n== steps", 1)[-1])
+        print("\n" + text.split("\n== results\n", 1)[-1])
         print(f"[gpu_check] $OUT ({len(files)} files): {' '.join(files)}")
         return 1 if any(r.status in BAD for r in self.results) else 0
 
