@@ -46,9 +46,10 @@ def compress_cmd(args, out=None) -> int:
 
     wl = load_workload(args.workload)
     try:
+        opts = {"sparsity": args.sparsity} if args.scheme == "block" else {}
         model, report = compress(wl.model, wl.calib, scheme=args.scheme, method=args.method,
                                  quality_fn=wl.quality_fn, dense_quality=wl.dense_quality,
-                                 sparsity=args.sparsity, group_size=args.group_size, progress=args.progress)
+                                 group_size=args.group_size, progress=args.progress, **opts)
     except (NotImplementedError, ValueError) as e:
         print(f"sparsekit compress: {e}", file=sys.stderr)
         return 2
