@@ -30,6 +30,7 @@ says which.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -40,7 +41,7 @@ import torch
 from torch import nn
 
 __all__ = ["SCHEMES", "SCHEME_METHODS", "DEFAULT_METHOD", "compress", "save_compressed", "load_compressed",
-           "module_bytes"]
+           "check_output_path", "module_bytes"]
 
 SCHEME_METHODS = {
     "2:4": ("magnitude", "wanda", "sparsegpt"),
@@ -375,21 +376,105 @@ def _speed_report(dense: nn.Module, compressed: nn.Module, calib) -> dict:
             "speed_on": f"{torch.cuda.get_device_name(dev)}, input {tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"}
 
 
-def save_compressed(model: nn.Module, path: str, report: Optional[dict] = None) -> tuple:
+def _fspath(path, what: str) -> str:
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not isinstance(path, str) or not path:
+        raise TypeError(f"{what}: path must be a non-empty str or os.PathLike, got {path!r}")
+    return path
+
+
+def _blocking_file(path: str) -> Optional[str]:
+    """The regular file among ``path``'s ancestors that makes it impossible to create, if any."""
+    probe = os.path.dirname(os.path.abspath(path))
+    while probe and not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if probe and os.path.exists(probe) and not os.path.isdir(probe):
+        return probe
+    return None
+
+
+def check_output_path(path, what: str = "save_compressed") -> str:
+    """Validate a file path to write (no directory there, no regular file among its parents);
+    returns it as a str.  Raises IsADirectoryError / NotADirectoryError / TypeError."""
+    path = _fspath(path, what)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{what}: {path!r} is a directory; give a file path, "
+                                f"e.g. {os.path.join(path, 'model.safetensors')!r}")
+    blocker = _blocking_file(path)
+    if blocker is not None:
+        raise NotADirectoryError(f"{what}: cannot write {path!r}: {blocker!r} is a regular file, not a directory")
+    return path
+
+
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temporary file next to ``path``, then rename it over ``path``."""
+    import tempfile
+
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _safetensors():
+    try:
+        import safetensors.torch as st
+    except ImportError as e:  # a dependency of the base install; only a broken environment lacks it
+        raise ImportError(f"save_compressed / load_compressed need the safetensors package "
+                          f"(pip install safetensors): {e}") from e
+    return st
+
+
+def save_compressed(model: nn.Module, path, report: Optional[dict] = None) -> tuple:
     """Write ``model.state_dict()`` to ``path`` with safetensors and ``report`` as JSON next to it
     (``<path without .safetensors>.json``, or ``report.json`` when the file is ``model.safetensors``).
 
+    Missing parent directories are created.  Each file is written to a temporary
+    file in the same directory and renamed into place, so a failed save never
+    leaves a truncated file.  A directory given as ``path`` raises
+    IsADirectoryError, a regular file among its parents NotADirectoryError.
     Tensors that share storage are saved as independent contiguous copies (safetensors refuses
     aliases); loading them back with ``load_state_dict`` restores the same values.
     Returns ``(weights_path, report_path or None)``.
     """
-    from safetensors.torch import save_file
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save_compressed: model must be an nn.Module, got {type(model).__name__}")
+    if report is not None and not isinstance(report, dict):
+        raise TypeError(f"save_compressed: report must be a dict or None, got {type(report).__name__}")
+    path = check_output_path(path)
+    rpath = None
+    if report is not None:
+        base = os.path.basename(path)
+        rname = "report.json" if base == "model.safetensors" else os.path.splitext(base)[0] + ".json"
+        rpath = os.path.join(os.path.dirname(os.path.abspath(path)), rname)
+        if os.path.abspath(rpath) == os.path.abspath(path):
+            raise ValueError(f"save_compressed: the report would overwrite the weights at {path!r}; "
+                             f"give the weights a .safetensors name")
+        check_output_path(rpath)
+    st = _safetensors()
 
     sd = model.state_dict()
     seen = set()
     out = {}
     for k, t in sd.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"save_compressed: state_dict entry {k!r} is a {type(t).__name__}, not a tensor "
+                            f"(safetensors stores tensors only)")
         t = t.detach()
+        if t.device.type == "meta":
+            raise ValueError(f"save_compressed: {k!r} is on the meta device (no data to save)")
         key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) if t.numel() else None
         if key is not None and key in seen or not t.is_contiguous():
             t = t.clone().contiguous()
@@ -397,21 +482,158 @@ def save_compressed(model: nn.Module, path: str, report: Optional[dict] = None) 
             seen.add(key)
         out[k] = t.cpu()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(out, path)
-    rpath = None
-    if report is not None:
-        base = os.path.basename(path)
-        rname = "report.json" if base == "model.safetensors" else os.path.splitext(base)[0] + ".json"
-        rpath = os.path.join(os.path.dirname(os.path.abspath(path)), rname)
-        with open(rpath, "w") as f:
-            json.dump(report, f, indent=2, default=str)
+    from . import __version__
+
+    meta = {"format": "pt", "producer": f"sparsekit {__version__}"}
+    _atomic_write(path, lambda tmp: st.save_file(out, tmp, metadata=meta))
+    if rpath is not None:
+        def dump(tmp):
+            with open(tmp, "w") as f:
+                json.dump(report, f, indent=2, default=str)
+        _atomic_write(rpath, dump)
     return path, rpath
 
 
-def load_compressed(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
-    """Load a :func:`save_compressed` file into ``model`` (which must have the compressed
-    structure, e.g. from ``compress`` with the same scheme); returns ``model``."""
-    from safetensors.torch import load_file
+def _custom_loader(mod: nn.Module) -> bool:
+    return (type(mod)._load_from_state_dict is not nn.Module._load_from_state_dict
+            or bool(getattr(mod, "_load_state_dict_pre_hooks", None))
+            or bool(getattr(mod, "_load_state_dict_post_hooks", None)))
 
-    model.load_state_dict(load_file(path), strict=strict)
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().cpu().reshape(-1).contiguous()
+    return t.view(torch.uint8) if t.element_size() and t.numel() else t
+
+
+def _check_against_model(model: nn.Module, sd: dict, strict: bool, path: str) -> None:
+    """Every check :func:`load_compressed` makes before it changes the model."""
+    expected = model.state_dict()
+    # modules with their own loader (sparsekit's packed modules validate their contents there; they may
+    # also take keys their current state lacks, e.g. QLinear's input_scale): the outermost ones
+    custom = []
+    inside: set = set()        # names under an outermost custom module
+    for name, mod in model.named_modules(remove_duplicate=False):
+        parent = name.rpartition(".")[0] if name else None
+        if name and (parent in inside or ("" in inside)):
+            inside.add(name)
+            continue
+        if _custom_loader(mod):
+            custom.append((name, mod))
+            inside.add(name)
+
+    custom_names = {c for c, _ in custom}
+
+    def owner(key):
+        if "" in custom_names:
+            return ""
+        parts = key.split(".")
+        for i in range(1, len(parts)):
+            head = ".".join(parts[:i])
+            if head in custom_names:
+                return head
+        return None
+
+    if strict:
+        missing = [k for k in expected if k not in sd and owner(k) is None]
+        unexpected = [k for k in sd if k not in expected and owner(k) is None]
+        if missing or unexpected:
+            def few(keys):
+                return ", ".join(repr(k) for k in keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+            parts = ([f"missing keys {few(missing)}"] if missing else []) + \
+                    ([f"unexpected keys {few(unexpected)}"] if unexpected else [])
+            raise ValueError(f"load_compressed: {path!r} does not match the model: {'; '.join(parts)} "
+                             f"(build the model with the same scheme and layers, or pass strict=False)")
+    for k, t in sd.items():
+        if k not in expected:
+            continue
+        want = expected[k]
+        if want.device.type == "meta":
+            raise ValueError(f"load_compressed: the model's {k!r} is on the meta device, where loading would "
+                             f"keep no data; materialize the model first (model.to_empty(device=...))")
+        if t.dtype != want.dtype and not (t.dtype.is_floating_point and want.dtype.is_floating_point):
+            raise ValueError(f"load_compressed: {k!r} is {t.dtype} in {path!r}, the model expects {want.dtype}")
+    # tensors the model shares (tied weights, shared modules) must come back identical
+    groups: dict = {}
+    for k, t in expected.items():
+        if k in sd and isinstance(t, torch.Tensor) and t.numel() and t.device.type != "meta":
+            ident = (str(t.device), t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+                     tuple(t.stride()), t.dtype)
+            groups.setdefault(ident, []).append(k)
+    for keys in groups.values():
+        first = sd[keys[0]]
+        for k in keys[1:]:
+            other = sd[k]
+            if other.shape != first.shape or other.dtype != first.dtype or not torch.equal(_bits(other), _bits(first)):
+                raise ValueError(f"load_compressed: {keys[0]!r} and {k!r} are the same tensor in the model "
+                                 f"(shared or tied) but differ in {path!r}")
+    # modules with their own loader: a dry run of their load_state_dict on a scratch copy
+    for name, mod in custom:
+        prefix = f"{name}." if name else ""
+        sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if not sub and not strict:
+            continue
+        scratch = copy.deepcopy(mod)
+        try:
+            scratch.load_state_dict(sub, strict=strict)
+        except (ValueError, TypeError, RuntimeError, IndexError) as e:
+            what = f"module {name!r} ({type(mod).__name__})" if name else f"the model ({type(mod).__name__})"
+            raise ValueError(f"load_compressed: {path!r} does not fit {what}: {' '.join(str(e).split())}") from e
+        finally:
+            del scratch
+    # the other modules: exact shapes, as load_state_dict demands
+    for name, mod in model.named_modules(remove_duplicate=False):
+        prefix = f"{name}." if name else ""
+        for attr, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+            k = prefix + attr
+            if t is None or k not in sd or owner(k) is not None \
+                    or attr in getattr(mod, "_non_persistent_buffers_set", ()):
+                continue
+            if tuple(sd[k].shape) != tuple(t.shape):
+                raise ValueError(f"load_compressed: {k!r} has shape {tuple(sd[k].shape)} in {path!r}, "
+                                 f"the model expects {tuple(t.shape)}")
+
+
+def load_compressed(model: nn.Module, path, strict: bool = True) -> nn.Module:
+    """Load a :func:`save_compressed` file into ``model`` (which must have the compressed
+    structure, e.g. from ``compress`` with the same scheme); returns ``model``.
+
+    Reads safetensors only (never pickle).  All or nothing: the file's keys,
+    dtypes and shapes are checked against the model, tensors the model shares
+    must be identical in the file, and every module with its own
+    ``load_state_dict`` (the packed sparsekit modules, which validate their
+    indices and codes there) first loads its part into a scratch copy; only
+    when all of that passes is the model changed.  A missing file raises
+    FileNotFoundError, a directory IsADirectoryError, a path under a regular
+    file NotADirectoryError, a file that is not valid safetensors or does not
+    fit the model ValueError.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load_compressed: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(strict, bool):
+        raise TypeError(f"load_compressed: strict must be a bool, got {strict!r}")
+    path = _fspath(path, "load_compressed")
+    if os.path.isdir(path):
+        inside = os.path.join(path, "model.safetensors")
+        hint = f"; did you mean {inside!r}?" if os.path.isfile(inside) else ""
+        raise IsADirectoryError(f"load_compressed: {path!r} is a directory, not a safetensors file{hint}")
+    if not os.path.exists(path):
+        blocker = _blocking_file(path)
+        if blocker is not None:
+            raise NotADirectoryError(f"load_compressed: {path!r} does not exist: {blocker!r} is a regular file, "
+                                     f"not a directory")
+        raise FileNotFoundError(f"load_compressed: no such file {path!r}")
+    if not os.path.isfile(path):
+        raise ValueError(f"load_compressed: {path!r} is not a regular file")
+    st = _safetensors()
+    try:
+        sd = st.load_file(path)
+    except Exception as e:  # SafetensorError (invalid header, truncated data, ...) and friends
+        if isinstance(e, (PermissionError, MemoryError)):
+            raise
+        raise ValueError(f"load_compressed: {path!r} is not a valid safetensors file: {e}") from e
+    _check_against_model(model, sd, strict, path)
+    try:
+        model.load_state_dict(sd, strict=strict)
+    except RuntimeError as e:  # should not happen after the checks above
+        raise ValueError(f"load_compressed: {path!r} could not be loaded into the model: {e}") from e
     return model
