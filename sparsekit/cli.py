@@ -7,7 +7,11 @@
 
 User errors (bad arguments, an output directory that cannot be written or already holds a
 result, an unknown SPARSEKIT_BACKEND) are reported before any work as one line on stderr,
-without a traceback, with exit status 2.
+without a traceback, with exit status 2.  ``compress`` checks, in this order: SPARSEKIT_BACKEND,
+the argument syntax, the argument combinations (method for the scheme, --sparsity, --group-size,
+a forced backend that cannot run the scheme on CPU), the output directory; then, after loading
+the workload and before any calibration, every layer against the scheme (e.g. a group size that
+does not divide a layer's in_features).
 """
 from __future__ import annotations
 

@@ -196,7 +196,13 @@ def _layer_check(scheme: str, args: dict, in_features: list):
 
         def check(mod, name):
             check_linear(mod)
-            compressed_group_size(mod.in_features, args["group_size"])
+            try:
+                compressed_group_size(mod.in_features, args["group_size"])
+            except ValueError:
+                kc = compressed_group_size(mod.in_features, -1)
+                raise ValueError(f"group_size={args['group_size']} (in kept values) does not divide the "
+                                 f"{kc} kept values per row of in_features={mod.in_features}; choose a "
+                                 f"group size that divides {kc}, or -1") from None
         return check
 
     def check(mod, name):
