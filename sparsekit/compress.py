@@ -261,10 +261,10 @@ def compress(model: nn.Module, calib=None, scheme: str = "2:4", method: Optional
     if not targets:
         raise ValueError("the model has no nn.Linear layers to compress")
     check_targets(targets, _layer_check(scheme, args, [t.module.in_features for t in targets]))
-    if calib is not None and method in _NEEDS_CALIB:
-        from .calibration import reiterable
+    if method in _NEEDS_CALIB:
+        from .convert import check_calibration
 
-        calib = reiterable(calib)
+        calib = check_calibration(model, calib)
 
     work = copy.deepcopy(model)
     work.eval()

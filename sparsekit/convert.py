@@ -38,7 +38,7 @@ from torch import nn
 
 __all__ = ["Sparse24Config", "BlockSparseConfig", "Int4Config", "sparsify_", "quantize_",
            "Target", "ConversionPlan", "find_targets", "check_targets", "check_linear", "build_plan",
-           "plan_conversion", "scratch_weights"]
+           "plan_conversion", "scratch_weights", "check_calibration"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -209,6 +209,36 @@ def check_targets(targets: Sequence[Target], check: Callable[[nn.Module, str], N
     """Run ``check(module, name)`` on every target; the first failure is re-raised naming the layer."""
     for t in targets:
         _named(t, check, t.module, t.name)
+
+
+def check_calibration(model: nn.Module, calib):
+    """Validate calibration batches before any calibration work; returns them re-iterable.
+
+    The model runs once, under ``no_grad`` in eval mode (every module's mode is
+    restored), on the first batch: a batch that does not fit the model (e.g.
+    the wrong number of input features) raises ``ValueError`` naming its shape
+    here, not from deep inside a calibration pass.
+    """
+    from .calibration import model_device, reiterable, split_batch
+
+    batches = reiterable(calib)
+    first = next(iter(batches), None)
+    if first is None:
+        raise ValueError("calib yielded no batches: give at least one calibration batch")
+    x = split_batch(first)
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x.to(model_device(model, {})))
+    except Exception as e:  # noqa: BLE001 - whatever the model raises, the batch does not fit it
+        raise ValueError(f"calib: the model's forward fails on the first calibration batch (a "
+                         f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')} tensor): {type(e).__name__}: "
+                         f"{' '.join(str(e).split())}") from e
+    finally:
+        for m, t in modes.items():
+            m.train(t)
+    return batches
 
 
 @contextlib.contextmanager
@@ -574,8 +604,9 @@ class Int4Config(_LinearConfig):
         from .quant import quantize_model_weights
 
         layers = {t.name: t.module for t in targets}
+        calib = check_calibration(model, self.calib)
         with scratch_weights(targets):
-            results = quantize_model_weights(model, self.calib, method=self.method, group_size=self.group_size,
+            results = quantize_model_weights(model, calib, method=self.method, group_size=self.group_size,
                                              symmetric=self.symmetric, bits=4, layers=layers, progress=progress,
                                              **self.method_kwargs)
         return {"results": results}
