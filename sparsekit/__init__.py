@@ -3,7 +3,9 @@ __version__ = "0.1.0"
 
 from . import formats, ops, prune, quant, testing  # noqa: E402
 from . import nn  # noqa: E402
+from .compress import load_compressed, save_compressed  # noqa: E402
 from .convert import BlockSparseConfig, Int4Config, Sparse24Config, quantize_, sparsify_  # noqa: E402
 
-__all__ = ["__version__", "formats", "ops", "prune", "quant", "testing", "nn", "Sparse24Config", "BlockSparseConfig", "Int4Config",
-           "sparsify_", "quantize_"]
+# `sparsekit.compress` stays the module (its `compress` function: `from sparsekit.compress import compress`)
+__all__ = ["__version__", "formats", "ops", "prune", "quant", "testing", "nn", "Sparse24Config", "BlockSparseConfig",
+           "Int4Config", "sparsify_", "quantize_", "save_compressed", "load_compressed"]

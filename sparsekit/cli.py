@@ -2,12 +2,21 @@
 
     sparsekit info               versions, device, backends per op, CUDA extension status
     sparsekit bench [ARGS...]    microbenchmarks (see ``sparsekit bench --help``)
-    sparsekit compress --workload minilm|digits --scheme 2:4 --method sparsegpt --out DIR
+    sparsekit compress --workload minilm|digits --scheme 2:4 --method sparsegpt --out DIR [--force]
                                  compress a bundled workload; writes DIR/model.safetensors, DIR/report.json
+
+User errors (bad arguments, an output directory that cannot be written or already holds a
+result, an unknown SPARSEKIT_BACKEND) are reported before any work as one line on stderr,
+without a traceback, with exit status 2.  ``compress`` checks, in this order: SPARSEKIT_BACKEND,
+the argument syntax, the argument combinations (method for the scheme, --sparsity, --group-size,
+a forced backend that cannot run the scheme on CPU), the output directory; then, after loading
+the workload and before any calibration, every layer against the scheme (e.g. a group size that
+does not divide a layer's in_features).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 
@@ -17,48 +26,197 @@ KNOWN_OPS = ("sparse24_linear", "sparse24_grad_input", "sparse24_grad_values", "
              "sparse24_int4_linear", "draft_attention", "triple_gate_conv2d")
 
 
+class UsageError(Exception):
+    """A user error (bad argument, bad output path, bad environment): printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`UsageError` instead of printing the usage and exiting."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: error: {message} (see `{self.prog} --help`)")
+
+
+SCHEMES = ("2:4", "block", "int4", "2:4+int4")
+# the op a scheme's compressed modules run (checked against a forced SPARSEKIT_BACKEND before any work)
+SCHEME_OPS = {"2:4": "sparse24_linear", "block": "block_sparse_linear", "int4": "int4_linear",
+              "2:4+int4": "sparse24_int4_linear"}
+OUTPUT_FILES = ("model.safetensors", "report.json")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sparsekit",
-                                description="sparsekit: kernels for sparse and low-bit neural networks")
+    p = _Parser(prog="sparsekit", description="sparsekit: kernels for sparse and low-bit neural networks")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("info", help="print versions, the CUDA device, backends per op and the CUDA extension status")
     sub.add_parser("bench", help="run the microbenchmarks (CPU correctness sweep without CUDA); "
                                  "`sparsekit bench --help` for its options", add_help=False)
-    c = sub.add_parser("compress", help="compress a bundled workload (minilm or digits) and report its quality")
+    c = sub.add_parser("compress", help="compress a bundled workload (minilm or digits) and report its quality",
+                       description="Compress a bundled workload and report its quality.  Every argument and the "
+                                   "output directory are checked before any work; user errors print one line "
+                                   "and exit with status 2.")
     c.add_argument("--workload", choices=("minilm", "digits"), required=True)
-    c.add_argument("--scheme", choices=("2:4", "block", "int4", "2:4+int4"), default="2:4")
+    c.add_argument("--scheme", choices=SCHEMES, default="2:4")
     c.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt", "rtn", "gptq", "awq"), default=None,
-                   help="default: sparsegpt for 2:4, magnitude for block, gptq for int4")
-    c.add_argument("--out", default=None, help="directory for model.safetensors and report.json")
-    c.add_argument("--sparsity", type=float, default=0.5, help="block scheme: fraction of blocks dropped")
-    c.add_argument("--group-size", type=int, default=None, help="int4 group size (default: largest fitting)")
+                   help="default: sparsegpt for 2:4 and 2:4+int4, magnitude for block, gptq for int4")
+    c.add_argument("--out", default=None,
+                   help="directory for model.safetensors and report.json (created if missing)")
+    c.add_argument("--force", action="store_true", help="overwrite model.safetensors / report.json in --out")
+    c.add_argument("--sparsity", type=float, default=None,
+                   help="block scheme only: fraction of blocks dropped, in [0, 1] (default 0.5)")
+    c.add_argument("--group-size", type=int, default=None,
+                   help="int4 and 2:4+int4 only: 32, 64, 128 or -1 (one group per row; default: largest fitting)")
     c.add_argument("--progress", action="store_true", help="show calibration progress bars")
     return p
 
 
+def _forced_backend() -> str | None:
+    """The backend forced by ``SPARSEKIT_BACKEND`` (None when unset or ``auto``); UsageError if it is not one."""
+    from sparsekit.ops.dispatch import ALL_BACKENDS, ENV_VAR
+
+    value = os.environ.get(ENV_VAR)
+    if value is None or value == "" or value == "auto":
+        return None
+    if value not in ALL_BACKENDS:
+        raise UsageError(f"sparsekit: error: environment variable {ENV_VAR}={value!r} is not a backend; "
+                         f"set it to one of {', '.join(ALL_BACKENDS)} or 'auto', or unset it")
+    return value
+
+
+def _check_compress_args(args) -> None:
+    """Everything about the compress arguments that can be checked without loading the workload."""
+    import math
+
+    from sparsekit.compress import DEFAULT_METHOD, SCHEME_METHODS
+
+    err = "sparsekit compress: error:"
+    if args.method is not None and args.method not in SCHEME_METHODS[args.scheme]:
+        raise UsageError(f"{err} --method {args.method} does not apply to --scheme {args.scheme}; "
+                         f"choose from {', '.join(SCHEME_METHODS[args.scheme])}")
+    if args.sparsity is not None:
+        if args.scheme != "block":
+            raise UsageError(f"{err} --sparsity applies to --scheme block only (--scheme {args.scheme} "
+                             f"{'has a fixed 50% sparsity' if '2:4' in args.scheme else 'does not prune'})")
+        if not math.isfinite(args.sparsity) or not 0.0 <= args.sparsity <= 1.0:
+            raise UsageError(f"{err} --sparsity must be in [0, 1], got {args.sparsity}")
+    if args.group_size is not None:
+        if args.scheme not in ("int4", "2:4+int4"):
+            raise UsageError(f"{err} --group-size applies to --scheme int4 and 2:4+int4 only, "
+                             f"not to --scheme {args.scheme}")
+        if args.group_size not in (32, 64, 128, -1):
+            raise UsageError(f"{err} --group-size must be 32, 64, 128 or -1 (one group per row), "
+                             f"got {args.group_size}")
+    forced = _forced_backend()
+    if forced is not None:
+        from sparsekit.ops import dispatch
+
+        op = SCHEME_OPS[args.scheme]
+        try:
+            dispatch.resolve(op, "cpu")
+        except ValueError as e:
+            raise UsageError(f"{err} environment variable {dispatch.ENV_VAR}={forced!r} cannot run the "
+                             f"--scheme {args.scheme} modules on CPU: {e}") from None
+    args.method = args.method or DEFAULT_METHOD[args.scheme]
+
+
+def _prepare_out(out: str, force: bool) -> list:
+    """Check (and create) the output directory before any work; returns the directories created.
+
+    UsageError for a regular file in the way, an unwritable directory, or an existing
+    model.safetensors / report.json without ``force``.
+    """
+    import tempfile
+
+    err = "sparsekit compress: error: --out"
+    if not out:
+        raise UsageError(f"{err} must be a directory path, got an empty string")
+    out_abs = os.path.abspath(out)
+    if os.path.exists(out_abs) and not os.path.isdir(out_abs):
+        raise UsageError(f"{err} {out!r} is a regular file, not a directory")
+    from sparsekit.compress import _blocking_file
+
+    blocker = _blocking_file(os.path.join(out_abs, "x"))
+    if blocker is not None:
+        raise UsageError(f"{err} {out!r} cannot be created: {blocker!r} is a regular file, not a directory")
+    existing = [f for f in OUTPUT_FILES if os.path.lexists(os.path.join(out_abs, f))]
+    for f in existing:
+        if os.path.isdir(os.path.join(out_abs, f)):
+            raise UsageError(f"{err} {os.path.join(out, f)!r} is a directory; remove it or choose another --out")
+    if existing and not force:
+        raise UsageError(f"{err} {out!r} already holds {' and '.join(existing)}; pass --force to overwrite, "
+                         f"or choose another directory")
+    try:
+        import safetensors  # noqa: F401
+    except ImportError:
+        raise UsageError("sparsekit compress: error: writing --out needs the safetensors package "
+                         "(pip install safetensors)") from None
+    created = []
+    probe = out_abs
+    while not os.path.exists(probe):
+        created.append(probe)
+        probe = os.path.dirname(probe)
+    try:
+        os.makedirs(out_abs, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".sparsekit-write-test.", dir=out_abs)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        _remove_created(created)
+        raise UsageError(f"{err} {out!r} is not writable: {e.strerror or e}") from None
+    return created
+
+
+def _remove_created(created: list) -> None:
+    for d in created:  # deepest first
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
+
+
 def compress_cmd(args, out=None) -> int:
+    """``sparsekit compress``: returns the exit status; raises UsageError for user errors."""
     out = out or sys.stdout
     import json
-    import os
 
-    from sparsekit.compress import compress, save_compressed
-    from sparsekit.workloads import load_workload
-
-    wl = load_workload(args.workload)
+    _check_compress_args(args)
+    created = _prepare_out(args.out, args.force) if args.out is not None else []
     try:
-        model, report = compress(wl.model, wl.calib, scheme=args.scheme, method=args.method,
-                                 quality_fn=wl.quality_fn, dense_quality=wl.dense_quality,
-                                 sparsity=args.sparsity, group_size=args.group_size, progress=args.progress)
-    except (NotImplementedError, ValueError) as e:
-        print(f"sparsekit compress: {e}", file=sys.stderr)
-        return 2
-    report = {"workload": wl.name, "metric": wl.metric, **report}
-    if args.out:
-        wpath, rpath = save_compressed(model, os.path.join(args.out, "model.safetensors"), report)
-        report["files"] = [wpath, rpath]
+        from sparsekit.compress import compress, save_compressed
+        from sparsekit import workloads
+
+        err = "sparsekit compress: error:"
+        try:
+            wl = workloads.load_workload(args.workload)
+        except (ImportError, OSError, ValueError) as e:
+            raise UsageError(f"{err} cannot load workload {args.workload!r}: {_one_line(e)}") from None
+        opts = {}
+        if args.sparsity is not None:
+            opts["sparsity"] = args.sparsity
+        if args.group_size is not None:
+            opts["group_size"] = args.group_size
+        try:
+            model, report = compress(wl.model, wl.calib, scheme=args.scheme, method=args.method,
+                                     quality_fn=wl.quality_fn, dense_quality=wl.dense_quality,
+                                     progress=args.progress, **opts)
+        except (NotImplementedError, ValueError, TypeError) as e:
+            raise UsageError(f"{err} {_one_line(e)}") from None
+        report = {"workload": wl.name, "metric": wl.metric, **report}
+        if args.out is not None:
+            try:
+                wpath, rpath = save_compressed(model, os.path.join(args.out, "model.safetensors"), report)
+            except (OSError, ValueError, TypeError) as e:
+                raise UsageError(f"{err} writing --out {args.out!r} failed: {_one_line(e)}") from None
+            report["files"] = [wpath, rpath]
+            created = []
+    finally:
+        _remove_created(created)
     shown = {k: v for k, v in report.items() if k != "layers"}
     print(json.dumps(shown, indent=2, default=str), file=out)
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _cuda_extension_status() -> str:
@@ -105,6 +263,8 @@ def info(out=None) -> int:
         pr("cuda device", "none")
         device = "cpu"
     pr("cuda extension", _cuda_extension_status())
+    pr("SPARSEKIT_BACKEND", f"{os.environ['SPARSEKIT_BACKEND']} (forced)" if os.environ.get("SPARSEKIT_BACKEND")
+       not in (None, "", "auto") else "unset (automatic choice per op)")
     try:
         import torch.backends.cusparselt as csl
         pr("cusparselt", f"available (version {csl.version()})" if csl.is_available() else "not available")
@@ -135,19 +295,29 @@ def info(out=None) -> int:
 
 
 def main(argv=None) -> int:
+    """Run the ``sparsekit`` command; returns the exit status.
+
+    User errors (bad arguments, a bad output path, an unknown ``SPARSEKIT_BACKEND``) print one
+    line ``...: error: ...`` on stderr, with no traceback, and return 2.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    # `bench` hands every remaining argument to the benchmark runner untouched
-    if argv and argv[0] == "bench":
-        from sparsekit.bench.run import main as bench_main
-        return int(bench_main(argv[1:]) or 0)
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.command == "info":
-        return info()
-    if args.command == "compress":
-        return compress_cmd(args)
-    parser.print_help()
-    return 2
+    try:
+        _forced_backend()
+        # `bench` hands every remaining argument to the benchmark runner untouched
+        if argv and argv[0] == "bench":
+            from sparsekit.bench.run import main as bench_main
+            return int(bench_main(argv[1:]) or 0)
+        parser = _parser()
+        args = parser.parse_args(argv)
+        if args.command == "info":
+            return info()
+        if args.command == "compress":
+            return compress_cmd(args)
+        parser.print_help()
+        return 2
+    except UsageError as e:
+        print(_one_line(e), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
