@@ -5,6 +5,8 @@
 #   make gpu-check      scripts/gpu_check.sh (the one call on the lent GPU machine; writes to $$OUT);
 #                       DRY_RUN=1: on CPU, print the plan and run every step that needs no GPU
 #   make compile-csrc   scripts/compile_csrc.sh (compile csrc/ sources without installing)
+#   make gate-table     static performance gate: compile every launcher config for sm_90/sm_80, rewrite
+#                       bench/gate/triton-<version>/ for this PYTHON's triton (GATE_ARGS="--family sparse24" for one family)
 
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
@@ -13,8 +15,9 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+GATE_ARGS ?=
 
-.PHONY: install test bench gpu-check compile-csrc
+.PHONY: install test bench gpu-check compile-csrc gate-table
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null \
@@ -39,3 +42,6 @@ gpu-check:
 
 compile-csrc:
 	bash scripts/compile_csrc.sh
+
+gate-table:
+	$(PYTHON) -m sparsekit.bench.static_gate --out committed $(GATE_ARGS)

@@ -83,6 +83,10 @@ def fwd_config(M: int, N: int, K: int, group_size: int, num_sms: int = 132) -> d
 
 
 _INTERP_FWD = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2, SPLIT_K=1)
+
+
+def _interpreting(t: torch.Tensor) -> bool:
+    return not t.is_cuda
 _LAUNCH_ONLY = ("num_warps", "num_stages")
 
 
@@ -114,7 +118,7 @@ def sparse24_int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
     KC = qweight.shape[1] * 8
     GC = scales.shape[1]
     G = KC // 2
-    interp = not x.is_cuda
+    interp = _interpreting(x)
     if config is None:
         if interp:
             config = dict(_INTERP_FWD)
