@@ -31,8 +31,8 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-__all__ = ["resolve_layers", "split_batch", "reiterable", "model_device", "hooked", "forward_groups",
-           "accumulate_inputs", "sequential", "STATS"]
+__all__ = ["resolve_layers", "split_batch", "reiterable", "model_device", "hooked", "first_calls", "forward_groups",
+           "InputAccumulator", "zero_stats", "accumulate_inputs", "sequential", "StopForward", "STATS"]
 
 # statistics accumulate_inputs can gather: "xtx" (K, K) = X^T X, "sumsq" (K,) = sum_i x_ij^2,
 # "sumabs" (K,) = sum_i |x_ij|; "n" (rows) is always there
@@ -126,12 +126,16 @@ def hooked(model: nn.Module, layers: Mapping[str, nn.Module], make_hook: Callabl
             m.train(t)
 
 
-class _StopForward(Exception):
-    """Raised from a hook to end a calibration forward early."""
+class StopForward(Exception):
+    """Raised from a hook to end a calibration forward early (the calibration loops catch it)."""
 
 
-def forward_groups(model: nn.Module, layers: Mapping[str, nn.Module], batch) -> tuple[list, dict]:
-    """``(groups, counts)`` from one forward over ``batch``.
+_StopForward = StopForward  # the earlier private name
+
+
+def first_calls(root: nn.Module, layers: Mapping[str, nn.Module], run: Callable[[], object]) -> tuple[list, dict]:
+    """``(groups, counts)`` from one forward done by ``run()`` (hooks on ``layers``, ``root`` in eval mode,
+    under ``no_grad``; a :class:`StopForward` raised inside ends the forward quietly).
 
     ``groups``: lists of layer names in the order of their first call; layers
     whose first call read the very same input tensor as the previous layer's
@@ -148,8 +152,11 @@ def forward_groups(model: nn.Module, layers: Mapping[str, nn.Module], batch) -> 
             counts[name] += 1
         return hook
 
-    with hooked(model, layers, make_hook), torch.no_grad():
-        model(split_batch(batch).to(model_device(model, layers)))
+    with hooked(root, layers, make_hook), torch.no_grad():
+        try:
+            run()
+        except StopForward:
+            pass
     groups = []
     for name, x in order:
         if groups and groups[-1][1] is x:
@@ -157,6 +164,17 @@ def forward_groups(model: nn.Module, layers: Mapping[str, nn.Module], batch) -> 
         else:
             groups.append(([name], x))
     return [g for g, _ in groups], counts
+
+
+def forward_groups(model: nn.Module, layers: Mapping[str, nn.Module], batch) -> tuple[list, dict]:
+    """``(groups, counts)`` from one forward over ``batch`` (see :func:`first_calls`).
+
+    ``groups``: lists of layer names in the order of their first call; layers
+    whose first call read the very same input tensor as the previous layer's
+    share a group.  ``counts``: calls per layer in that forward (0 for a layer
+    that did not run; such layers are in no group).
+    """
+    return first_calls(model, layers, lambda: model(split_batch(batch).to(model_device(model, layers))))
 
 
 def _check_stats(stats: Sequence[str]) -> tuple:
@@ -167,42 +185,54 @@ def _check_stats(stats: Sequence[str]) -> tuple:
     return stats
 
 
-def accumulate_inputs(model: nn.Module, layers: Mapping[str, nn.Linear], calib_loader: Iterable,
-                      stats: Sequence[str] = ("xtx", "sumsq"), max_rows: Optional[int] = None,
-                      stop_after: Optional[Mapping[str, int]] = None, progress: bool = True,
-                      desc: str = "calibration") -> dict:
-    """Raw sums over every input row (leading dims flattened) of each layer.
-
-    Returns ``{name: {"n": rows, <stat>: tensor for each of stats}}``, float64
-    on the layer's weight device (see :data:`STATS`).  ``max_rows``: stop
-    accumulating a layer after that many rows; the loop ends early once
-    every layer has them.  ``stop_after``: ``{name: calls}`` -- end each
-    forward (by an exception from the hook) once every listed layer has run
-    that many times, which saves the rest of the network's compute.
-    ``calib_loader`` yields tensors or ``(x, y, ...)`` tuples.  Runs under
-    ``no_grad`` in eval mode (:func:`hooked`).  No batches -> ValueError.
-    """
-    stats = _check_stats(stats)
+def _check_max_rows(max_rows) -> None:
     if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
         raise ValueError(f"max_rows must be None or a positive int, got {max_rows!r}")
-    names = list(layers)
-    dev = model_device(model, layers)
-    acc = {}
-    for n, mod in layers.items():
-        k, wd = mod.in_features, mod.weight.device
-        a = {"n": 0}
-        if "xtx" in stats:
-            a["xtx"] = torch.zeros(k, k, dtype=torch.float64, device=wd)
-        if "sumsq" in stats:
-            a["sumsq"] = torch.zeros(k, dtype=torch.float64, device=wd)
-        if "sumabs" in stats:
-            a["sumabs"] = torch.zeros(k, dtype=torch.float64, device=wd)
-        acc[n] = a
-    calls = {n: 0 for n in names}
 
-    def make_hook(name):
-        a = acc[name]
-        wd = layers[name].weight.device
+
+def zero_stats(module: nn.Linear, stats: Sequence[str]) -> dict:
+    """Raw statistics of a layer that saw no rows (``n = 0``, zero sums), as :func:`accumulate_inputs` lays them out."""
+    k, wd = module.in_features, module.weight.device
+    a = {"n": 0}
+    if "xtx" in stats:
+        a["xtx"] = torch.zeros(k, k, dtype=torch.float64, device=wd)
+    if "sumsq" in stats:
+        a["sumsq"] = torch.zeros(k, dtype=torch.float64, device=wd)
+    if "sumabs" in stats:
+        a["sumabs"] = torch.zeros(k, dtype=torch.float64, device=wd)
+    return a
+
+
+class InputAccumulator:
+    """Raw sums over the input rows of some layers, fed by forward-pre hooks (see :func:`accumulate_inputs`).
+
+    ``stats`` and ``max_rows`` are one value for every layer or a dict per layer name.
+    ``stop_after``: ``{name: calls}`` -- a hook raises :class:`StopForward` once every listed
+    layer has run that many times since :meth:`new_forward`.
+    """
+
+    def __init__(self, layers: Mapping[str, nn.Linear], stats: Union[Sequence[str], Mapping[str, Sequence[str]]],
+                 max_rows: Union[None, int, Mapping[str, Optional[int]]] = None,
+                 stop_after: Optional[Mapping[str, int]] = None):
+        self.layers = dict(layers)
+        self.stats = {n: _check_stats(stats[n] if isinstance(stats, Mapping) else stats) for n in self.layers}
+        self.max_rows = {n: (max_rows.get(n) if isinstance(max_rows, Mapping) else max_rows) for n in self.layers}
+        for v in self.max_rows.values():
+            _check_max_rows(v)
+        self.stop_after = stop_after
+        self.acc = {n: zero_stats(mod, self.stats[n]) for n, mod in self.layers.items()}
+        self.calls = {n: 0 for n in self.layers}
+
+    def new_forward(self) -> None:
+        for k in self.calls:
+            self.calls[k] = 0
+
+    def make_hook(self, name: str):
+        a = self.acc[name]
+        wd = self.layers[name].weight.device
+        max_rows = self.max_rows[name]
+        calls = self.calls
+        stop_after = self.stop_after
 
         def hook(mod, inputs):
             calls[name] += 1
@@ -220,28 +250,58 @@ def accumulate_inputs(model: nn.Module, layers: Mapping[str, nn.Linear], calib_l
                     a["sumabs"] += x.abs().sum(0)
                 a["n"] += int(x.shape[0])
             if stop_after is not None and all(calls[k] >= c for k, c in stop_after.items()):
-                raise _StopForward
+                raise StopForward
         return hook
+
+    def full(self) -> bool:
+        """Every layer has a row cap and has reached it (more batches would add nothing)."""
+        return all(self.max_rows[n] is not None and self.acc[n]["n"] >= self.max_rows[n] for n in self.layers)
+
+    def pop(self, name: str) -> dict:
+        return self.acc.pop(name)
+
+
+def accumulate_inputs(model: nn.Module, layers: Mapping[str, nn.Linear], calib_loader: Iterable,
+                      stats: Sequence[str] = ("xtx", "sumsq"), max_rows: Optional[int] = None,
+                      stop_after: Optional[Mapping[str, int]] = None, progress: bool = True,
+                      desc: str = "calibration") -> dict:
+    """Raw sums over every input row (leading dims flattened) of each layer.
+
+    Returns ``{name: {"n": rows, <stat>: tensor for each of stats}}``, float64
+    on the layer's weight device (see :data:`STATS`).  ``max_rows``: stop
+    accumulating a layer after that many rows; the loop ends early once
+    every layer has them.  ``stop_after``: ``{name: calls}`` -- end each
+    forward (by an exception from the hook) once every listed layer has run
+    that many times, which saves the rest of the network's compute.
+    ``calib_loader`` yields tensors or ``(x, y, ...)`` tuples.  Runs under
+    ``no_grad`` in eval mode (:func:`hooked`).  No batches -> ValueError.
+    ``stats`` and ``max_rows`` may also be dicts per layer name.
+    """
+    if not isinstance(stats, Mapping):
+        stats = _check_stats(stats)
+    if not isinstance(max_rows, Mapping):
+        _check_max_rows(max_rows)
+    dev = model_device(model, layers)
+    accum = InputAccumulator(layers, stats, max_rows, stop_after)
 
     from tqdm.auto import tqdm
 
     total = len(calib_loader) if hasattr(calib_loader, "__len__") else None
     num_batches = 0
-    with hooked(model, layers, make_hook), torch.no_grad():
+    with hooked(model, layers, accum.make_hook), torch.no_grad():
         for batch in tqdm(calib_loader, desc=desc, unit="batch", total=total, disable=not progress, leave=False):
             x = split_batch(batch).to(dev)
-            for k in calls:
-                calls[k] = 0
+            accum.new_forward()
             try:
                 model(x)
-            except _StopForward:
+            except StopForward:
                 pass
             num_batches += 1
-            if max_rows is not None and all(acc[n]["n"] >= max_rows for n in names):
+            if max_rows is not None and accum.full():
                 break
     if num_batches == 0:
         raise ValueError("calib_loader yielded no batches")
-    return acc
+    return accum.acc
 
 
 def sequential(model: nn.Module, layers: Union[Mapping[str, nn.Linear], list, None], calib_loader: Iterable,
@@ -285,13 +345,7 @@ def sequential(model: nn.Module, layers: Union[Mapping[str, nn.Linear], list, No
         del acc
     for name in absent:
         mod = layers[name]
-        k, wd = mod.in_features, mod.weight.device
-        zero = {"n": 0}
-        if "xtx" in stats:
-            zero["xtx"] = torch.zeros(k, k, dtype=torch.float64, device=wd)
-        for s in ("sumsq", "sumabs"):
-            if s in stats:
-                zero[s] = torch.zeros(k, dtype=torch.float64, device=wd)
+        zero = zero_stats(mod, stats)
         process(name, mod, zero)
         done.append(name)
     return done
