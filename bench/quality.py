@@ -8,6 +8,10 @@ markdown.  ``python -m sparsekit.bench.quality`` prints it.
 MiniLM is calibrated on ``minilm_calib`` sentences (default 16, one batch) to
 keep the whole table near a minute on two CPU cores; quality is the mean
 cosine similarity of its sentence embeddings to the dense model's.
+
+Schemes and methods come from the registry (:mod:`sparsekit.schemes`); every
+row compresses a freshly loaded workload model in place (one model in memory
+at a time) and measures its dense quality before compressing.
 """
 from __future__ import annotations
 
@@ -19,7 +23,37 @@ DEFAULT_CONFIGS = (("2:4", "magnitude"), ("2:4", "wanda"), ("2:4", "sparsegpt"),
                    ("2:4+int4", "sparsegpt"))
 DEFAULT_WORKLOADS = ("digits", "minilm")
 
-__all__ = ["DEFAULT_CONFIGS", "DEFAULT_WORKLOADS", "quality_table", "format_table", "print_quality_table", "main"]
+__all__ = ["DEFAULT_CONFIGS", "DEFAULT_WORKLOADS", "check_configs", "parse_config", "quality_table", "format_table",
+           "print_quality_table", "main"]
+
+
+def check_configs(configs) -> tuple:
+    """``((scheme, method), ...)`` checked against the registry (method None: the scheme's calibrated default)."""
+    from sparsekit.compress import scheme_config
+
+    out = []
+    for item in configs:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(f"a quality-table config is a (scheme, method) pair, got {item!r}")
+        cfg = scheme_config(item[0], item[1])
+        out.append((item[0], cfg.method))
+    return tuple(out)
+
+
+def parse_config(text: str) -> tuple:
+    """``"scheme"`` or ``"scheme/method"`` -> ``(scheme, method or None)``."""
+    scheme, _, method = text.partition("/")
+    return scheme, (method or None)
+
+
+def _load(wname: str, minilm_calib: int):
+    from sparsekit.workloads import digits_workload, minilm_workload
+
+    if wname == "minilm":
+        return minilm_workload(num_calib=minilm_calib)
+    if wname == "digits":
+        return digits_workload()
+    raise ValueError(f"unknown workload {wname!r}; known: {DEFAULT_WORKLOADS}")
 
 
 def quality_table(workloads=DEFAULT_WORKLOADS, configs=DEFAULT_CONFIGS, minilm_calib: int = 16,
@@ -29,18 +63,17 @@ def quality_table(workloads=DEFAULT_WORKLOADS, configs=DEFAULT_CONFIGS, minilm_c
     ``ratio``: compressed / dense bytes of the converted linear layers; ``model_ratio``: of the whole
     model (MiniLM's float32 embedding tables stay dense)."""
     from sparsekit.compress import compress
-    from sparsekit.workloads import digits_workload, minilm_workload
 
+    configs = check_configs(configs)
+    for wname in workloads:
+        if wname not in DEFAULT_WORKLOADS:
+            raise ValueError(f"unknown workload {wname!r}; known: {DEFAULT_WORKLOADS}")
     rows = []
     for wname in workloads:
-        if wname == "minilm":
-            wl = minilm_workload(num_calib=minilm_calib)
-        elif wname == "digits":
-            wl = digits_workload()
-        else:
-            raise ValueError(f"unknown workload {wname!r}; known: {DEFAULT_WORKLOADS}")
-        dense_q = wl.dense_quality
+        dense_q = None
         for scheme, method in configs:
+            wl = _load(wname, minilm_calib)          # a fresh model, compressed in place
+            dense_q = wl.dense_quality if dense_q is None else dense_q
             t0 = time.perf_counter()
             _, rep = compress(wl.model, wl.calib, scheme=scheme, method=method, quality_fn=wl.quality_fn,
                               dense_quality=dense_q, progress=progress)
@@ -85,8 +118,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m sparsekit.bench.quality", description=__doc__.splitlines()[0])
     p.add_argument("--workloads", nargs="+", default=list(DEFAULT_WORKLOADS), choices=list(DEFAULT_WORKLOADS))
     p.add_argument("--minilm-calib", type=int, default=16, help="calibration sentences for MiniLM (1..48)")
+    p.add_argument("--configs", nargs="+", default=None, metavar="SCHEME[/METHOD]",
+                   help="schemes of the registry, each with an optional method (default: "
+                        + " ".join(f"{s}/{m}" for s, m in DEFAULT_CONFIGS) + ")")
     args = p.parse_args(argv)
-    print_quality_table(workloads=tuple(args.workloads), minilm_calib=args.minilm_calib, log=sys.stderr)
+    configs = DEFAULT_CONFIGS
+    if args.configs:
+        try:
+            configs = check_configs([parse_config(c) for c in args.configs])
+        except ValueError as e:
+            p.error(str(e))
+    print_quality_table(workloads=tuple(args.workloads), minilm_calib=args.minilm_calib, configs=configs,
+                        log=sys.stderr)
     return 0
 
 

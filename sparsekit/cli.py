@@ -3,15 +3,24 @@
     sparsekit info               versions, device, backends per op, CUDA extension status
     sparsekit bench [ARGS...]    microbenchmarks (see ``sparsekit bench --help``)
     sparsekit compress --workload minilm|digits --scheme 2:4 --method sparsegpt --out DIR [--force]
+                       [--override LAYER SPEC ...]
                                  compress a bundled workload; writes DIR/model.safetensors, DIR/report.json
+
+``--scheme`` and ``--method`` take every scheme and method of the registry
+(:mod:`sparsekit.schemes`).  ``--override LAYER SPEC`` (repeatable) is the
+per-layer override of :func:`sparsekit.compress.compress`: LAYER is a module
+name, ``re:<regex>`` or ``_default``; SPEC is ``none`` (leave the layer
+dense), a scheme name, ``SCHEME:key=value,...`` or ``:key=value,...``
+(parameters of ``--scheme``), e.g. ``--override re:attention none``
+``--override encoder.layer.0.output.dense int4:group_size=32``.
 
 User errors (bad arguments, an output directory that cannot be written or already holds a
 result, an unknown SPARSEKIT_BACKEND) are reported before any work as one line on stderr,
 without a traceback, with exit status 2.  ``compress`` checks, in this order: SPARSEKIT_BACKEND,
 the argument syntax, the argument combinations (method for the scheme, --sparsity, --group-size,
-a forced backend that cannot run the scheme on CPU), the output directory; then, after loading
-the workload and before any calibration, every layer against the scheme (e.g. a group size that
-does not divide a layer's in_features).
+the overrides, a forced backend that cannot run the schemes on CPU), the output directory; then,
+after loading the workload and before any calibration, every layer against its scheme (e.g. a
+group size that does not divide a layer's in_features, an override naming no layer).
 """
 from __future__ import annotations
 
@@ -37,11 +46,24 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message} (see `{self.prog} --help`)")
 
 
-SCHEMES = ("2:4", "block", "int4", "2:4+int4")
-# the op a scheme's compressed modules run (checked against a forced SPARSEKIT_BACKEND before any work)
-SCHEME_OPS = {"2:4": "sparse24_linear", "block": "block_sparse_linear", "int4": "int4_linear",
-              "2:4+int4": "sparse24_int4_linear"}
 OUTPUT_FILES = ("model.safetensors", "report.json")
+
+
+def __getattr__(name):
+    # SCHEMES / SCHEME_OPS: the registry's view, computed on use (plug-in schemes included)
+    from sparsekit.schemes import registry
+
+    if name == "SCHEMES":
+        return registry.names()
+    if name == "SCHEME_OPS":
+        # the op a scheme's compressed modules run (checked against a forced SPARSEKIT_BACKEND before any work)
+        return {s.name: s.kernels[0] for s in registry}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _join(names) -> str:
+    names = list(names)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,17 +76,28 @@ def _parser() -> argparse.ArgumentParser:
                        description="Compress a bundled workload and report its quality.  Every argument and the "
                                    "output directory are checked before any work; user errors print one line "
                                    "and exit with status 2.")
+    from sparsekit.schemes import registry
+
+    defaults = {}
+    for sch in registry:
+        defaults.setdefault(sch.config_cls.CALIBRATED_METHOD, []).append(sch.name)
     c.add_argument("--workload", choices=("minilm", "digits"), required=True)
-    c.add_argument("--scheme", choices=SCHEMES, default="2:4")
-    c.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt", "rtn", "gptq", "awq"), default=None,
-                   help="default: sparsegpt for 2:4 and 2:4+int4, magnitude for block, gptq for int4")
+    c.add_argument("--scheme", choices=registry.names(), default="2:4",
+                   help="compression scheme (see the README's scheme table); default 2:4")
+    c.add_argument("--method", choices=registry.methods(), default=None,
+                   help="calibration method; default: " + "; ".join(f"{m} for {_join(n)}" for m, n in defaults.items()))
     c.add_argument("--out", default=None,
                    help="directory for model.safetensors and report.json (created if missing)")
     c.add_argument("--force", action="store_true", help="overwrite model.safetensors / report.json in --out")
     c.add_argument("--sparsity", type=float, default=None,
-                   help="block scheme only: fraction of blocks dropped, in [0, 1] (default 0.5)")
+                   help=f"{_join(registry.with_field('sparsity'))} only: fraction of blocks dropped, in [0, 1] "
+                        f"(default 0.5)")
     c.add_argument("--group-size", type=int, default=None,
-                   help="int4 and 2:4+int4 only: 32, 64, 128 or -1 (one group per row; default: largest fitting)")
+                   help=f"{_join(registry.with_field('group_size'))} only: 32, 64, 128 or -1 (one group per row; "
+                        f"default: largest fitting)")
+    c.add_argument("--override", nargs=2, action="append", default=None, metavar=("LAYER", "SPEC"),
+                   help="per-layer override (repeatable): LAYER is a module name, re:<regex> or _default; SPEC is "
+                        "none, a scheme, SCHEME:key=value,... or :key=value,... (parameters of --scheme)")
     c.add_argument("--progress", action="store_true", help="show calibration progress bars")
     return p
 
@@ -82,40 +115,110 @@ def _forced_backend() -> str | None:
     return value
 
 
+def _parse_value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    if "x" in low and all(p.strip().isdigit() for p in low.split("x")):
+        return tuple(int(p) for p in low.split("x"))
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_override_spec(spec: str):
+    """``--override`` SPEC -> an overrides value: None, a scheme name, or a parameter dict (``"scheme"`` key
+    when a scheme is named).  ValueError for malformed text."""
+    text = spec.strip()
+    if text.lower() in ("none", "skip", "dense"):
+        return None
+    name, sep, rest = text.partition(":")
+    name = name.strip()
+    if not sep:
+        if not name:
+            raise ValueError(f"empty override spec {spec!r}")
+        return name
+    params = {} if not name else {"scheme": name}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"override spec {spec!r}: {item!r} is not key=value")
+        key = key.strip().replace("-", "_")
+        params[key] = _parse_value(value.strip())
+    if not params:
+        raise ValueError(f"override spec {spec!r} gives no scheme and no parameters")
+    return params
+
+
 def _check_compress_args(args) -> None:
     """Everything about the compress arguments that can be checked without loading the workload."""
     import math
 
-    from sparsekit.compress import DEFAULT_METHOD, SCHEME_METHODS
+    from sparsekit.compress import scheme_config
+    from sparsekit.schemes import normalize_spec, registry
 
     err = "sparsekit compress: error:"
-    if args.method is not None and args.method not in SCHEME_METHODS[args.scheme]:
+    scheme = registry.get(args.scheme)
+    if args.method is not None and args.method not in scheme.methods:
         raise UsageError(f"{err} --method {args.method} does not apply to --scheme {args.scheme}; "
-                         f"choose from {', '.join(SCHEME_METHODS[args.scheme])}")
+                         f"choose from {', '.join(scheme.methods)}")
     if args.sparsity is not None:
-        if args.scheme != "block":
-            raise UsageError(f"{err} --sparsity applies to --scheme block only (--scheme {args.scheme} "
-                             f"{'has a fixed 50% sparsity' if '2:4' in args.scheme else 'does not prune'})")
+        with_sparsity = registry.with_field("sparsity")
+        if args.scheme not in with_sparsity:
+            raise UsageError(f"{err} --sparsity applies to --scheme {_join(with_sparsity)} only (--scheme "
+                             f"{args.scheme} {'has a fixed 50% sparsity' if '2:4' in args.scheme else 'does not prune'})")
         if not math.isfinite(args.sparsity) or not 0.0 <= args.sparsity <= 1.0:
             raise UsageError(f"{err} --sparsity must be in [0, 1], got {args.sparsity}")
     if args.group_size is not None:
-        if args.scheme not in ("int4", "2:4+int4"):
-            raise UsageError(f"{err} --group-size applies to --scheme int4 and 2:4+int4 only, "
+        with_groups = registry.with_field("group_size")
+        if args.scheme not in with_groups:
+            raise UsageError(f"{err} --group-size applies to --scheme {_join(with_groups)} only, "
                              f"not to --scheme {args.scheme}")
         if args.group_size not in (32, 64, 128, -1):
             raise UsageError(f"{err} --group-size must be 32, 64, 128 or -1 (one group per row), "
                              f"got {args.group_size}")
+    try:
+        base = scheme_config(args.scheme, args.method, sparsity=args.sparsity, group_size=args.group_size)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{err} {_one_line(e)}") from None
+    overrides = None
+    used = [scheme]
+    if args.override:
+        overrides = {}
+        for layer, spec in args.override:
+            try:
+                value = parse_override_spec(spec)
+                if not layer:
+                    raise ValueError("LAYER is empty")
+                if layer.startswith("re:"):
+                    import re
+
+                    re.compile(layer[3:])
+                cfg = normalize_spec(value, base, registry, calibrated=True, where=f"--override {layer}")
+            except (ValueError, TypeError, Exception) as e:  # noqa: BLE001 - re.error and friends
+                raise UsageError(f"{err} --override {layer} {spec}: {_one_line(e)}") from None
+            if cfg is not None:
+                used.append(registry.for_config(cfg))
+            overrides[layer] = value
+    args.overrides = overrides
     forced = _forced_backend()
     if forced is not None:
         from sparsekit.ops import dispatch
 
-        op = SCHEME_OPS[args.scheme]
-        try:
-            dispatch.resolve(op, "cpu")
-        except ValueError as e:
-            raise UsageError(f"{err} environment variable {dispatch.ENV_VAR}={forced!r} cannot run the "
-                             f"--scheme {args.scheme} modules on CPU: {e}") from None
-    args.method = args.method or DEFAULT_METHOD[args.scheme]
+        for sch in {s.name: s for s in used}.values():
+            op = sch.kernels[0]
+            try:
+                dispatch.resolve(op, "cpu")
+            except ValueError as e:
+                what = f"--scheme {sch.name}" if sch is scheme else f"the override scheme {sch.name}"
+                raise UsageError(f"{err} environment variable {dispatch.ENV_VAR}={forced!r} cannot run the "
+                                 f"{what} modules on CPU: {e}") from None
+    args.method = args.method or scheme.config_cls.CALIBRATED_METHOD
 
 
 def _prepare_out(out: str, force: bool) -> list:
@@ -197,7 +300,7 @@ def compress_cmd(args, out=None) -> int:
         try:
             model, report = compress(wl.model, wl.calib, scheme=args.scheme, method=args.method,
                                      quality_fn=wl.quality_fn, dense_quality=wl.dense_quality,
-                                     progress=args.progress, **opts)
+                                     progress=args.progress, overrides=getattr(args, "overrides", None), **opts)
         except (NotImplementedError, ValueError, TypeError) as e:
             raise UsageError(f"{err} {_one_line(e)}") from None
         report = {"workload": wl.name, "metric": wl.metric, **report}

@@ -1,15 +1,22 @@
-"""One-call model compression: prune or quantize on calibration data, then swap in compressed modules.
+"""One-call model compression: calibrate, compress block by block, in place; report size, quality and speed.
 
-``compress(model, calib, scheme, method, **options) -> (compressed_model, report)``
+``compress(model, calib, scheme, method, **options) -> (model, report)``
 
-========== ================================ =====================================================
-scheme     methods                          modules in the compressed model
-========== ================================ =====================================================
-``2:4``    magnitude, wanda, sparsegpt      :class:`~sparsekit.nn.SparseLinear` (values + 2-bit metadata)
-``block``  magnitude                        :class:`~sparsekit.nn.BlockSparseLinear` (``block_size``, ``sparsity``)
-``int4``   rtn, gptq, awq                   :class:`~sparsekit.nn.QLinear` (packed nibbles, fp16 group scales)
-``2:4+int4`` magnitude, wanda, sparsegpt    :class:`~sparsekit.nn.SparseQLinear` (2:4 metadata + int4 kept values)
-========== ================================ =====================================================
+Every scheme of the registry (:mod:`sparsekit.schemes`) works here:
+
+============ ============================ ===================================================================
+scheme       methods (default)            modules in the compressed model
+============ ============================ ===================================================================
+``2:4``      magnitude, wanda, sparsegpt  :class:`~sparsekit.nn.SparseLinear` (values + 2-bit metadata)
+             (sparsegpt)
+``2:4+int8`` the same                     :class:`~sparsekit.nn.SparseLinear` ``act_bits=8`` (W8A8 2:4)
+``block``    magnitude                    :class:`~sparsekit.nn.BlockSparseLinear` (``block_size``, ``sparsity``)
+``w8a8``     rtn                          :class:`~sparsekit.nn.QLinear` ``bits=8`` (int8 weights and activations)
+``w4a8``     rtn, gptq, awq (gptq)        :class:`~sparsekit.nn.QLinear` int4, ``act_bits=8``
+``mixed``    rtn, gptq, awq (gptq)        :class:`~sparsekit.nn.QLinear` int4, token-adaptive 4/8-bit activations
+``int4``     rtn, gptq, awq (gptq)        :class:`~sparsekit.nn.QLinear` (packed nibbles, fp16 group scales)
+``2:4+int4`` as 2:4 (sparsegpt)           :class:`~sparsekit.nn.SparseQLinear` (2:4 metadata + int4 kept values)
+============ ============================ ===================================================================
 
 ``2:4+int4`` prunes with the method (SparseGPT compensates the kept weights
 for the pruned ones), then quantizes the kept values round-to-nearest,
@@ -17,67 +24,75 @@ group-wise along the compressed row (``group_size`` counts kept values, i.e.
 ``2 * group_size`` dense input features; default the largest of 128/64/32
 that divides it).
 
-The input model is never modified (the work happens on a deep copy).
+**Memory.**  The model is compressed in place (``inplace=True``, the
+default): no copy of it is made.  Calibration runs block by block over the
+model's repeated blocks (:func:`sparsekit.calibration.blockwise`): the first
+block's inputs are recorded once, each block is calibrated on them, and its
+compressed outputs feed the next block.  As soon as a block is done its new
+modules replace the dense layers, so the memory in use is the model, one
+block's scratch weights and statistics, and the activations of the
+calibration batches between two blocks.  With ``device="cuda"`` and the model
+on CPU, only the block being calibrated (and the activations, within
+``activation_budget``) is on the GPU.  ``inplace=False`` compresses a deep copy
+and leaves the input untouched (twice the model's memory).
 
-Quality (``quality_fn`` given): for 2:4, block and 2:4+int4 it is measured on
-the compressed model itself (float32 activations on CPU; SparseQLinear takes
-float32 inputs against its dequantized weight).  QLinear computes in
-float16/bfloat16 only, so for int4 it is measured on a float32 copy of the
-model whose converted layers hold exactly the QLinear's dequantized weight
-(``qlinear.weight``, the int4 codes times the stored fp16 scales); only the
-activation arithmetic is float32 instead of float16.  ``report["quality_on"]``
-says which.
+**Errors.**  Every argument and every selected layer is validated before
+anything runs.  With ``inplace=True`` an error raised after the first block
+was compressed leaves those blocks compressed (the error says how many
+layers); with ``inplace=False`` the input model never changes.
+
+**Quality** (``quality_fn`` given): the dense quality is measured before
+compressing (or taken from ``dense_quality``), the compressed quality after,
+on the same model object -- no second copy.  Modules that compute in
+float16/bfloat16 only are evaluated in the model's float dtype: int4 QLinear
+layers as float activations times their dequantized weight (the int4 codes
+times the stored scales; no activation rounding), activation-quantized layers
+(W4A8, mixed, W8A8, 2:4+int8) by their own kernels on inputs cast to their
+compute dtype.  ``report["quality_on"]`` says which.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
-import math
 import os
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
+from .convert import module_bytes
+
 __all__ = ["SCHEMES", "SCHEME_METHODS", "DEFAULT_METHOD", "compress", "save_compressed", "load_compressed",
-           "check_output_path", "module_bytes"]
+           "check_output_path", "module_bytes", "evaluation_forwards"]
 
-SCHEME_METHODS = {
-    "2:4": ("magnitude", "wanda", "sparsegpt"),
-    "block": ("magnitude",),
-    "int4": ("rtn", "gptq", "awq"),
-    "2:4+int4": ("magnitude", "wanda", "sparsegpt"),
-}
-SCHEMES = tuple(SCHEME_METHODS)
-DEFAULT_METHOD = {"2:4": "sparsegpt", "block": "magnitude", "int4": "gptq", "2:4+int4": "sparsegpt"}
+_FORMAT_ARGS = ("block_size", "sparsity", "group_size", "symmetric", "dtype")
 
 
-def module_bytes(module: nn.Module) -> int:
-    """Bytes of a module's parameters and buffers (each distinct tensor storage counted once)."""
-    seen = set()
-    total = 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        key = (t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape), t.storage_offset())
-        if key in seen:
-            continue
-        seen.add(key)
-        total += t.numel() * t.element_size()
-    return total
+def __getattr__(name):
+    # the registry's view, computed on use (so that plug-in schemes appear too)
+    from .schemes import registry
+
+    if name == "SCHEME_METHODS":
+        return {s.name: tuple(s.methods) for s in registry}
+    if name == "SCHEMES":
+        return registry.names()
+    if name == "DEFAULT_METHOD":
+        return {s.name: s.config_cls.CALIBRATED_METHOD for s in registry}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-_ALGO_OPTIONS = {
-    # (scheme, method) -> keyword options the algorithm takes
-    ("2:4", "magnitude"): (), ("2:4", "wanda"): (), ("2:4", "sparsegpt"): ("sparsegpt_block_size", "damp"),
-    ("2:4+int4", "magnitude"): (), ("2:4+int4", "wanda"): (),
-    ("2:4+int4", "sparsegpt"): ("sparsegpt_block_size", "damp"),
-    ("block", "magnitude"): (),
-    ("int4", "rtn"): (), ("int4", "gptq"): ("gptq_block_size", "damp", "act_order", "max_rows"),
-    ("int4", "awq"): ("grid", "max_rows"),
-}
-_NEEDS_CALIB = {"wanda", "sparsegpt", "gptq", "awq"}
-_SCHEME_ARGS = {"block_size": ("block",), "sparsity": ("block",), "group_size": ("int4", "2:4+int4"),
-                "symmetric": ("int4", "2:4+int4"), "dtype": ("int4", "2:4+int4")}
+def _join(names) -> str:
+    names = list(names)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def option_names(method: str) -> dict:
+    """compress's keyword -> the method's option name (``<method>_block_size`` for ``block_size``)."""
+    from .schemes import METHODS
+
+    return {(f"{method}_block_size" if o == "block_size" else o): o for o in METHODS[method].options}
 
 
 def _select_layers(model: nn.Module, layers):
@@ -110,24 +125,131 @@ def _select_layers(model: nn.Module, layers):
     return lambda n, m: n in wanted
 
 
-def _int4_group_size(in_features, requested: Optional[int]) -> int:
-    if requested is not None:
-        return requested
-    for g in (128, 64, 32):
-        if all(k % g == 0 for k in in_features):
-            return g
-    return -1
+def scheme_config(scheme: str, method: Optional[str] = None, block_size=None, sparsity=None, group_size=None,
+                  symmetric=None, dtype=None, **method_options):
+    """The registry config ``compress`` builds from its arguments (defaults: the scheme's calibrated method;
+    int4-family group size None = the largest of 128/64/32 dividing every layer).  ValueError / TypeError
+    for an unknown scheme, a method or an argument that does not apply to it, or a bad value."""
+    from .schemes import registry
+
+    if not isinstance(scheme, str) or scheme not in registry:
+        raise ValueError(f"unknown scheme {scheme!r}; supported: {registry.names()}")
+    s = registry.get(scheme)
+    if method is not None and (not isinstance(method, str) or method not in s.methods):
+        raise ValueError(f"method {method!r} does not apply to scheme {scheme!r}; choose from {s.methods}")
+    method = method or s.config_cls.CALIBRATED_METHOD
+    given = {"block_size": block_size, "sparsity": sparsity, "group_size": group_size, "symmetric": symmetric,
+             "dtype": dtype}
+    known = {f.name for f in dataclasses.fields(s.config_cls)}
+    for arg, value in given.items():
+        if value is not None and arg not in known:
+            raise ValueError(f"{arg}={value!r} does not apply to scheme {scheme!r} "
+                             f"(only to {_join(registry.with_field(arg))})")
+    allowed = option_names(method)
+    bad = sorted(k for k in method_options if k not in allowed)
+    if bad:
+        raise ValueError(f"option(s) {bad} do not apply to scheme {scheme!r} with method {method!r}; "
+                         f"it takes {list(allowed) or 'none'}")
+    params = {k: v for k, v in given.items() if v is not None}
+    if "group_size" in known:
+        params.setdefault("group_size", None)       # None: the largest group size that fits
+    return s.config(method=method, method_options={allowed[k]: v for k, v in method_options.items()}, **params)
 
 
-def _check_args(model, calib, scheme, method, quality_fn, dense_quality, speed, block_size, sparsity, group_size,
-                symmetric, dtype, options) -> dict:
-    """Validate compress's arguments (nothing about the layers yet); returns the resolved scheme arguments."""
-    if not isinstance(scheme, str) or scheme not in SCHEME_METHODS:
-        raise ValueError(f"unknown scheme {scheme!r}; supported: {SCHEMES}")
-    if method is not None and (not isinstance(method, str) or method not in SCHEME_METHODS[scheme]):
-        raise ValueError(f"method {method!r} does not apply to scheme {scheme!r}; "
-                         f"choose from {SCHEME_METHODS[scheme]}")
-    method = method or DEFAULT_METHOD[scheme]
+@contextlib.contextmanager
+def evaluation_forwards(model: nn.Module):
+    """Within the block, modules that compute in float16/bfloat16 only take the model's float dtype
+    (:meth:`Scheme.eval_forward`; e.g. int4 QLinear: float activations on the dequantized weight).
+    Yields the names of the schemes whose modules were switched."""
+    from .schemes import registry
+
+    switched = []
+    used = []
+    try:
+        for mod in {id(m): m for m in model.modules()}.values():
+            scheme = registry.for_module(mod)
+            fwd = scheme.eval_forward(mod) if scheme is not None else None
+            if fwd is not None:
+                mod.forward = fwd
+                switched.append(mod)
+                if scheme.name not in used:
+                    used.append(scheme.name)
+        yield used
+    finally:
+        for mod in switched:
+            del mod.forward
+
+
+def _quality_on(used: list) -> str:
+    if not used:
+        return "compressed model"
+    parts = []
+    if "int4" in used:
+        parts.append("int4 layers (W4A16): the model's float activations times their dequantized weight "
+                     "(int4 codes x stored scales), no activation rounding")
+    act = [u for u in used if u != "int4"]
+    if act:
+        parts.append(f"{_join(act)} layers: their own kernels on inputs cast to their compute dtype")
+    return "compressed model; " + "; ".join(parts)
+
+
+def compress(model: nn.Module, calib=None, scheme: str = "2:4", method: Optional[str] = None, *,
+             quality_fn: Optional[Callable[[nn.Module], float]] = None, dense_quality: Optional[float] = None,
+             layers=None, overrides=None, progress: bool = False, block_size=None, sparsity: Optional[float] = None,
+             group_size: Optional[int] = None, symmetric: Optional[bool] = None, dtype: Optional[torch.dtype] = None,
+             speed: str = "auto", inplace: bool = True, blocks="auto", device=None, offload: Optional[bool] = None,
+             activation_budget: Optional[int] = None, **method_options):
+    """Compress ``model``'s linear layers; returns ``(model, report)`` (the same object unless ``inplace=False``).
+
+    ``scheme``: a registry name (``"2:4"``, ``"2:4+int8"``, ``"block"``, ``"w8a8"``, ``"w4a8"``,
+    ``"mixed"``, ``"int4"``, ``"2:4+int4"``, or a plug-in's); ``method``: its calibration
+    method (default: the scheme's calibrated one, e.g. sparsegpt for 2:4, gptq for int4).
+    ``calib``: calibration batches (tensors or ``(x, ...)`` tuples fed as ``model(x)``),
+    needed by wanda, sparsegpt, gptq and awq.  ``layers``: which ``nn.Linear`` layers
+    (None = all; a list of qualified names, or a dict name -> layer of ``model``).
+    ``overrides``: per-layer schemes, parameters or None (skip), keyed by name,
+    ``"re:<regex>"`` or ``"_default"`` (:mod:`sparsekit.schemes.overrides`).
+    ``block_size`` (default ``(32, 32)``), ``sparsity`` (default 0.5): block scheme only.
+    ``group_size`` (default: the largest of 128/64/32 dividing every layer's in_features),
+    ``symmetric`` (default False), ``dtype`` (compute dtype of the quantized modules, default
+    the layer's half dtype, else float16): the schemes that have them.  An argument given to
+    a scheme it does not apply to raises ``ValueError``.  Other keywords go to the method:
+    ``sparsegpt_block_size``, ``damp`` (sparsegpt); ``gptq_block_size``, ``damp``,
+    ``act_order``, ``max_rows`` (gptq); ``grid``, ``max_rows`` (awq); anything else raises
+    ``ValueError``.
+
+    ``inplace`` (default True): compress the given model (see the module docstring for
+    memory and errors); False compresses a deep copy.  ``blocks``, ``device``, ``offload``,
+    ``activation_budget``: block-by-block calibration with offloading
+    (:func:`sparsekit.calibration.blockwise`; ``device="cuda"`` calibrates a CPU model on the
+    GPU one block at a time).  ``progress``: a bar over the blocks and a summary line.
+
+    All arguments and every selected layer are validated (group sizes against every
+    layer's ``in_features``, materialized finite weights, no tied weights; see
+    :mod:`sparsekit.convert`) before any calibration.  The model is returned in eval mode.
+    A module shared by several names stays shared.
+
+    The report holds ``scheme``, ``method``, ``config`` (the scheme config as JSON),
+    ``layers`` (converted names; a shared layer once, by its first name), ``num_layers``,
+    ``dense_bytes``/``compressed_bytes`` (whole model, parameters + buffers),
+    ``layer_dense_bytes``/``layer_compressed_bytes`` (converted layers only), ``ratio``
+    (layer compressed / dense), the scheme's parameters, ``calibration`` (blocks, time,
+    peak memory), ``shared`` (when some layers are shared: first name -> every name),
+    ``layer_schemes`` and ``skipped`` (with ``overrides``), and with ``quality_fn``
+    ``quality_dense``, ``quality`` and ``quality_on``.
+
+    ``speed``: ``"auto"`` (default) times the dense and the compressed model's forward on
+    the first calibration batch when the model's parameters are on a CUDA device
+    (``triton.testing.do_bench`` medians, after warm-up; the dense timing is taken before
+    compressing) and reports ``latency_dense_ms``, ``latency_ms``, ``speedup`` and
+    ``speed_on``; on CPU it records ``speed = "not measured: ..."``.  ``"off"`` skips it.
+    """
+    from .convert import _check_targets, convert_model
+    from .schemes import registry
+
+    cfg = scheme_config(scheme, method, block_size=block_size, sparsity=sparsity, group_size=group_size,
+                        symmetric=symmetric, dtype=dtype, **method_options)
+    method = cfg.method
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if speed not in ("auto", "off"):
@@ -136,219 +258,69 @@ def _check_args(model, calib, scheme, method, quality_fn, dense_quality, speed, 
         raise TypeError(f"quality_fn must be callable(model) -> float or None, got {type(quality_fn).__name__}")
     if dense_quality is not None and (isinstance(dense_quality, bool) or not isinstance(dense_quality, (int, float))):
         raise TypeError(f"dense_quality must be a number or None, got {dense_quality!r}")
-    given = {"block_size": block_size, "sparsity": sparsity, "group_size": group_size, "symmetric": symmetric,
-             "dtype": dtype}
-    for arg, value in given.items():
-        if value is not None and scheme not in _SCHEME_ARGS[arg]:
-            raise ValueError(f"{arg}={value!r} does not apply to scheme {scheme!r} "
-                             f"(only to {' and '.join(_SCHEME_ARGS[arg])})")
-    out = {"method": method}
-    if scheme == "block":
-        from .formats.block_sparse import check_block_size
-
-        out["block_size"] = check_block_size((32, 32) if block_size is None else block_size)
-        sp = 0.5 if sparsity is None else sparsity
-        if isinstance(sp, bool) or not isinstance(sp, (int, float)) or not math.isfinite(sp) or not 0 <= sp <= 1:
-            raise ValueError(f"sparsity must be a number in [0, 1], got {sp!r}")
-        out["sparsity"] = float(sp)
-    if scheme in ("int4", "2:4+int4"):
-        if group_size is not None and (isinstance(group_size, bool) or group_size not in (32, 64, 128, -1)):
-            raise ValueError(f"group_size must be None (largest fitting), 32, 64, 128 or -1 (one group per row), "
-                             f"got {group_size!r}")
-        if symmetric is not None and not isinstance(symmetric, bool):
-            raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
-        if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
-            raise TypeError(f"dtype must be torch.float16 or torch.bfloat16, got {dtype!r}")
-        out.update(group_size=group_size, symmetric=bool(symmetric),
-                   dtype=torch.float16 if dtype is None else dtype)
-    allowed = _ALGO_OPTIONS[(scheme, method)]
-    bad = sorted(k for k in options if k not in allowed)
-    if bad:
-        raise ValueError(f"option(s) {bad} do not apply to scheme {scheme!r} with method {method!r}; "
-                         f"it takes {list(allowed) or 'none'}")
-    if method in _NEEDS_CALIB:
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {inplace!r}")
+    if cfg.method_spec.needs_data:
         if calib is None:
             raise ValueError(f"method {method!r} needs calibration batches: compress(model, calib, ...)")
         if isinstance(calib, (list, tuple)) and len(calib) == 0:
             raise ValueError("calib is empty: give at least one calibration batch")
-    return out
-
-
-def _layer_check(scheme: str, args: dict, in_features: list):
-    """Per-layer validation for the scheme (run on every layer before any calibration)."""
-    from .convert import check_linear
-
-    if scheme == "int4":
-        from .quant.rtn import check_quant_args
-
-        gs = _int4_group_size(in_features, args["group_size"])
-        args["resolved_group_size"] = gs
-
-        def check(mod, name):
-            check_linear(mod)
-            if mod.in_features % 8:
-                raise ValueError(f"in_features K={mod.in_features} is not a multiple of 8 "
-                                 f"(int4 packs 8 codes per int32 word)")
-            check_quant_args(mod.in_features, gs, 4)
-        return check
-    if scheme == "2:4+int4":
-        from .formats.sparse24_int4 import compressed_group_size
-
-        def check(mod, name):
-            check_linear(mod)
-            try:
-                compressed_group_size(mod.in_features, args["group_size"])
-            except ValueError:
-                kc = compressed_group_size(mod.in_features, -1)
-                raise ValueError(f"group_size={args['group_size']} (in kept values) does not divide the "
-                                 f"{kc} kept values per row of in_features={mod.in_features}; choose a "
-                                 f"group size that divides {kc}, or -1") from None
-        return check
-
-    def check(mod, name):
-        check_linear(mod)
-    return check
-
-
-def compress(model: nn.Module, calib=None, scheme: str = "2:4", method: Optional[str] = None, *,
-             quality_fn: Optional[Callable[[nn.Module], float]] = None, dense_quality: Optional[float] = None,
-             layers=None, progress: bool = False, block_size=None, sparsity: Optional[float] = None,
-             group_size: Optional[int] = None, symmetric: Optional[bool] = None, dtype: Optional[torch.dtype] = None,
-             speed: str = "auto", **method_options):
-    """Compress ``model``'s linear layers; returns ``(compressed_model, report)``.
-
-    ``calib``: calibration batches (tensors or ``(x, ...)`` tuples fed as ``model(x)``),
-    needed by wanda, sparsegpt, gptq and awq.  ``layers``: which ``nn.Linear`` layers
-    (None = all; a list of qualified names, or a dict name -> layer of ``model``).
-    ``block_size`` (default ``(32, 32)``), ``sparsity`` (default 0.5): block scheme only.
-    ``group_size`` (default: the largest of 128/64/32 dividing every layer's in_features),
-    ``symmetric`` (default False), ``dtype`` (QLinear / SparseQLinear compute dtype, default
-    float16): int4 and 2:4+int4 only.  An argument given to a scheme it does not apply to
-    raises ``ValueError``.  Other keywords go to the algorithm: ``sparsegpt_block_size``,
-    ``damp`` (sparsegpt); ``gptq_block_size``, ``damp``, ``act_order``, ``max_rows`` (gptq);
-    ``grid``, ``max_rows`` (awq); anything else raises ``ValueError``.
-
-    All arguments and every selected layer are validated (group sizes against
-    every layer's ``in_features``, materialized finite weights, no tied weights;
-    see :mod:`sparsekit.convert`) before any calibration.  The input model is
-    never modified; the work happens on a deep copy, returned in eval mode.  A
-    module shared by several names stays shared in the result.
-
-    The report holds ``scheme``, ``method``, ``layers`` (converted names; a shared layer
-    once, by its first name), ``num_layers``,
-    ``dense_bytes``/``compressed_bytes`` (whole model, parameters + buffers),
-    ``layer_dense_bytes``/``layer_compressed_bytes`` (converted layers only),
-    ``ratio`` (layer compressed / dense), ``shared`` (when some layers are shared:
-    first name -> every name), and with ``quality_fn`` ``quality_dense``,
-    ``quality`` and ``quality_on``.
-
-    ``speed``: ``"auto"`` (default) times the dense and the compressed model's
-    forward on the first calibration batch when the model's parameters are on
-    a CUDA device (``triton.testing.do_bench`` medians, after warm-up) and
-    reports ``latency_dense_ms``, ``latency_ms``, ``speedup`` and ``speed_on``;
-    on CPU it records ``speed = "not measured: ..."`` (CPU runs use the
-    reference/interpreter backends, whose timings say nothing about the
-    kernels).  ``"off"`` skips it.
-    """
-    from .convert import build_plan, check_targets, find_targets
-
-    args = _check_args(model, calib, scheme, method, quality_fn, dense_quality, speed, block_size, sparsity,
-                       group_size, symmetric, dtype, method_options)
-    method = args["method"]
     select = _select_layers(model, layers)
-    # phase 1a: every layer is validated on the input model before any copy or calibration
-    targets = find_targets(model, select)
-    if not targets:
-        raise ValueError("the model has no nn.Linear layers to compress")
-    check_targets(targets, _layer_check(scheme, args, [t.module.in_features for t in targets]))
-    if method in _NEEDS_CALIB:
-        from .convert import check_calibration
+    if not inplace:
+        _check_targets(model, cfg, select, overrides, True, "overrides")    # fail before copying
+        model = copy.deepcopy(model)
 
-        calib = check_calibration(model, calib)
+    state = {}
 
-    work = copy.deepcopy(model)
-    work.eval()
-    wtargets = find_targets(work, select)
-    names = [t.name for t in wtargets]
-    lin = {t.name: t.module for t in wtargets}
-    dense_layer_bytes = sum(module_bytes(t.module) for t in wtargets)
-    dense_bytes = module_bytes(model)
-    opts = dict(method_options)
-    if "sparsegpt_block_size" in opts:
-        opts["block_size"] = opts.pop("sparsegpt_block_size")
-    if "gptq_block_size" in opts:
-        opts["block_size"] = opts.pop("gptq_block_size")
-
-    # phase 1b: calibrate on the copy and build every new module
-    eval_model = None
-    quality_on = "compressed model"
-    details = {}
-    if scheme == "2:4":
-        from .nn import SparseLinear
-        from .prune import prune_model_
-
-        masks = prune_model_(work, calib, method=method, pattern="2:4", layers=lin, progress=progress, **opts)
-        plan = build_plan(work, wtargets, lambda t: SparseLinear.from_dense(t.module, mask=masks[t.name]))
-    elif scheme == "2:4+int4":
-        from .formats.sparse24_int4 import compressed_group_size
-        from .nn import SparseQLinear
-        from .prune import prune_model_
-
-        masks = prune_model_(work, calib, method=method, pattern="2:4", layers=lin, progress=progress, **opts)
-        gsizes = {n: compressed_group_size(lin[n].in_features, args["group_size"]) for n in names}
-        plan = build_plan(work, wtargets, lambda t: SparseQLinear.from_dense(
-            t.module, mask=masks[t.name], group_size=gsizes[t.name], symmetric=args["symmetric"],
-            dtype=args["dtype"]))
-        details.update(group_size=sorted(set(gsizes.values()))[0] if len(set(gsizes.values())) == 1 else gsizes,
-                       group_size_unit="compressed columns (kept values)", symmetric=args["symmetric"],
-                       dtype=str(args["dtype"]).replace("torch.", ""))
-    elif scheme == "block":
-        from .nn import BlockSparseLinear
-
-        bs, sp = args["block_size"], args["sparsity"]
-        plan = build_plan(work, wtargets, lambda t: BlockSparseLinear.from_dense(t.module, block_size=bs, sparsity=sp))
-        details.update(block_size=list(bs), sparsity=sp)
-    else:  # int4
-        from .nn import QLinear
-        from .quant import quantize_model_weights
-
-        gs = args["resolved_group_size"]
-        results = quantize_model_weights(work, calib, method=method, group_size=gs, symmetric=args["symmetric"],
-                                         bits=4, layers=lin, progress=progress, **opts)
-        details.update(group_size=gs, symmetric=args["symmetric"], dtype=str(args["dtype"]).replace("torch.", ""))
-        plan = build_plan(work, wtargets, lambda t: QLinear.from_quant_result(t.module, results[t.name],
-                                                                              dtype=args["dtype"]))
+    def before_run(names):
+        if not names:
+            raise ValueError("the model has no nn.Linear layers to compress" if overrides is None else
+                             "no layers are left to compress (the overrides skip every selected layer)")
+        state["dense_bytes"] = module_bytes(model)
         if quality_fn is not None:
-            # a float32 copy holding the QLinear's dequantized weights (the copy keeps the sharing)
-            eval_model = copy.deepcopy(work)
-            for t, q in plan:
-                if method != "awq":
-                    # AWQ's float copy keeps quantize_model_weights' effective weight Q(W s) / s
-                    ev = eval_model.get_submodule(t.name)
-                    with torch.no_grad():
-                        ev.weight.copy_(q.weight.to(ev.weight.dtype))
-        quality_on = "float32 copy holding the QLinear dequantized weights"
-    # phase 2: swap every new module in at once
-    plan.apply()
+            state["quality_dense"] = float(quality_fn(model) if dense_quality is None else dense_quality)
+        if speed == "auto":
+            state["speed"] = _time_forward(model, calib)
 
-    layer_bytes = sum(module_bytes(new) for _, new in plan)
+    result = convert_model(model, cfg, calib=calib, select=select, overrides=overrides, calibrated=True,
+                           commit="block", blocks=blocks, device=device, offload=offload,
+                           activation_budget=activation_budget, progress=progress, desc="compress",
+                           before_run=before_run)
+    model.eval()
+    names = result.names
+    primary = [n for n in names if result.schemes[n] == scheme]
+    details = {}
+    if primary:
+        resolved = result.configs[primary[0]]
+        details = registry.get(scheme).report_details(resolved, {n: result.layers[n] for n in primary})
+        cfg = resolved
+    try:
+        cfg_json = cfg.to_dict()
+    except TypeError:
+        cfg_json = None
+    layer_bytes = result.layer_compressed_bytes
     report = {
         "scheme": scheme, "method": method, "layers": names, "num_layers": len(names),
-        "dense_bytes": dense_bytes, "compressed_bytes": module_bytes(work),
-        "layer_dense_bytes": dense_layer_bytes, "layer_compressed_bytes": layer_bytes,
-        "ratio": layer_bytes / max(dense_layer_bytes, 1),
+        "dense_bytes": state["dense_bytes"], "compressed_bytes": module_bytes(model),
+        "layer_dense_bytes": result.layer_dense_bytes, "layer_compressed_bytes": layer_bytes,
+        "ratio": layer_bytes / max(result.layer_dense_bytes, 1),
         **details,
+        "config": cfg_json, "inplace": inplace,
+        "calibration": result.calibration.as_dict() if result.calibration is not None else None,
     }
-    shared = {t.name: list(t.names) for t in wtargets if len(t.names) > 1}
-    if shared:
-        report["shared"] = shared
+    if result.shared:
+        report["shared"] = result.shared
+    if overrides is not None:
+        report["layer_schemes"] = dict(result.schemes)
+        report["skipped"] = list(result.skipped)
     if quality_fn is not None:
-        report["quality_dense"] = float(quality_fn(model) if dense_quality is None else dense_quality)
-        report["quality"] = float(quality_fn(eval_model if eval_model is not None else work))
-        report["quality_on"] = quality_on
+        report["quality_dense"] = state["quality_dense"]
+        with evaluation_forwards(model) as used:
+            report["quality"] = float(quality_fn(model))
+        report["quality_on"] = _quality_on(used)
     if speed == "auto":
-        report.update(_speed_report(model, work, calib))
-    return work, report
+        report.update(_speed_report(state["speed"], model, calib))
+    return model, report
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -357,29 +329,36 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _speed_report(dense: nn.Module, compressed: nn.Module, calib) -> dict:
-    """Forward latency of the dense and the compressed model on the first calibration batch (CUDA only)."""
-    dev = _model_device(dense)
+def _time_forward(model: nn.Module, calib):
+    """``(milliseconds, input description)`` of the model's forward on the first calibration batch
+    (CUDA only), or the reason it is not measured."""
+    dev = _model_device(model)
     if dev.type != "cuda":
-        return {"speed": "not measured: the model is not on a CUDA device (CPU runs use the reference or "
-                         "interpreter backends, whose timings say nothing about the kernels)"}
+        return ("not measured: the model is not on a CUDA device (CPU runs use the reference or "
+                "interpreter backends, whose timings say nothing about the kernels)")
     from .calibration import split_batch
 
     first = next(iter(calib), None) if calib is not None else None
     if first is None:
-        return {"speed": "not measured: no calibration batch to time the forward on"}
+        return "not measured: no calibration batch to time the forward on"
     import triton.testing
 
     x = split_batch(first).to(dev)
+    with torch.no_grad():
+        ms = float(triton.testing.do_bench(lambda: model(x), warmup=25, rep=100, return_mode="median"))
+    return ms, f"{torch.cuda.get_device_name(dev)}, input {tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
 
-    def timed(m):
-        with torch.no_grad():
-            return float(triton.testing.do_bench(lambda: m(x), warmup=25, rep=100, return_mode="median"))
 
-    t_dense = timed(dense)
-    t_comp = timed(compressed)
-    return {"latency_dense_ms": t_dense, "latency_ms": t_comp, "speedup": t_dense / t_comp,
-            "speed_on": f"{torch.cuda.get_device_name(dev)}, input {tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"}
+def _speed_report(dense, compressed: nn.Module, calib) -> dict:
+    """Forward latency of the dense (measured before compressing) and the compressed model (CUDA only)."""
+    if isinstance(dense, str):
+        return {"speed": dense}
+    after = _time_forward(compressed, calib)
+    if isinstance(after, str):
+        return {"speed": after}
+    t_dense, on = dense
+    t_comp = after[0]
+    return {"latency_dense_ms": t_dense, "latency_ms": t_comp, "speedup": t_dense / t_comp, "speed_on": on}
 
 
 def _fspath(path, what: str) -> str:

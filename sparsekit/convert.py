@@ -1,23 +1,35 @@
-"""Whole-model conversion: ``sparsify_(model, config)`` and ``quantize_(model, config)``.
+"""Whole-model conversion: ``sparsify_(model, config)``, ``quantize_(model, config)`` and the engine under
+them and :func:`sparsekit.compress.compress`, :func:`convert_model`.
 
-Every conversion is all-or-nothing, in two phases:
+Every scheme comes from the registry (:mod:`sparsekit.schemes`); the config
+may be a scheme name (``"2:4"``, ``"int4"``, ...), a scheme config
+(``Int4Params(...)``) or one of the classic configs (:class:`Sparse24Config`,
+:class:`BlockSparseConfig`, :class:`Int4Config`).  Per-layer ``overrides``
+(:mod:`sparsekit.schemes.overrides`) give single layers another scheme, other
+parameters, or no conversion.
 
-1. **plan** (:func:`plan_conversion`, or :func:`find_targets` +
-   :func:`check_targets` + :func:`build_plan` for callers with their own
-   calibration step): find every module to replace, validate every one of
-   them, run any calibration, and build every replacement module.  The model
-   is not changed (calibration works on scratch copies of the weights).
-2. **apply** (:meth:`ConversionPlan.apply`): swap all the new modules in at
-   once.
+A conversion has two phases:
 
-An error in phase 1 leaves the model exactly as it was (same module objects,
-equal ``state_dict``); the error names the layer.
+1. **check**: find every module to replace (:func:`find_targets`), resolve
+   each one's scheme and parameters, and validate every one of them (an error
+   names the layer).  Nothing has run and nothing has changed yet.
+2. **calibrate and build** (:func:`sparsekit.calibration.blockwise`): block by
+   block, calibrate the layers on scratch copies of their weights (the
+   model's own tensors are never written), build the new modules and
+   * ``sparsify_`` / ``quantize_`` / :func:`plan_conversion` (``commit="end"``):
+     keep them; :meth:`ConversionPlan.apply` swaps them all in at once at the
+     end.  An error anywhere leaves the model exactly as it was (same module
+     objects, equal ``state_dict``).
+   * ``compress`` (``commit="block"``): swap each block's new modules in as
+     soon as the block is done, so the dense weights of a block are freed
+     before the next one is calibrated (bounded memory).  An error after the
+     first block leaves the blocks done so far compressed.
 
 * A module object that appears under several names (the same ``nn.Linear``
   used twice) is one target: it is converted once and the new module is put
   at every one of its names, so it stays shared.  It is converted everywhere
-  or nowhere: a config whose ``include``/``exclude``/``filter_fn`` selects it
-  under some names and not others raises ``ValueError``.
+  or nowhere: a selection (``include``/``exclude``/``filter_fn``/``layers``)
+  that takes it under some names and not others raises ``ValueError``.
 * A target whose weight or bias shares memory with another module (tied
   weights, e.g. an output projection tied to an embedding) raises
   ``ValueError``: the new module would hold its own copy and silently untie
@@ -31,16 +43,17 @@ import contextlib
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from .schemes.base import check_linear
+
 __all__ = ["Sparse24Config", "BlockSparseConfig", "Int4Config", "sparsify_", "quantize_",
            "Target", "ConversionPlan", "find_targets", "check_targets", "check_linear", "build_plan",
-           "plan_conversion", "scratch_weights", "check_calibration"]
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+           "plan_conversion", "scratch_weights", "check_calibration", "convert_model", "ConversionResult",
+           "module_bytes"]
 
 
 # ----------------------------------------------------------------------------- targets
@@ -176,33 +189,6 @@ def _named(target: Target, fn: Callable, *args):
         return fn(*args)
     except (ValueError, TypeError, NotImplementedError) as e:
         raise _with_layer(target, e) from e
-
-
-def check_linear(module: nn.Module) -> None:
-    """Checks every conversion of an ``nn.Linear`` needs: a materialized, finite, floating-point
-    ``(out_features, in_features)`` weight with both sizes positive (ValueError / TypeError)."""
-    if not isinstance(module, nn.Linear):
-        raise TypeError(f"expected an nn.Linear, got {type(module).__name__}")
-    w = module.weight
-    if not isinstance(w, torch.Tensor):
-        raise TypeError(f"weight must be a tensor, got {type(w).__name__}")
-    if w.device.type == "meta":
-        raise ValueError("weight is on the meta device (not materialized); materialize the model first "
-                         "(e.g. model.to_empty(device=...) and load its weights)")
-    if w.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"weight must be float16, bfloat16, float32 or float64, got {w.dtype}")
-    n, k = module.out_features, module.in_features
-    if n < 1 or k < 1:
-        raise ValueError(f"cannot convert a layer with out_features={n}, in_features={k}; both must be >= 1")
-    if tuple(w.shape) != (n, k):
-        raise ValueError(f"weight has shape {tuple(w.shape)}, expected (out_features, in_features) = {(n, k)}")
-    bad = int((~torch.isfinite(w.detach())).sum())
-    if bad:
-        raise ValueError(f"weight has {bad} non-finite value(s) (NaN/Inf); compression needs a finite weight")
-    b = module.bias
-    if b is not None and (not isinstance(b, torch.Tensor) or tuple(b.shape) != (n,)):
-        raise ValueError(f"bias must have shape ({n},), got "
-                         f"{tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__}")
 
 
 def check_targets(targets: Sequence[Target], check: Callable[[nn.Module, str], None]) -> None:
@@ -348,7 +334,174 @@ def build_plan(model: nn.Module, targets: Sequence[Target], build: Callable[[Tar
     return ConversionPlan(model, targets, new_modules)
 
 
-# ----------------------------------------------------------------------------- configs
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (each distinct tensor storage counted once)."""
+    seen = set()
+    total = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape), t.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
+
+
+# ----------------------------------------------------------------------------- the engine
+@dataclass
+class ConversionResult:
+    """What :func:`convert_model` did.
+
+    ``names``: the converted layers (a shared layer once, by its first name), in
+    model order; ``schemes`` / ``configs``: per name, the scheme and its
+    resolved config; ``shared``: first name -> every name of a shared layer;
+    ``skipped``: selected layers an override left alone; ``layers``: per name,
+    ``{"in_features", "dtype"}`` of the dense layer; ``calibration``: the
+    :class:`~sparsekit.calibration.BlockwiseSummary`; ``plan``: with
+    ``commit="end"``, the :class:`ConversionPlan` (not applied yet).
+    """
+
+    model: nn.Module
+    names: list
+    schemes: dict
+    configs: dict
+    shared: dict
+    skipped: list
+    layers: dict
+    layer_dense_bytes: int
+    layer_compressed_bytes: int
+    calibration: object = None
+    plan: Optional["ConversionPlan"] = None
+
+
+class _Processor:
+    """Calibrates, builds and places the new modules for :func:`sparsekit.calibration.blockwise`."""
+
+    def __init__(self, model: nn.Module, entries: dict, commits: bool):
+        self.model = model
+        self.entries = entries            # name -> (Target, Scheme, config); popped when done
+        self.commits = commits
+        self.results: dict = {}
+        self.stash: list = []
+        self.compressed_bytes = 0
+        self.committed = 0
+
+    def process(self, name, module, stats):
+        t, scheme, cfg = self.entries[name]
+        self.results[name] = _named(t, scheme.calibrate, module, stats, cfg)
+
+    def build(self, name, module):
+        t, scheme, cfg = self.entries[name]
+        new = _named(t, scheme.build, module, self.results.pop(name), cfg)
+        if not isinstance(new, nn.Module):
+            raise TypeError(f"{t.describe()}: scheme {scheme.name!r} built a {type(new).__name__}, not an nn.Module")
+        return new
+
+    def done(self, names, modules):
+        targets = [self.entries[n][0] for n in names]
+        for t, new in zip(targets, modules):
+            _carry_state(t.module, new)
+            self.compressed_bytes += module_bytes(new)
+        if self.commits:
+            ConversionPlan(self.model, targets, modules).apply()
+            self.committed += len(names)
+        else:
+            self.stash.extend(zip(targets, modules))
+        for n in names:
+            self.entries.pop(n)
+
+
+def _exact_linear(name: str, module: nn.Module) -> bool:
+    return type(module) is nn.Linear
+
+
+def _check_targets(model, config, select, overrides, calibrated, what) -> tuple:
+    """Phase 1: targets, their schemes and configs, every check.  Returns ``(entries, skipped, shared)``."""
+    from .schemes import registry
+    from .schemes.overrides import normalize_spec, resolve_overrides
+
+    base = normalize_spec(config, None, registry, calibrated, "config")
+    targets = find_targets(model, select if select is not None else (lambda n, m: isinstance(m, nn.Linear)))
+    assigned = resolve_overrides(targets, base, overrides, registry, calibrated, what)
+    skipped = [t.name for t, c in assigned if c is None]
+    shared = {t.name: list(t.names) for t, c in assigned if c is not None and len(t.names) > 1}
+    groups: dict = {}
+    for t, c in assigned:
+        if c is not None:
+            groups.setdefault(id(c), (c, []))[1].append(t)
+    resolved = {}
+    for key, (c, ts) in groups.items():
+        scheme = registry.for_config(c)
+        resolved[key] = (scheme, scheme.check_all(c, [t.module for t in ts]))
+    entries = {}
+    for t, c in assigned:
+        if c is None:
+            continue
+        scheme, rc = resolved[id(c)]
+        _named(t, scheme.check, t.module, rc)
+        entries[t.name] = (t, scheme, rc)
+    return entries, skipped, shared
+
+
+def convert_model(model: nn.Module, config, *, calib=None, select: Optional[Callable[[str, nn.Module], bool]] = None,
+                  overrides=None, calibrated: bool = False, commit: str = "end", blocks="auto", device=None,
+                  offload: Optional[bool] = None, activation_budget: Optional[int] = None, progress: bool = False,
+                  desc: str = "convert", what: str = "overrides",
+                  before_run: Optional[Callable[[list], None]] = None) -> ConversionResult:
+    """Convert the layers of ``model`` that ``select(name, module)`` picks (default: every ``nn.Linear``).
+
+    ``config``: the default scheme (a registry name, a scheme config, a classic
+    config, or None when only ``overrides`` convert); ``overrides``: per-layer
+    schemes / parameters / None (:mod:`sparsekit.schemes.overrides`);
+    ``calibrated``: a scheme named without a method takes its calibrated default
+    method (``compress``) instead of its data-free one.  ``calib``: calibration
+    batches, needed when a layer's method needs data.  ``commit``: ``"end"``
+    (all or nothing: returns the plan in ``result.plan``, not applied) or
+    ``"block"`` (each block's new modules replace the old ones as soon as it is
+    done).  ``blocks``, ``device``, ``offload``, ``activation_budget``,
+    ``progress``: see :func:`sparsekit.calibration.blockwise`.  ``before_run(names)``
+    is called once every check has passed, before any calibration.
+    """
+    from .calibration import LayerJob, blockwise
+
+    if commit not in ("end", "block"):
+        raise ValueError(f"commit must be 'end' or 'block', got {commit!r}")
+    entries, skipped, shared = _check_targets(model, config, select, overrides, calibrated, what)
+    needs = sorted({e[2].method for e in entries.values() if e[2].method_spec.needs_data})
+    if needs and calib is None:
+        raise ValueError(f"method(s) {needs} need calibration batches: pass calib=")
+    if needs and isinstance(calib, (list, tuple)) and len(calib) == 0:
+        raise ValueError("calib is empty: give at least one calibration batch")
+    names = list(entries)
+    if before_run is not None:
+        before_run(names)
+    order = {n: i for i, n in enumerate(names)}
+    layers = {n: {"in_features": e[0].module.in_features, "dtype": e[0].module.weight.dtype}
+              for n, e in entries.items()}
+    dense = sum(module_bytes(e[0].module) for e in entries.values())
+    schemes = {n: e[1].name for n, e in entries.items()}
+    configs = {n: e[2] for n, e in entries.items()}
+    jobs = [LayerJob(n, e[0].module, e[2].method_spec.stats, e[2].method_options.get("max_rows"),
+                     e[2].method_spec.missing) for n, e in entries.items()]
+    processor = _Processor(model, entries, commit == "block")
+    del entries          # from here on the processor and the jobs hold the only references to the old layers
+    try:
+        summary = blockwise(model, calib, jobs, processor, blocks=blocks, device=device, offload=offload,
+                            activation_budget=activation_budget, progress=progress, desc=desc)
+    except BaseException as e:
+        if processor.committed and hasattr(e, "add_note"):
+            e.add_note(f"{processor.committed} of {len(names)} layers were already compressed in place when "
+                       f"this error happened (compress with inplace=False to keep the input model unchanged)")
+        raise
+    plan = None
+    if commit == "end":
+        stash = sorted(processor.stash, key=lambda tm: order[tm[0].name])
+        plan = ConversionPlan(model, [t for t, _ in stash], [m for _, m in stash])
+    return ConversionResult(model, names, schemes, configs, shared, skipped, layers, dense,
+                            processor.compressed_bytes, summary, plan)
+
+
+# ----------------------------------------------------------------------------- classic configs
 @dataclass
 class _LinearConfig:
     """Which ``nn.Linear`` layers a config converts.
@@ -404,64 +557,38 @@ class _LinearConfig:
             return False
         return True
 
-    # the plan's steps, in order; subclasses override check / prepare / build
-    def check_all(self, targets: Sequence[Target]) -> None:
-        """Checks over the whole set of targets (before any per-layer check)."""
-
-    def check(self, module: nn.Module, name: str) -> None:
-        """Cheap per-layer validation, run on every target before any calibration or building."""
-        check_linear(module)
-
-    def prepare(self, model: nn.Module, targets: Sequence[Target], progress: bool) -> dict:
-        """Work shared by all targets before building (calibration); returns the context
-        :meth:`build` receives.  Must not change the model."""
-        return {}
-
-    def build(self, target: Target, ctx: dict) -> nn.Module:  # pragma: no cover - abstract
+    def scheme_config(self):  # pragma: no cover - abstract
+        """The registry scheme config this config stands for."""
         raise NotImplementedError
 
-    def convert(self, module: nn.Linear, name: str) -> nn.Module:
-        """The replacement for one layer on its own (checked, then built; no calibration)."""
-        self.check(module, name)
-        return self.build(Target((name,), module), {})
+    def layer_overrides(self) -> Optional[dict]:
+        """Per-layer overrides this config carries (None: none)."""
+        return None
 
+    def convert(self, module: nn.Linear, name: str = "") -> nn.Module:
+        """The replacement for one layer on its own (checked, then built; data-free methods only)."""
+        from .schemes import registry
 
-def plan_conversion(model: nn.Module, config, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
-                    progress: bool = False, desc: Optional[str] = None) -> ConversionPlan:
-    """Phase 1 of a conversion: find the targets of ``config`` (and ``filter_fn(module, name)``),
-    validate every one, run the config's calibration and build every new module.  The model is
-    not changed; ``plan.apply()`` swaps the new modules in."""
-    cfg = _resolve(config)
-    if filter_fn is not None and not callable(filter_fn):
-        raise TypeError(f"filter_fn must be callable(module, name) -> bool or None, got {type(filter_fn).__name__}")
-    targets = find_targets(model, lambda n, m: cfg.matches(n, m) and (filter_fn is None or bool(filter_fn(m, n))))
-    cfg.check_all(targets)
-    check_targets(targets, cfg.check)
-    ctx = cfg.prepare(model, targets, progress) if targets else {}
-    return build_plan(model, targets, lambda t: cfg.build(t, ctx), progress=progress,
-                      desc=desc or type(cfg).__name__)
+        cfg = self.scheme_config()
+        scheme = registry.for_config(cfg)
+        t = Target((name,), module)
+        return _named(t, scheme.convert, module, cfg)
 
 
 @dataclass
 class Sparse24Config(_LinearConfig):
-    """Swap ``nn.Linear`` layers for 2:4 :class:`~sparsekit.nn.SparseLinear` (magnitude mask)."""
+    """Swap ``nn.Linear`` layers for 2:4 :class:`~sparsekit.nn.SparseLinear` (magnitude mask); the
+    registry scheme ``"2:4"``."""
 
-    def build(self, target: Target, ctx: dict) -> nn.Module:
-        from .nn import SparseLinear
+    def scheme_config(self):
+        from .schemes import Sparse24Params
 
-        return SparseLinear.from_dense(target.module, pattern="2:4", backend=self.backend)
-
-
-def _spec_equal(a, b) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-                and a.dtype == b.dtype and bool(torch.equal(a.cpu(), b.cpu())))
-    return a == b
+        return Sparse24Params(method="magnitude", backend=self.backend)
 
 
 @dataclass
 class BlockSparseConfig(_LinearConfig):
-    """Swap ``nn.Linear`` layers for :class:`~sparsekit.nn.BlockSparseLinear`.
+    """Swap ``nn.Linear`` layers for :class:`~sparsekit.nn.BlockSparseLinear` (registry scheme ``"block"``).
 
     block_size: ``(bm, bk)``, each in {16, 32, 64, 128}.
     sparsity: fraction of blocks dropped (smallest Frobenius norm first) in
@@ -470,7 +597,7 @@ class BlockSparseConfig(_LinearConfig):
         :func:`sparsekit.prune.allocate_block_sparsity`), or -> a bool block
         mask (e.g. from :func:`sparsekit.prune.apply_block_masks`).  A shared
         layer may be listed under any of its names (not under two with
-        different values).
+        different values).  These become per-layer overrides.
     """
 
     block_size: tuple = (32, 32)
@@ -496,30 +623,16 @@ class BlockSparseConfig(_LinearConfig):
             else:
                 _check_fraction(f"per_layer[{key!r}]", spec)
 
-    def _spec(self, names: Sequence[str]):
-        found = [(n, self.per_layer[n]) for n in names if n in self.per_layer]
-        for n, s in found[1:]:
-            if not _spec_equal(found[0][1], s):
-                raise ValueError(f"per_layer gives the shared layer different values under {found[0][0]!r} and {n!r}")
-        return found[0][1] if found else self.sparsity
+    def scheme_config(self):
+        from .schemes import BlockParams
 
-    def check_all(self, targets: Sequence[Target]) -> None:
-        known = {n for t in targets for n in t.names}
-        unknown = set(self.per_layer) - known
-        if unknown:
-            raise ValueError(f"BlockSparseConfig.per_layer names layers that are not converted: {sorted(unknown)}")
-        for t in targets:
-            _named(t, self._spec, t.names)
+        return BlockParams(block_size=self.block_size, sparsity=self.sparsity, backend=self.backend)
 
-    def build(self, target: Target, ctx: dict) -> nn.Module:
-        from .nn import BlockSparseLinear
-
-        spec = self._spec(target.names)
-        if isinstance(spec, torch.Tensor):
-            return BlockSparseLinear.from_dense(target.module, self.block_size, block_mask=spec,
-                                                backend=self.backend)
-        return BlockSparseLinear.from_dense(target.module, self.block_size, sparsity=float(spec),
-                                            backend=self.backend)
+    def layer_overrides(self) -> Optional[dict]:
+        if not self.per_layer:
+            return None
+        return {k: ({"block_mask": v, "sparsity": None} if isinstance(v, torch.Tensor) else {"sparsity": float(v)})
+                for k, v in self.per_layer.items()}
 
 
 def _check_fraction(what: str, value) -> float:
@@ -531,12 +644,13 @@ def _check_fraction(what: str, value) -> float:
 
 @dataclass
 class Int4Config(_LinearConfig):
-    """Swap ``nn.Linear`` layers for int4-weight :class:`~sparsekit.nn.QLinear` (W4A16, or W4A8 / mixed).
+    """Swap ``nn.Linear`` layers for int4-weight :class:`~sparsekit.nn.QLinear`: the registry schemes
+    ``"int4"`` (W4A16), ``"w4a8"`` (``act_bits`` 8 or 4) and ``"mixed"``.
 
     method: ``"rtn"`` (no data), ``"gptq"`` or ``"awq"`` (both need ``calib``,
         an iterable of model input batches; layers are calibrated one after
-        another with the earlier ones already quantized, on scratch copies of
-        the weights: the model's own weights are never modified).
+        another -- block by block -- with the earlier ones already quantized, on
+        scratch copies of the weights: the model's own weights are never modified).
     group_size: 32, 64, 128 or -1 (one group per row); symmetric: zero point 8.
     dtype: compute dtype of the new layers (float16 / bfloat16; default the
         layer's dtype when half precision, else float16).
@@ -577,98 +691,120 @@ class Int4Config(_LinearConfig):
         if not isinstance(self.method_kwargs, dict):
             raise TypeError(f"method_kwargs must be a dict, got {type(self.method_kwargs).__name__}")
         if self.method_kwargs:
-            import inspect
-
-            from .quant import quantize_model_weights
-
-            params = inspect.signature(quantize_model_weights).parameters
             allowed = {"gptq": ("damp", "block_size", "act_order", "max_rows"),
                        "awq": ("grid", "max_rows"), "rtn": ()}[self.method]
-            bad = sorted(k for k in self.method_kwargs if k not in allowed or k not in params)
+            bad = sorted(k for k in self.method_kwargs if k not in allowed)
             if bad:
                 raise ValueError(f"method_kwargs {bad} do not apply to method={self.method!r}; "
                                  f"it takes {list(allowed) or 'none'}")
+        self.scheme_config()        # the option values too
 
-    def check(self, module: nn.Module, name: str) -> None:
-        check_linear(module)
-        from .quant.rtn import check_quant_args
+    def scheme_config(self):
+        from .schemes import Int4Params, MixedParams, W4A8Params
 
-        k = module.in_features
-        if k % 8:
-            raise ValueError(f"in_features K={k} is not a multiple of 8 (int4 packs 8 codes per int32 word)")
-        check_quant_args(k, self.group_size, 4)
-
-    def prepare(self, model: nn.Module, targets: Sequence[Target], progress: bool) -> dict:
-        if self.method == "rtn":
-            return {}
-        from .quant import quantize_model_weights
-
-        layers = {t.name: t.module for t in targets}
-        calib = check_calibration(model, self.calib)
-        with scratch_weights(targets):
-            results = quantize_model_weights(model, calib, method=self.method, group_size=self.group_size,
-                                             symmetric=self.symmetric, bits=4, layers=layers, progress=progress,
-                                             **self.method_kwargs)
-        return {"results": results}
-
-    def build(self, target: Target, ctx: dict) -> nn.Module:
-        from .nn import QLinear
-
-        if self.method == "rtn":
-            return QLinear.from_float(target.module, group_size=self.group_size, symmetric=self.symmetric,
-                                      dtype=self.dtype, backend=self.backend, act_bits=self.act_bits,
-                                      frac8=self.frac8)
-        if "results" not in ctx:
-            raise ValueError(f"method={self.method!r} builds from calibration results: use quantize_ or "
-                             f"plan_conversion, which calibrate first")
-        return QLinear.from_quant_result(target.module, ctx["results"][target.name], dtype=self.dtype,
-                                         backend=self.backend, act_bits=self.act_bits, frac8=self.frac8)
-
-
-_NAMED = {"2:4": Sparse24Config, "int4": Int4Config}
-
-
-def _resolve(config) -> _LinearConfig:
-    if isinstance(config, str):
-        try:
-            return _NAMED[config]()
-        except KeyError:
-            raise ValueError(f"unknown config {config!r}; known: {sorted(_NAMED)} "
-                             "(or pass a Sparse24Config / BlockSparseConfig / Int4Config)") from None
-    if isinstance(config, _LinearConfig):
-        return config
-    raise TypeError(f"config must be a config object or one of {sorted(_NAMED)}, got {type(config).__name__}")
+        common = dict(method=self.method, method_options=dict(self.method_kwargs), backend=self.backend,
+                      group_size=self.group_size, symmetric=self.symmetric, dtype=self.dtype)
+        if self.act_bits is None:
+            return Int4Params(**common)
+        if self.act_bits == "mixed":
+            return MixedParams(frac8=float(self.frac8), **common)
+        return W4A8Params(act_bits=self.act_bits, **common)
 
 
 # ----------------------------------------------------------------------------- entry points
-def quantize_(model: nn.Module, config: Union[str, Int4Config] = "int4",
-              filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, progress: bool = True) -> nn.Module:
-    """Replace matching ``nn.Linear`` layers of ``model`` by int4 :class:`~sparsekit.nn.QLinear`, in place.
+def _resolve(config) -> tuple:
+    """``(select, scheme config, per-layer overrides, calib)`` of an entry point's ``config``."""
+    from .schemes import SchemeConfig, registry
 
-    ``config`` is ``"int4"`` (RTN, group 128, asymmetric) or an
-    :class:`Int4Config`.  All or nothing: every layer is validated,
-    calibrated (on scratch copies of the weights) and built before any is
-    replaced; on error the model is unchanged.  Returns ``model``.
+    if isinstance(config, str):
+        if config not in registry:
+            raise ValueError(f"unknown config {config!r}; known: {list(registry.names())} "
+                             "(or pass a Sparse24Config / BlockSparseConfig / Int4Config or a scheme config)")
+        return _exact_linear, registry.get(config).default_config(), None, None
+    if isinstance(config, _LinearConfig):
+        return config.matches, config.scheme_config(), config.layer_overrides(), getattr(config, "calib", None)
+    if isinstance(config, SchemeConfig):
+        registry.for_config(config)
+        return _exact_linear, config, None, None
+    raise TypeError(f"config must be a scheme name ({', '.join(registry.names())}), a scheme config or a "
+                    f"Sparse24Config / BlockSparseConfig / Int4Config, got {type(config).__name__}")
+
+
+def _plan(model, config, filter_fn, progress, desc, calib, overrides, blocks, device, offload, activation_budget,
+          kind: Optional[str] = None) -> ConversionPlan:
+    from .schemes import registry
+
+    select, cfg, legacy, cfg_calib = _resolve(config)
+    scheme = registry.for_config(cfg)
+    label = config if isinstance(config, str) else type(config).__name__
+    if kind == "sparsify" and not scheme.sparse:
+        raise TypeError(f"{label} quantizes (scheme {scheme.name!r}): use quantize_(model, config)")
+    if kind == "quantize" and not scheme.quantized:
+        raise TypeError(f"quantize_ takes a quantization scheme or config (e.g. Int4Config or 'int4'), got "
+                        f"{label} (scheme {scheme.name!r}); sparsity configs go to sparsify_")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be callable(module, name) -> bool or None, got {type(filter_fn).__name__}")
+    if cfg_calib is not None and calib is not None:
+        raise ValueError("give the calibration batches once: in the config (calib=) or as calib=, not both")
+    calib = calib if calib is not None else cfg_calib
+    what = "overrides"
+    if legacy:
+        if overrides:
+            legacy = {**legacy, **overrides}
+        else:
+            what = f"{type(config).__name__}.per_layer"
+        overrides = legacy
+    sel = select if filter_fn is None else (lambda n, m: select(n, m) and bool(filter_fn(m, n)))
+    result = convert_model(model, cfg, calib=calib, select=sel, overrides=overrides, commit="end", blocks=blocks,
+                           device=device, offload=offload, activation_budget=activation_budget, progress=progress,
+                           desc=desc, what=what)
+    return result.plan
+
+
+def plan_conversion(model: nn.Module, config, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+                    progress: bool = False, desc: Optional[str] = None, *, calib=None, overrides=None,
+                    blocks="auto", device=None, offload: Optional[bool] = None,
+                    activation_budget: Optional[int] = None) -> ConversionPlan:
+    """Find the targets of ``config`` (and ``filter_fn(module, name)``), validate every one, calibrate and
+    build every new module.  The model is not changed; ``plan.apply()`` swaps the new modules in."""
+    return _plan(model, config, filter_fn, progress, desc or "convert", calib, overrides, blocks, device, offload,
+                 activation_budget)
+
+
+def quantize_(model: nn.Module, config="int4", filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+              progress: bool = True, *, calib=None, overrides=None, blocks="auto", device=None,
+              offload: Optional[bool] = None, activation_budget: Optional[int] = None) -> nn.Module:
+    """Replace matching ``nn.Linear`` layers of ``model`` by quantized modules, in place; returns ``model``.
+
+    ``config``: ``"int4"`` (RTN, group 128, asymmetric), another quantization
+    scheme's name (``"w4a8"``, ``"mixed"``, ``"w8a8"``, ``"2:4+int4"``,
+    ``"2:4+int8"``), a scheme config (``Int4Params(method="gptq")``) or an
+    :class:`Int4Config`.  ``calib``: calibration batches for GPTQ / AWQ (or in
+    ``Int4Config(calib=...)``).  ``overrides``: per-layer schemes, parameters or
+    None (:mod:`sparsekit.schemes.overrides`).  ``blocks`` / ``device`` /
+    ``offload`` / ``activation_budget``: block-by-block calibration
+    (:func:`sparsekit.calibration.blockwise`).  All or nothing: every layer is
+    validated, calibrated (on scratch copies of the weights) and built before
+    any is replaced; on error the model is unchanged.
     """
-    cfg = _resolve(config)
-    if not isinstance(cfg, Int4Config):
-        raise TypeError(f"quantize_ takes an Int4Config (or 'int4'), got {type(cfg).__name__}; "
-                        "sparsity configs go to sparsify_")
-    return plan_conversion(model, cfg, filter_fn, progress=progress, desc="quantize_").apply()
+    return _plan(model, config, filter_fn, progress, "quantize_", calib, overrides, blocks, device, offload,
+                 activation_budget, kind="quantize").apply()
 
 
-def sparsify_(model: nn.Module, config: Union[str, _LinearConfig] = "2:4",
-              filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, progress: bool = True) -> nn.Module:
+def sparsify_(model: nn.Module, config="2:4", filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+              progress: bool = True, *, calib=None, overrides=None, blocks="auto", device=None,
+              offload: Optional[bool] = None, activation_budget: Optional[int] = None) -> nn.Module:
     """Replace matching layers of ``model`` in place; returns ``model``.
 
-    ``config`` is ``"2:4"``, a :class:`Sparse24Config` or a
-    :class:`BlockSparseConfig`.  ``filter_fn(module, name)`` further restricts
-    which matching layers are converted.  All or nothing: every layer is
-    validated and its replacement built before any is swapped in; on error
-    the model is unchanged.  A tqdm bar shows progress (``progress=False``
-    hides it).
+    ``config``: ``"2:4"``, ``"block"``, another sparsity scheme's name
+    (``"2:4+int8"``, ``"2:4+int4"``), a scheme config
+    (``Sparse24Params(method="sparsegpt")``, with ``calib``), a
+    :class:`Sparse24Config` or a :class:`BlockSparseConfig`.
+    ``filter_fn(module, name)`` further restricts which matching layers are
+    converted; ``overrides`` gives layers other schemes or parameters.  All or
+    nothing: every layer is validated and its replacement built before any is
+    swapped in; on error the model is unchanged.  A tqdm bar shows progress
+    (``progress=False`` hides it).
     """
-    cfg = _resolve(config)
-    if isinstance(cfg, Int4Config):
-        raise TypeError("Int4Config quantizes: use quantize_(model, config)")
-    return plan_conversion(model, cfg, filter_fn, progress=progress, desc="sparsify_").apply()
+    return _plan(model, config, filter_fn, progress, "sparsify_", calib, overrides, blocks, device, offload,
+                 activation_budget, kind="sparsify").apply()

@@ -26,7 +26,8 @@ def digits():
 def compressed(digits):
     out = {}
     for scheme, method in CASES:
-        out[(scheme, method)] = compress(digits.model, digits.calib, scheme, method, quality_fn=digits.quality_fn)
+        out[(scheme, method)] = compress(digits.model, digits.calib, scheme, method, quality_fn=digits.quality_fn,
+                                         inplace=False)
     print("\ndigits test accuracy (dense %.4f): " % digits.dense_quality
           + ", ".join(f"{s} {m}: {r['quality']:.4f}" for (s, m), (_, r) in out.items()))
     return out

@@ -348,7 +348,7 @@ def test_compress_keeps_shared_modules_shared_and_input_untouched():
     model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), lin, nn.ReLU(), lin)
     snap = _snapshot(model)
     calib = [torch.randn(16, 32) for _ in range(2)]
-    out, rep = compress(model, calib, "2:4", "sparsegpt")
+    out, rep = compress(model, calib, "2:4", "sparsegpt", inplace=False)
     _assert_unchanged(model, snap)
     assert out[2] is out[4] and isinstance(out[2], SparseLinear)
     assert rep["layers"] == ["0", "2"] and rep["shared"] == {"2": ["2", "4"]}

@@ -71,7 +71,7 @@ def minilm_quality():
     for scheme, method, lay in (("2:4", "magnitude", layers), ("2:4", "wanda", layers),
                                 ("2:4", "sparsegpt", layers), ("int4", "rtn", None), ("int4", "gptq", None)):
         _, rep = compress(wl.model, wl.calib, scheme, method, quality_fn=wl.quality_fn, dense_quality=1.0,
-                          layers=lay)
+                          layers=lay, inplace=False)
         q[(scheme, method)] = rep["quality"]
     print(f"\nMiniLM cosine similarity to dense (2:4: first {MINILM_BLOCKS} blocks pruned; int4: whole model): "
           + ", ".join(f"{s} {m}: {v:.4f}" for (s, m), v in q.items()))

@@ -466,7 +466,7 @@ def _run_compress(i, rng):
             assert not out.training, "compress returns an eval-mode model"
 
     def run():
-        return compress(case.model, calib, scheme, method, layers=layers, speed="off", **kwargs)
+        return compress(case.model, calib, scheme, method, layers=layers, speed="off", inplace=False, **kwargs)
 
     return classify(f"compress#{i} {scheme}/{method} bad={case.bad} layers={layers} {kwargs}", run, expect,
                     mentions, after_error=lambda: assert_unchanged(case.model, snap), check=check)
