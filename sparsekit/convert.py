@@ -462,10 +462,11 @@ def convert_model(model: nn.Module, config, *, calib=None, select: Optional[Call
     ``progress``: see :func:`sparsekit.calibration.blockwise`.  ``before_run(names)``
     is called once every check has passed, before any calibration.
     """
-    from .calibration import LayerJob, blockwise
+    from .calibration import LayerJob, blockwise, check_blockwise_args
 
     if commit not in ("end", "block"):
         raise ValueError(f"commit must be 'end' or 'block', got {commit!r}")
+    check_blockwise_args(blocks, device, offload, activation_budget)
     entries, skipped, shared = _check_targets(model, config, select, overrides, calibrated, what)
     needs = sorted({e[2].method for e in entries.values() if e[2].method_spec.needs_data})
     if needs and calib is None:

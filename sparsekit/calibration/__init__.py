@@ -6,19 +6,21 @@
 * :mod:`.blocks`: finding a model's repeated blocks (decoder/encoder layers).
 * :mod:`.offload`: moving modules between the compute device and where they
   live, the activation store with its device budget, memory readings.
-* :mod:`.blockwise`: :func:`blockwise`, the block-by-block driver: it records
+* :mod:`.pipeline`: :func:`blockwise`, the block-by-block driver: it records
   the first block's inputs once, calibrates one block at a time (only that
   block on the compute device when offloading) and passes each block's
   compressed outputs on to the next.
 """
 from .blocks import find_blocks
-from .blockwise import BlockwiseSummary, LayerJob, blockwise
-from .core import (STATS, InputAccumulator, StopForward, _StopForward, accumulate_inputs, first_calls,
+from .pipeline import BlockwiseSummary, LayerJob, blockwise, check_blockwise_args
+from .core import _StopForward  # noqa: F401 - the earlier private name
+from .core import (STATS, InputAccumulator, StopForward, accumulate_inputs, first_calls,
                    forward_groups, hooked, model_device, reiterable, resolve_layers, sequential, split_batch,
                    zero_stats)
 from .offload import ActivationStore, Placement, current_rss, format_bytes
 
 __all__ = ["resolve_layers", "split_batch", "reiterable", "model_device", "hooked", "first_calls", "forward_groups",
            "InputAccumulator", "zero_stats", "accumulate_inputs", "sequential", "StopForward", "STATS",
-           "find_blocks", "blockwise", "LayerJob", "BlockwiseSummary", "ActivationStore", "Placement",
+           "find_blocks", "blockwise", "check_blockwise_args", "LayerJob", "BlockwiseSummary", "ActivationStore",
+           "Placement",
            "current_rss", "format_bytes"]

@@ -68,6 +68,11 @@ def _auto(model: nn.Module, target_ids: set) -> list:
 
 def _valid(blocks: list, target_ids: set) -> Optional[str]:
     """Why ``blocks`` cannot be calibrated one after another (None when they can)."""
+    ids = {id(mod): name for name, mod in blocks}
+    for name, mod in blocks:
+        for m in mod.modules():
+            if m is not mod and id(m) in ids:
+                return f"block {name!r} contains another block ({ids[id(m)]!r})"
     seen = set()
     owner: dict = {}
     for name, mod in blocks:
@@ -77,8 +82,6 @@ def _valid(blocks: list, target_ids: set) -> Optional[str]:
         if id(mod) in target_ids:
             return f"block {name!r} is itself a layer to compress"
         for m in mod.modules():
-            if id(m) in seen and m is not mod:
-                return f"block {name!r} contains another block"
             if id(m) in target_ids:
                 if id(m) in owner and owner[id(m)] != name:
                     return f"a layer to compress is in two blocks ({owner[id(m)]!r} and {name!r})"

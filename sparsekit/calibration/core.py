@@ -230,6 +230,7 @@ class InputAccumulator:
     def make_hook(self, name: str):
         a = self.acc[name]
         wd = self.layers[name].weight.device
+        k = self.layers[name].in_features
         max_rows = self.max_rows[name]
         calls = self.calls
         stop_after = self.stop_after
@@ -238,6 +239,9 @@ class InputAccumulator:
             calls[name] += 1
             if max_rows is None or a["n"] < max_rows:
                 x = inputs[0].detach()
+                if x.shape[-1] != k:
+                    raise ValueError(f"layer {name!r} receives inputs with {x.shape[-1]} features; its "
+                                     f"in_features is {k}")
                 x = x.reshape(-1, x.shape[-1])
                 if max_rows is not None:
                     x = x[: max_rows - a["n"]]

@@ -41,7 +41,7 @@ from .blocks import find_blocks
 from .core import InputAccumulator, StopForward, first_calls, hooked, reiterable, split_batch, zero_stats
 from .offload import ActivationStore, MemoryMeter, Placement, format_bytes
 
-__all__ = ["LayerJob", "Processor", "BlockwiseSummary", "blockwise"]
+__all__ = ["LayerJob", "Processor", "BlockwiseSummary", "blockwise", "check_blockwise_args"]
 
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "cache", "layer_past")
 
@@ -204,6 +204,17 @@ def _calib_error(e: Exception, index: int, x) -> ValueError:
                       f"{type(e).__name__}: {' '.join(str(e).split())}")
 
 
+def _model_call(model: nn.Module, batch, index: int, dev):
+    """``model(x)`` for a calibration batch; an error of the forward names the batch."""
+    x = split_batch(batch)
+    try:
+        return model(x.to(dev))
+    except StopForward:
+        raise
+    except Exception as e:
+        raise _calib_error(e, index, x) from e
+
+
 class _Replay(nn.Module):
     """Stands in for a block: returns ``fn(args, kwargs)``; other attributes come from the block it replaces."""
 
@@ -227,6 +238,29 @@ def _parent(model: nn.Module, name: str):
     return (model.get_submodule(parent_name) if parent_name else model), attr
 
 
+def check_blockwise_args(blocks="auto", device=None, offload=None, activation_budget=None) -> Optional[torch.device]:
+    """Validate :func:`blockwise`'s options (ValueError / TypeError); returns the device (None: the model's)."""
+    if blocks is not None and not isinstance(blocks, (str, list, tuple)):
+        raise TypeError(f"blocks must be 'auto', None, a module name or a list of module names, "
+                        f"got {type(blocks).__name__}")
+    if offload is not None and not isinstance(offload, bool):
+        raise TypeError(f"offload must be None or a bool, got {offload!r}")
+    if activation_budget is not None and (isinstance(activation_budget, bool)
+                                          or not isinstance(activation_budget, int) or activation_budget < 0):
+        raise ValueError(f"activation_budget must be None or a number of bytes >= 0, got {activation_budget!r}")
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a device: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: CUDA is not available here; calibrate on 'cpu' or on a CUDA machine")
+    if dev.type == "meta":
+        raise ValueError("device='meta' cannot calibrate (meta tensors hold no data)")
+    return dev
+
+
 # ----------------------------------------------------------------------------- the driver
 class _Run:
     def __init__(self, model, calib, jobs, processor, blocks, device, offload, activation_budget, progress, desc):
@@ -239,7 +273,8 @@ class _Run:
         self.home = {n: j.module.weight.device for n, j in self.jobs.items()}
         model_dev = next((t.device for t in list(model.parameters()) + list(model.buffers())), torch.device("cpu"))
         self.model_dev = model_dev
-        self.dev = torch.device(device) if device is not None else model_dev
+        device = check_blockwise_args(blocks, device, offload, activation_budget)
+        self.dev = device if device is not None else model_dev
         if self.dev.type == "cuda" and self.dev.index is None and torch.cuda.is_available():
             self.dev = torch.device("cuda", torch.cuda.current_device())
         self.offload = (self.dev != model_dev) if offload is None else bool(offload)
@@ -256,15 +291,27 @@ class _Run:
         self.fallback = None
         self.act_bytes = (0, 0)
         self._placements = []
+        self.deferred = []
 
     # ------------------------------------------------------------------ stages
-    def _finish(self, names: list) -> None:
-        """Build the new modules of ``names``, restore the originals, hand them to the processor."""
+    def _finish(self, names: list, defer: bool = False) -> None:
+        """Build the new modules of ``names``, restore the originals, hand them to the processor
+        (``defer``: only at the end of the run, by :meth:`done_deferred`)."""
         news = []
         for n in names:
             news.append(self.processor.build(n, self.jobs[n].module))
         self.scratch.restore(names)
         news = [m.to(self.home[n]) for n, m in zip(names, news)]
+        if defer:
+            self.deferred.append((names, news))
+            return
+        self._done(names, news)
+
+    def done_deferred(self) -> None:
+        while self.deferred:
+            self._done(*self.deferred.pop(0))
+
+    def _done(self, names: list, news: list) -> None:
         old = [self.jobs[n].module for n in names]
         self.processor.done(names, news)
         if self.processor.commits:
@@ -278,8 +325,7 @@ class _Run:
         self.scratch.add(name, self.jobs[name].module)
         self.processor.process(name, self.jobs[name].module, stats)
 
-    def _calibrate(self, root: nn.Module, names: list, runs: Callable[[], Iterable[Callable]],
-                   first_error: Optional[Callable[[Exception], Exception]] = None) -> None:
+    def _calibrate(self, root: nn.Module, names: list, runs: Callable[[], Iterable[Callable]]) -> None:
         """Calibrate ``names`` (all inside ``root``) group by group on the forwards ``runs()`` yields."""
         if not names:
             return
@@ -291,12 +337,7 @@ class _Run:
         first = next(iter(runs()), None)
         if first is None:
             raise ValueError("calib yielded no batches: give at least one calibration batch")
-        try:
-            groups, counts = first_calls(root, layers, first)
-        except Exception as e:
-            if first_error is None:
-                raise
-            raise first_error(e) from e
+        groups, counts = first_calls(root, layers, first)
         absent = [n for n in names if counts[n] == 0]
         bad = [n for n in absent if self.jobs[n].stats and self.jobs[n].missing == "error"]
         if bad:
@@ -338,7 +379,8 @@ class _Run:
         bar.update(1)
 
     def no_data(self, found: list) -> str:
-        """No layer needs calibration data: process and build block by block, nothing runs."""
+        """No layer needs calibration data: nothing runs; each layer is processed, built and handed over on
+        its own (one scratch weight at a time), block by block."""
         stages = []
         inside = set()
         for name, block in found:
@@ -361,7 +403,7 @@ class _Run:
                                    [self.jobs[n].module for n in names], self.dev)
                     for n in names:
                         self._process(n, None)
-                    self._finish(names)
+                        self._finish([n])
                 finally:
                     self.scratch.restore()
                     place.restore()
@@ -381,13 +423,10 @@ class _Run:
                 model, dev = self.model, self.dev
 
                 def runs():
-                    for b in calib:
-                        yield lambda b=b: model(split_batch(b).to(dev))
+                    for i, b in enumerate(calib):
+                        yield lambda b=b, i=i: _model_call(model, b, i, dev)
 
-                first = next(iter(calib), None)
-                if first is None:
-                    raise ValueError("calib yielded no batches: give at least one calibration batch")
-                self._calibrate(model, list(self.jobs), runs, lambda e: _calib_error(e, 0, split_batch(first)))
+                self._calibrate(model, list(self.jobs), runs)
                 self._finish(list(self.jobs))
             finally:
                 self.scratch.restore()
@@ -440,15 +479,12 @@ class _Run:
             first = next(iter(batches), None)
             if first is None:
                 raise ValueError("calib yielded no batches: give at least one calibration batch")
-            x0 = split_batch(first)
             try:
                 with _Modes(model), torch.no_grad():
                     try:
-                        model(x0.to(dev))
+                        _model_call(model, first, 0, dev)
                     except StopForward:
                         pass
-                    except Exception as e:
-                        raise _calib_error(e, 0, x0) from e
             finally:
                 for h in handles:
                     h.remove()
@@ -485,8 +521,8 @@ class _Run:
                 raise StopForward
 
             def model_runs():
-                for b in batches:
-                    yield lambda b=b: model(split_batch(b).to(dev))
+                for i, b in enumerate(batches):
+                    yield lambda b=b, i=i: _model_call(model, b, i, dev)
 
             total = len(found) + (1 if prefix else 0) + (1 if suffix else 0)
             with self._bar(total) as bar:
@@ -508,21 +544,20 @@ class _Run:
                 try:
                     with _Modes(model), torch.no_grad():
                         for i, b in enumerate(batches):
-                            x = split_batch(b)
                             n_before = len(store)
                             try:
-                                model(x.to(dev))
+                                _model_call(model, b, i, dev)
                             except StopForward:
                                 pass
-                            except Exception as e:
-                                raise _calib_error(e, i, x) from e
                             if len(store) != n_before + 1:
                                 raise ValueError(f"calib: the first block {found[0][0]!r} did not run on "
                                                  f"calibration batch {i}")
                 finally:
                     h.remove()
                 if prefix:
-                    self._finish(prefix)
+                    # the layers before the blocks run again in the forwards of step 4: they keep their
+                    # dense modules until the end
+                    self._finish(prefix, defer=True)
                     self._tick(bar, t0, "before the blocks")
                 # ---- 3. the blocks
                 last = len(found) - 1
@@ -571,7 +606,7 @@ class _Run:
                         for j, b in enumerate(batches):
                             def run(j=j, b=b):
                                 current["j"] = j
-                                return model(split_batch(b).to(dev))
+                                return _model_call(model, b, j, dev)
                             yield run
 
                     self._calibrate(model, suffix, suffix_runs)
@@ -582,6 +617,7 @@ class _Run:
                     self._tick(bar, t0, "after the blocks")
                 self.act_bytes = (store.bytes_on_device, store.bytes_offloaded)
                 store.clear()
+                self.done_deferred()
         finally:
             for parent, attr, block in reversed(stubs):
                 parent._modules[attr] = block
