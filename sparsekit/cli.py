@@ -170,8 +170,9 @@ def _check_compress_args(args) -> None:
     if args.sparsity is not None:
         with_sparsity = registry.with_field("sparsity")
         if args.scheme not in with_sparsity:
+            why = "has a fixed 50% sparsity" if "2:4" in args.scheme else "does not prune"
             raise UsageError(f"{err} --sparsity applies to --scheme {_join(with_sparsity)} only (--scheme "
-                             f"{args.scheme} {'has a fixed 50% sparsity' if '2:4' in args.scheme else 'does not prune'})")
+                             f"{args.scheme} {why})")
         if not math.isfinite(args.sparsity) or not 0.0 <= args.sparsity <= 1.0:
             raise UsageError(f"{err} --sparsity must be in [0, 1], got {args.sparsity}")
     if args.group_size is not None:

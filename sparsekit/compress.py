@@ -267,7 +267,7 @@ def compress(model: nn.Module, calib=None, scheme: str = "2:4", method: Optional
             raise ValueError("calib is empty: give at least one calibration batch")
     select = _select_layers(model, layers)
     if not inplace:
-        _check_targets(model, cfg, select, overrides, True, "overrides")    # fail before copying
+        _check_targets(model, cfg, select, overrides, calib is not None, "overrides")    # fail before copying
         model = copy.deepcopy(model)
 
     state = {}
@@ -282,7 +282,7 @@ def compress(model: nn.Module, calib=None, scheme: str = "2:4", method: Optional
         if speed == "auto":
             state["speed"] = _time_forward(model, calib)
 
-    result = convert_model(model, cfg, calib=calib, select=select, overrides=overrides, calibrated=True,
+    result = convert_model(model, cfg, calib=calib, select=select, overrides=overrides, calibrated=calib is not None,
                            commit="block", blocks=blocks, device=device, offload=offload,
                            activation_budget=activation_budget, progress=progress, desc="compress",
                            before_run=before_run)

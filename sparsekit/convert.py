@@ -454,7 +454,8 @@ def convert_model(model: nn.Module, config, *, calib=None, select: Optional[Call
     config, or None when only ``overrides`` convert); ``overrides``: per-layer
     schemes / parameters / None (:mod:`sparsekit.schemes.overrides`);
     ``calibrated``: a scheme named without a method takes its calibrated default
-    method (``compress``) instead of its data-free one.  ``calib``: calibration
+    method instead of its data-free one (the entry points set it when they have
+    calibration data).  ``calib``: calibration
     batches, needed when a layer's method needs data.  ``commit``: ``"end"``
     (all or nothing: returns the plan in ``result.plan``, not applied) or
     ``"block"`` (each block's new modules replace the old ones as soon as it is
@@ -756,7 +757,8 @@ def _plan(model, config, filter_fn, progress, desc, calib, overrides, blocks, de
             what = f"{type(config).__name__}.per_layer"
         overrides = legacy
     sel = select if filter_fn is None else (lambda n, m: select(n, m) and bool(filter_fn(m, n)))
-    result = convert_model(model, cfg, calib=calib, select=sel, overrides=overrides, commit="end", blocks=blocks,
+    result = convert_model(model, cfg, calib=calib, select=sel, overrides=overrides, calibrated=calib is not None,
+                           commit="end", blocks=blocks,
                            device=device, offload=offload, activation_budget=activation_budget, progress=progress,
                            desc=desc, what=what)
     return result.plan

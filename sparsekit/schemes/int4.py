@@ -277,7 +277,7 @@ class W4A8Scheme(Int4Scheme):
 
     def eval_forward(self, module):
         def forward(x):
-            return module.forward(x.to(module.dtype)).to(x.dtype)
+            return type(module).forward(module, x.to(module.dtype)).to(x.dtype)
         return forward
 
 
@@ -330,7 +330,7 @@ class W8A8Scheme(_QLinearScheme):
 
     def eval_forward(self, module):
         def forward(x):
-            return module.forward(x.to(module.dtype)).to(x.dtype)
+            return type(module).forward(module, x.to(module.dtype)).to(x.dtype)
         return forward
 
     def report_details(self, cfg, layers):

@@ -13,7 +13,9 @@ An exact name beats a pattern, a pattern beats ``"_default"``.  Values:
 * ``None``: leave the layer as it is;
 * a scheme name (``"int4"``): that scheme's defaults -- the default scheme's
   own config when it is the same scheme; another scheme takes the default
-  config's calibration method (and its options) when it has that method;
+  config's calibration method (and its options) when it has that method,
+  else its calibrated default (e.g. GPTQ) when the entry point was given
+  calibration data, else its data-free default (e.g. RTN);
 * a dict of parameters (``{"group_size": 64}``, ``{"sparsity": 0.75}``) that
   replace those of the default config, or with a ``"scheme"`` key
   (``{"scheme": "int4", "group_size": 64}``) a config of that scheme;

@@ -46,7 +46,8 @@ def _check_sparsegpt_block(cfg: SchemeConfig) -> None:
 
 @dataclass
 class Sparse24Params(SchemeConfig):
-    """``"2:4"``: keep 2 of every 4 weights along K; float values + 2-bit indices (:class:`~sparsekit.nn.SparseLinear`)."""
+    """``"2:4"``: keep 2 of every 4 weights along K; float values + 2-bit indices
+    (:class:`~sparsekit.nn.SparseLinear`)."""
 
     SCHEME: ClassVar[str] = "2:4"
     METHODS: ClassVar[tuple] = PRUNE_METHODS
@@ -132,5 +133,5 @@ class Sparse24Int8Scheme(Sparse24Scheme):
         # the module computes in its bias dtype; feed it that and hand back the caller's dtype
         def forward(x):
             want = module.bias.dtype if module.bias is not None else x.dtype
-            return module.forward(x.to(want)).to(x.dtype)
+            return type(module).forward(module, x.to(want)).to(x.dtype)
         return forward
