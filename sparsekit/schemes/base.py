@@ -113,13 +113,13 @@ class Method:
 
 
 METHODS = {
-    "magnitude": Method("magnitude", (), (), "error", "none (|W|)"),
-    "wanda": Method("wanda", ("sumsq",), (), "error", "input-feature norms ||X_j||"),
+    "magnitude": Method("magnitude", (), (), "error", "none (weight magnitudes)"),
+    "wanda": Method("wanda", ("sumsq",), (), "error", "input-feature L2 norms"),
     "sparsegpt": Method("sparsegpt", ("xtx",), ("block_size", "damp"), "error", "input Hessian X^T X"),
     "rtn": Method("rtn", (), (), "zeros", "none (round to nearest)"),
     "gptq": Method("gptq", ("xtx",), ("damp", "block_size", "act_order", "max_rows"), "zeros",
                    "input Hessian X^T X"),
-    "awq": Method("awq", ("xtx", "sumabs"), ("grid", "max_rows"), "zeros", "X^T X and mean |x_j|"),
+    "awq": Method("awq", ("xtx", "sumabs"), ("grid", "max_rows"), "zeros", "X^T X and mean absolute inputs"),
 }
 
 # ----------------------------------------------------------------------------- config
@@ -247,6 +247,7 @@ class Scheme:
     title: str = ""             # one line: what it is
     stores: str = ""            # what a converted layer stores
     kernels: tuple = ()         # the sparsekit.ops ops its modules run (the first decides a forced backend)
+    kernel_sources: tuple = ()  # where those ops' kernels live (kernels/*.py, csrc/)
     sparse: bool = False        # sparsify_ takes it
     quantized: bool = False     # quantize_ takes it
     format_version: int = 1     # version of :meth:`describe`'s description

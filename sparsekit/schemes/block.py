@@ -65,6 +65,7 @@ class BlockScheme(Scheme):
     stores = ("kept (bm, bk) blocks in the layer's dtype + int32 block indices (row pointers, columns and a "
               "transposed index)")
     kernels = ("block_sparse_linear",)
+    kernel_sources = ("kernels/block_sparse.py",)
     sparse = True
 
     @property

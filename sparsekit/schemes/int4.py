@@ -213,6 +213,7 @@ class Int4Scheme(_QLinearScheme):
     title = "int4 weights, 16-bit activations (W4A16)"
     stores = ("8 int4 codes per int32 + per-group scales (and zero points unless symmetric) in float16/bfloat16")
     kernels = ("int4_linear",)
+    kernel_sources = ("kernels/int4.py",)
 
     def _owns_act(self, act_bits):
         return act_bits is None
@@ -268,6 +269,7 @@ class W4A8Scheme(Int4Scheme):
     title = "int4 weights, int8 activations per token (W4A8)"
     stores = Int4Scheme.stores + "; activations quantized per token at run time"
     kernels = ("w4a8_linear", "per_token_quant")
+    kernel_sources = ("kernels/int8.py",)
 
     def _act(self, cfg):
         return cfg.act_bits, 0.25
@@ -300,6 +302,7 @@ class W8A8Scheme(_QLinearScheme):
     title = "int8 weights per output channel, int8 activations per token (W8A8)"
     stores = "int8 codes (N, K) + one float32 scale per output channel; activations quantized per token at run time"
     kernels = ("int8_linear", "per_token_quant")
+    kernel_sources = ("kernels/int8.py",)
     bits = 8
 
     def _owns_act(self, act_bits):

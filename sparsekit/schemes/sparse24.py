@@ -72,6 +72,7 @@ class Sparse24Scheme(Scheme):
     title = "2:4 semi-structured sparse"
     stores = "kept values (N, K/2) in the layer's dtype + 2-bit indices (N, K/8) uint8"
     kernels = ("sparse24_linear",)
+    kernel_sources = ("kernels/sparse24.py", "csrc/sparse24/ mma.sp GEMM and GEMV")
     sparse = True
     act_bits: Optional[int] = None
 
@@ -125,6 +126,7 @@ class Sparse24Int8Scheme(Sparse24Scheme):
     stores = ("kept values (N, K/2) int8 + 2-bit indices (N, K/8) uint8 + one float32 scale per output "
               "channel; activations quantized per token at run time")
     kernels = ("sparse24_int8_linear", "per_token_quant")
+    kernel_sources = ("kernels/sparse24.py", "kernels/int8.py")
     sparse = True
     quantized = True
     act_bits = 8

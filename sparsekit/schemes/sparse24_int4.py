@@ -58,6 +58,7 @@ class Sparse24Int4Scheme(Scheme):
     stores = ("8 int4 codes of kept values per int32 + per-group scales (and zero points unless symmetric) + "
               "2-bit indices")
     kernels = ("sparse24_int4_linear",)
+    kernel_sources = ("kernels/sparse24_int4.py",)
     sparse = True
     quantized = True
 
