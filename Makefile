@@ -21,9 +21,9 @@ GATE_ARGS ?=
 
 # The second stack: the GPU machine runs triton 3.6 (NumPy 2.5) while this
 # machine's default stack runs the newest triton, so an ahead-of-time compile
-# test and each kernel family's interpreter tests also run in a venv with triton 3.6, NumPy >= 2.4 and the same (CPU) torch.
-# Add test files or test ids to STACK2_TESTS; keep the whole target within a
-# few minutes on 2 cores.  STACK2_GATE_STRIDE (e.g. 90=4,80=8; empty: not
+# test and each kernel family's interpreter tests also run in a venv with
+# triton 3.6, NumPy >= 2.4 and the same (CPU) torch.  Add test files or test
+# ids to STACK2_TESTS; keep the whole target within a few minutes on 2 cores.  STACK2_GATE_STRIDE (e.g. 90=4,80=8; empty: not
 # run) adds the static performance gate on a sample of the configs
 # (`static_gate --check --compare`, as in tests/test_static_gate.py): every
 # sampled config must compile on triton 3.6 and pass the gate, and match
