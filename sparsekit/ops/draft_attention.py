@@ -370,7 +370,8 @@ def _check_mask(block_mask, q, layout, check_diagonal: bool = True):
     if block_mask.device != q.device:
         raise ValueError(f"block_mask is on {block_mask.device} but q is on {q.device}")
     # (a host sync: skipped for masks draft_block_mask built, which keep the diagonal by construction)
-    if check_diagonal and not bool(torch.diagonal(block_mask, dim1=-2, dim2=-1).all()):
+    if check_diagonal and block_mask.device.type != "meta" \
+            and not bool(torch.diagonal(block_mask, dim1=-2, dim2=-1).all()):
         raise ValueError("block_mask must keep every query block's own block (the diagonal): a row with no "
                          "kept block has no softmax")
     return block_mask.expand(B, H, nb, nb)
