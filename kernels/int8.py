@@ -4,7 +4,8 @@ Three kernels, all pure integer/fp32 Triton (no inline PTX), so the same code
 runs compiled on the GPU and under the interpreter on CPU tensors:
 
 ``_act_quant``  one program per token row: ``amax = max|x|``, ``scale =
-    amax / qmax`` (1 for an all-zero row), ``q = clamp(rint(x / scale), -qmax,
+    amax / qmax`` (1 for an all-zero row, NaN for a row holding NaN or +-Inf,
+    whose codes are then 0), ``q = clamp(rint(x / scale), -qmax,
     qmax)`` stored as int8, with ``qmax`` 127 (8-bit) or 7 (4-bit) -- a
     per-token bit width read from a ``bits`` vector, so one launch quantizes
     the 8-bit and the 4-bit tokens of a token-adaptive mixed-precision batch.
@@ -76,20 +77,26 @@ def _act_quant(X, Q, S, BITS, M, K, stride_xm, stride_xk, stride_qm,
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(xrow + offs * stride_xk, mask=offs < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
+        ax = tl.abs(x)
+        # NaN -> +inf (max() drops NaN), so a == inf flags a row holding NaN or +-Inf
+        amax = tl.maximum(amax, tl.where(ax < float("inf"), ax, float("inf")))
     a = tl.max(amax, axis=0)
+    finite = a < float("inf")
     if HAS_BITS:
         b = tl.load(BITS + row)
         qmax = tl.where(b == 8, 127.0, 7.0)
     else:
         qmax = tl.full([], QMAX, tl.float32)
     scale = tl.where(a > 0.0, tl.math.div_rn(a, qmax), 1.0)
+    # a non-finite row: scale NaN and codes 0, so the row stays NaN downstream (dense semantics)
+    scale = tl.where(finite, scale, float("nan"))
     tl.store(S + row, scale)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(xrow + offs * stride_xk, mask=offs < K, other=0.0).to(tl.float32)
         v = _rint(tl.math.div_rn(x, scale), INTERP)
         v = tl.minimum(tl.maximum(v, -qmax), qmax)
+        v = tl.where(finite, v, 0.0)
         tl.store(qrow + offs, v.to(tl.int8), mask=offs < K)
 
 
