@@ -11,6 +11,12 @@ The weight's gradient exists only for the stored blocks, so the block
 pattern is preserved through fine-tuning.  Backends: ``triton`` (CUDA
 tensors), ``interpret`` (the same kernels on CPU tensors) and ``reference``
 (dense PyTorch math); the backward runs on the forward's backend.
+
+NaN/Inf: dropped blocks are structurally absent -- never read, as in any
+sparse matmul -- so a NaN/Inf in ``x`` reaches exactly the outputs whose kept
+blocks read its column (``y[m, n]`` is the IEEE sum over the kept blocks of
+block-row ``n``), on every backend.  With no dropped blocks this is dense
+``F.linear``.
 """
 from __future__ import annotations
 
@@ -47,6 +53,43 @@ def _dense(blocks, crow, col, out_features, in_features):
     return dense_from_blocks(blocks, crow, col, (out_features, in_features))
 
 
+def _structural_rows(x2, blocks, crow, col, out_features, in_features):
+    """``y`` rows computed over the kept blocks only (no 0 * Inf from dropped blocks)."""
+    m = x2.shape[0]
+    nnzb, bm, bk = blocks.shape
+    nb, kb = crow.shape[0] - 1, -(-in_features // bk)
+    xp = F.pad(x2, (0, kb * bk - in_features)).reshape(m, kb, bk)
+    acc = torch.zeros(m, nb, bm, dtype=torch.float64 if x2.dtype == torch.float64 else torch.float32,
+                      device=x2.device)
+    if nnzb:
+        part = torch.einsum("bij,mbj->mbi", blocks.to(acc.dtype), xp[:, col.long()].to(acc.dtype))
+        acc.index_add_(1, block_rows(crow, nnzb), part)
+    return acc.reshape(m, nb * bm)[:, :out_features]
+
+
+def _reference_forward(x, blocks, crow, col, out_features, in_features, bias):
+    w = _dense(blocks, crow, col, out_features, in_features)
+    y = F.linear(x, w, bias)
+    if x.numel() == 0 or blocks.shape[0] == _full_pattern_blocks(crow, in_features, blocks):
+        return y.contiguous()
+    x2 = x.reshape(-1, in_features)
+    bad = ~torch.isfinite(x2).all(dim=-1)
+    if bool(bad.any()):
+        # dense math multiplies dropped (zero) blocks too: 0 * Inf = NaN where the kernels read nothing
+        rows = _structural_rows(x2[bad], blocks, crow, col, out_features, in_features)
+        if bias is not None:
+            rows = rows + bias.to(rows.dtype)
+        y2 = y.reshape(-1, out_features).clone()
+        y2[bad] = rows.to(y.dtype)
+        y = y2.reshape(y.shape)
+    return y.contiguous()
+
+
+def _full_pattern_blocks(crow, in_features, blocks):
+    """The number of blocks of a fully dense pattern (no dropped blocks)."""
+    return (crow.shape[0] - 1) * -(-in_features // blocks.shape[2])
+
+
 # ---------------------------------------------------------------------- forward
 @torch.library.custom_op("sparsekit::block_sparse_linear", mutates_args=())
 def _block_sparse_linear(x: torch.Tensor, blocks: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
@@ -56,8 +99,7 @@ def _block_sparse_linear(x: torch.Tensor, blocks: torch.Tensor, crow: torch.Tens
     n = out_features
     lead = x.shape[:-1]
     if backend == "reference":
-        w = _dense(blocks, crow, col, out_features, in_features)
-        return F.linear(x, w, bias).contiguous()
+        return _reference_forward(x, blocks, crow, col, out_features, in_features, bias)
     x2 = _as_2d(x)
     blocks, crow, col, bias = (as_contiguous(t) for t in (blocks, crow, col, bias))
     out = _testing.alloc_output((x2.shape[0], n), x.dtype, x.device)
