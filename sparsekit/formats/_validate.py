@@ -141,10 +141,11 @@ def _check_meta_codes(meta: torch.Tensor, owner: str, name: str = "meta") -> Non
 def sparse24_columns(meta: torch.Tensor) -> torch.Tensor:
     """``(N, Kp/8)`` uint8 metadata -> ``(N, Kp/2)`` int64 dense column of each stored value."""
     m = meta.to(torch.int64)
-    nib = torch.stack([m & 0xF, m >> 4], dim=-1).reshape(m.shape[0], -1)     # (N, Kp/4)
+    n, nbytes = m.shape
+    nib = torch.stack([m & 0xF, m >> 4], dim=-1).reshape(n, 2 * nbytes)       # (N, Kp/4)
     idx = torch.stack([nib & 3, nib >> 2], dim=-1)                             # (N, Kp/4, 2)
-    base = 4 * torch.arange(idx.shape[1], device=idx.device).view(1, -1, 1)
-    return (base + idx).reshape(meta.shape[0], -1)
+    base = 4 * torch.arange(2 * nbytes, device=idx.device).view(1, -1, 1)
+    return (base + idx).reshape(n, 4 * nbytes)
 
 
 def sparse24_dense(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Tensor:

@@ -132,7 +132,7 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional
                     group_size: int, k: int) -> torch.Tensor:
     """``(q - zero) * scale`` as an ``(N, K)`` tensor in the scale dtype (raw-tensor form)."""
     n = qweight.shape[0]
-    q = unpack_int4(qweight, k).to(scales.dtype).reshape(n, -1, group_size)
+    q = unpack_int4(qweight, k).to(scales.dtype).reshape(n, k // group_size, group_size)
     z = zeros if zeros is not None else torch.full_like(scales, float(SYMMETRIC_ZERO))
     return ((q - z[..., None]) * scales[..., None]).reshape(n, k)
 

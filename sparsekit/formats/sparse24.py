@@ -233,7 +233,7 @@ class Sparse24Weight:
     def decode_indices(meta: torch.Tensor) -> torch.Tensor:
         """``(N, Kp/8)`` uint8 -> ``(N, Kp/4, 2)`` int64 kept positions per group."""
         m = meta.to(torch.int64)
-        nib = torch.stack([m & 0xF, m >> 4], dim=-1).reshape(m.shape[0], -1)  # (N, Kp/4)
+        nib = torch.stack([m & 0xF, m >> 4], dim=-1).reshape(m.shape[0], 2 * m.shape[1])  # (N, Kp/4)
         return torch.stack([nib & 3, nib >> 2], dim=-1)
 
     @staticmethod

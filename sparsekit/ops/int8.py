@@ -62,7 +62,7 @@ def dequantize_int4_fp32(qweight: torch.Tensor, scales: torch.Tensor, zeros: Opt
     """``(code - zero) * scale`` in float32 ``(N, K)`` -- the weight the W4A8 kernel multiplies by
     (its epilogue applies the half-precision group scale in fp32, without rounding the product)."""
     n = qweight.shape[0]
-    q = unpack_int4(qweight, k).to(torch.float32).reshape(n, -1, group_size)
+    q = unpack_int4(qweight, k).to(torch.float32).reshape(n, k // group_size, group_size)
     z = zeros.float() if zeros is not None else torch.full(scales.shape, float(SYMMETRIC_ZERO),
                                                           device=scales.device)
     return ((q - z[..., None]) * scales.float()[..., None]).reshape(n, k)
