@@ -147,8 +147,8 @@ def load_atomic(module: nn.Module, state_dict, prefix: str, local_metadata, stri
     ``nn.Module.load_state_dict``, missing / unexpected keys are left to the caller's bookkeeping."""
     assign = bool(local_metadata.get("assign_to_params_buffers", False))
     flag = caller_strict()
-    strict = bool(flag) if flag is not None else False
-    cand = check_state_dict(module, state_dict, prefix, strict, assign, resizable, optional)
+    cand = check_state_dict(module, state_dict, prefix, bool(flag) if flag is not None else False, assign,
+                            resizable, optional)
     try:
         validate(cand)
     except (ValueError, TypeError) as e:
@@ -156,5 +156,6 @@ def load_atomic(module: nn.Module, state_dict, prefix: str, local_metadata, stri
                       "was not modified") from None
     if prepare is not None:
         prepare(cand, assign)
+    # PyTorch's own strict (always True here) makes it record missing / unexpected keys for the caller
     nn.Module._load_from_state_dict(module, state_dict, prefix, local_metadata, strict, missing_keys,
                                     unexpected_keys, error_msgs)
