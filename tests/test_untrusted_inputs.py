@@ -241,6 +241,34 @@ _CRASH_SCRIPT = textwrap.dedent("""
 """)
 
 
+_UNCHECKED_SCRIPT = textwrap.dedent("""
+    import torch
+    from sparsekit import ops
+    from sparsekit.formats import BlockSparseWeight
+    torch.manual_seed(0)
+    w = BlockSparseWeight.from_dense(torch.randn(40, 64), 16, block_mask=torch.rand(3, 4) < 0.6)
+    x = torch.randn(3, 64, requires_grad=True)
+    crow = w.crow.clone(); crow[-1] = 100000; crow[1] = -7
+    col = w.col.clone(); col[0] = -3; col[1] = 2 ** 30
+    tptr = w.tcol_ptr.clone(); tptr[-1] = 10 ** 6
+    trow = w.trow.clone(); trow[0] = -100
+    tblk = w.tblk.clone(); tblk[0] = 10 ** 7; tblk[1] = -5
+    blocks = w.blocks.clone().requires_grad_()
+    y = ops.block_sparse_linear_packed(x, blocks, crow, col, tptr, trow, tblk, 40, 64, backend="interpret",
+                                       validate=False)
+    y.sum().backward()
+    print("survived")
+""")
+
+
+def test_unchecked_block_index_never_leaves_the_buffers():
+    # validate=False hands a corrupt index straight to the kernels: wrong numbers are allowed
+    # (documented), reads/writes out of bounds are not (before the kernels' masks: SIGSEGV)
+    r = subprocess.run([sys.executable, "-c", _UNCHECKED_SCRIPT], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "SPARSEKIT_NO_CUDA_EXT": "1"})
+    assert r.returncode == 0 and "survived" in r.stdout, (r.returncode, r.stderr[-2000:])
+
+
 def test_crafted_crow_cannot_reach_the_interpreted_kernel():
     # in a subprocess: before validation this died with SIGSEGV
     r = subprocess.run([sys.executable, "-c", _CRASH_SCRIPT], capture_output=True, text=True, timeout=300,
