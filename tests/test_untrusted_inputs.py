@@ -330,6 +330,17 @@ def test_qlinear_load_checks_zero_points_and_input_scale():
     assert rel_err(q(x), ref) < 1e-2
 
 
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_qlinear_calibration_inputs_are_checked(method):
+    lin = torch.nn.Linear(64, 8)
+    with pytest.raises(ValueError, match="in_features=64"):
+        QLinear.from_float(lin, method=method, group_size=32, calib_inputs=torch.randn(10, 32))   # 320 = 5 x 64
+    with pytest.raises(ValueError, match="in_features=64"):
+        QLinear.from_float(lin, method=method, group_size=32, calib_inputs=torch.randn(10, 63))
+    with pytest.raises(TypeError, match="calib_inputs"):
+        QLinear.from_float(lin, method=method, group_size=32, calib_inputs=torch.ones(10, 64, dtype=torch.int64))
+
+
 def test_load_keeps_parameter_objects_and_is_all_or_nothing():
     torch.manual_seed(0)
     a = SparseLinear.from_dense(torch.nn.Linear(40, 8))

@@ -221,6 +221,14 @@ class QLinear(nn.Module):
         else:
             if calib_inputs is None:
                 raise ValueError(f"method={method!r} needs calib_inputs (the layer's inputs)")
+            if not isinstance(calib_inputs, torch.Tensor) or not calib_inputs.is_floating_point():
+                raise TypeError(f"calib_inputs must be a floating-point tensor (..., in_features), got "
+                                f"{getattr(calib_inputs, 'dtype', type(calib_inputs).__name__)}")
+            if calib_inputs.dim() < 1 or calib_inputs.shape[-1] != linear.in_features:
+                raise ValueError(f"calib_inputs must have in_features={linear.in_features} in the last dim, got "
+                                 f"shape {tuple(calib_inputs.shape)}")
+            if calib_inputs.numel() == 0:
+                raise ValueError("calib_inputs holds no tokens")
             x = calib_inputs.detach().reshape(-1, linear.in_features).double()
             if method == "gptq":
                 h = 2.0 * (x.T @ x) / x.shape[0]
