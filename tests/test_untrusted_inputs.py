@@ -507,6 +507,21 @@ def test_int8_2to4_no_fp32_overflow_near_1e37(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("wmag, xmag", [(1e-2, 1e37), (1e36, 1e-3)])
+def test_int8_and_w4a8_no_fp32_overflow_in_the_epilogue(backend, wmag, xmag):
+    torch.manual_seed(0)
+    x = torch.randn(3, 256) * xmag
+    w8 = Int8Weight.from_float(torch.randn(16, 256) * wmag)
+    y = ops.int8_linear(x, w8, backend=backend)
+    ref = ops.int8_linear(x, w8, backend="reference")
+    assert torch.isfinite(y).all() and rel_err(y, ref) < 1e-5
+    w4 = Int4Weight.from_float(torch.randn(16, 256) * min(wmag, 1e4), 32, dtype=torch.bfloat16)
+    xb = x.bfloat16()
+    y4 = ops.w4a8_linear(xb, w4, backend=backend)
+    assert torch.isfinite(y4).all() and rel_err(y4, ops.w4a8_linear(xb, w4, backend="reference")) < 2e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_triple_gate_nan_frame_updates_and_does_not_stick(backend):
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 5, 3, padding=1)
