@@ -91,10 +91,13 @@ def _bsr_dx(DY, BLK, TPTR, TROW, TBLK, DX,
     acc = tl.zeros((BLOCK_M, BK), dtype=tl.float32)
     for j in range(start, end):
         r = tl.load(TROW + j)
-        b = tl.minimum(tl.maximum(tl.load(TBLK + j), 0), NNZ - 1)
-        offs_n = r * BM + offs_bm
+        b = tl.load(TBLK + j)
+        # a block-row / block id outside the weight contributes nothing (and reads nothing)
+        ok = (r >= 0) & (r < (N + BM - 1) // BM) & (b >= 0) & (b < NNZ)
+        b = tl.where(ok, b, 0)
+        offs_n = tl.where(ok, r * BM, N) + offs_bm          # not ok: every row >= N, masked
         dy = tl.load(DY + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
-                     mask=m_ok & (offs_n[None, :] >= 0) & (offs_n[None, :] < N), other=0.0)
+                     mask=m_ok & (offs_n[None, :] < N), other=0.0)
         w = tl.load(BLK + b.to(tl.int64) * (BM * BK) + offs_bm[:, None] * BK + offs_bk[None, :])
         acc = dot_acc(dy, w, acc, IEEE, INTERP_BF16)
     tl.store(DX + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
