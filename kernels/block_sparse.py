@@ -30,7 +30,7 @@ from ._common import cast_out, dot_acc, grouped_tile
 
 @triton.jit
 def _bsr_fwd(X, BLK, CROW, COL, B, Y,
-             M, N, K, NB,
+             M, N, K, NB, NNZ,
              stride_xm, stride_xk, stride_ym, stride_yn,
              HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, INTERP_BF16: tl.constexpr,
              BLOCK_M: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
@@ -46,8 +46,9 @@ def _bsr_fwd(X, BLK, CROW, COL, B, Y,
     offs_bm = tl.arange(0, BM)
     offs_bk = tl.arange(0, BK)
     m_ok = offs_m[:, None] < M
-    start = tl.load(CROW + rb)
-    end = tl.load(CROW + rb + 1)
+    # last line of defence (the index is validated when built / loaded): stay inside the blocks
+    start = tl.minimum(tl.maximum(tl.load(CROW + rb), 0), NNZ)
+    end = tl.minimum(tl.maximum(tl.load(CROW + rb + 1), start), NNZ)
     acc = tl.zeros((BLOCK_M, BM), dtype=tl.float32)
     # 64-bit block offset (walked by pointer increments): nnzb * BM * BK may exceed 2**31
     wp = BLK + (start + pid_s).to(tl.int64) * (BM * BK) + offs_bm[:, None] * BK + offs_bk[None, :]
@@ -55,7 +56,7 @@ def _bsr_fwd(X, BLK, CROW, COL, B, Y,
         c = tl.load(COL + i)
         offs_k = c * BK + offs_bk
         x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=m_ok & (offs_k[None, :] < K), other=0.0)
+                    mask=m_ok & (offs_k[None, :] >= 0) & (offs_k[None, :] < K), other=0.0)
         w = tl.load(wp)
         wp += SPLIT * BM * BK
         acc = dot_acc(x, tl.trans(w), acc, IEEE, INTERP_BF16)
@@ -74,7 +75,7 @@ def _bsr_fwd(X, BLK, CROW, COL, B, Y,
 
 @triton.jit
 def _bsr_dx(DY, BLK, TPTR, TROW, TBLK, DX,
-            M, N, K,
+            M, N, K, NNZ,
             stride_dym, stride_dyn, stride_dxm, stride_dxk,
             IEEE: tl.constexpr, INTERP_BF16: tl.constexpr,
             BLOCK_M: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
@@ -85,13 +86,16 @@ def _bsr_dx(DY, BLK, TPTR, TROW, TBLK, DX,
     offs_bm = tl.arange(0, BM)
     offs_bk = tl.arange(0, BK)
     m_ok = offs_m[:, None] < M
-    start = tl.load(TPTR + cb)
-    end = tl.load(TPTR + cb + 1)
+    start = tl.minimum(tl.maximum(tl.load(TPTR + cb), 0), NNZ)
+    end = tl.minimum(tl.maximum(tl.load(TPTR + cb + 1), start), NNZ)
     acc = tl.zeros((BLOCK_M, BK), dtype=tl.float32)
     for j in range(start, end):
         r = tl.load(TROW + j)
         b = tl.load(TBLK + j)
-        offs_n = r * BM + offs_bm
+        # a block-row / block id outside the weight contributes nothing (and reads nothing)
+        ok = (r >= 0) & (r < (N + BM - 1) // BM) & (b >= 0) & (b < NNZ)
+        b = tl.where(ok, b, 0)
+        offs_n = tl.where(ok, r * BM, N) + offs_bm          # not ok: every row >= N, masked
         dy = tl.load(DY + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=m_ok & (offs_n[None, :] < N), other=0.0)
         w = tl.load(BLK + b.to(tl.int64) * (BM * BK) + offs_bm[:, None] * BK + offs_bk[None, :])
@@ -102,7 +106,7 @@ def _bsr_dx(DY, BLK, TPTR, TROW, TBLK, DX,
 
 @triton.jit
 def _bsr_dw(DY, X, TROW, TBLK, COL, DB,
-            M, N, K,
+            M, N, K, NNZ,
             stride_dym, stride_dyn, stride_xm, stride_xk,
             IEEE: tl.constexpr, INTERP_BF16: tl.constexpr,
             BLOCK_M: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr):
@@ -111,7 +115,7 @@ def _bsr_dw(DY, X, TROW, TBLK, COL, DB,
     j = tl.program_id(0)
     pid_s = tl.program_id(1)
     r = tl.load(TROW + j)
-    b = tl.load(TBLK + j)
+    b = tl.minimum(tl.maximum(tl.load(TBLK + j), 0), NNZ - 1)
     c = tl.load(COL + b)
     offs_n = r * BM + tl.arange(0, BM)
     offs_k = c * BK + tl.arange(0, BK)
@@ -120,9 +124,9 @@ def _bsr_dw(DY, X, TROW, TBLK, COL, DB,
     for mt in range(pid_s, m_tiles, SPLIT):
         offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
         dyt = tl.load(DY + offs_n[:, None] * stride_dyn + offs_m[None, :] * stride_dym,
-                      mask=(offs_n[:, None] < N) & (offs_m[None, :] < M), other=0.0)
+                      mask=(offs_n[:, None] >= 0) & (offs_n[:, None] < N) & (offs_m[None, :] < M), other=0.0)
         x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] >= 0) & (offs_k[None, :] < K), other=0.0)
         acc = dot_acc(dyt, x, acc, IEEE, INTERP_BF16)
     offs_bm = tl.arange(0, BM)
     offs_bk = tl.arange(0, BK)
@@ -202,7 +206,7 @@ def block_sparse_linear(x: torch.Tensor, blocks: torch.Tensor, crow: torch.Tenso
     target = out if split == 1 else torch.zeros(out.shape, dtype=torch.float32, device=out.device)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * NB, split)
     _bsr_fwd[grid](x, blocks, crow, col, bias if bias is not None else blocks, target,
-                   M, N, K, NB,
+                   M, N, K, NB, nnzb,
                    x.stride(0), x.stride(1), target.stride(0), target.stride(1),
                    HAS_BIAS=bias is not None, IEEE=_is_ieee(x.dtype), INTERP_BF16=_interp_bf16(x),
                    BM=BM, BK=BK, SPLIT=split, **cfg)
@@ -215,7 +219,7 @@ def block_sparse_grad_input(dy: torch.Tensor, blocks: torch.Tensor, tcol_ptr: to
                             tblk: torch.Tensor, K: int, out: torch.Tensor, config: dict | None = None) -> torch.Tensor:
     """``out[M, K] = dy[M, N] @ W``."""
     M, N = dy.shape
-    _, BM, BK = blocks.shape
+    nnzb, BM, BK = blocks.shape
     KB = tcol_ptr.shape[0] - 1
     if config is None:
         if _interpreting(dy):
@@ -227,7 +231,7 @@ def block_sparse_grad_input(dy: torch.Tensor, blocks: torch.Tensor, tcol_ptr: to
         else:
             config = dict(BLOCK_M=128 if BM * BK <= 64 * 64 else 64, num_warps=8 if BK >= 64 else 4, num_stages=3)
     grid = (triton.cdiv(M, config["BLOCK_M"]), KB)
-    _bsr_dx[grid](dy, blocks, tcol_ptr, trow, tblk, out, M, N, K,
+    _bsr_dx[grid](dy, blocks, tcol_ptr, trow, tblk, out, M, N, K, nnzb,
                   dy.stride(0), dy.stride(1), out.stride(0), out.stride(1),
                   IEEE=_is_ieee(dy.dtype), INTERP_BF16=_interp_bf16(dy), BM=BM, BK=BK, **config)
     return out
@@ -254,7 +258,7 @@ def block_sparse_grad_blocks(dy: torch.Tensor, x: torch.Tensor, col: torch.Tenso
     cfg = dict(config)
     split = cfg.pop("SPLIT", 1)
     target = out if split == 1 else torch.zeros(out.shape, dtype=torch.float32, device=out.device)
-    _bsr_dw[(nnzb, split)](dy, x, trow, tblk, col, target, M, N, K,
+    _bsr_dw[(nnzb, split)](dy, x, trow, tblk, col, target, M, N, K, nnzb,
                            dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
                            IEEE=_is_ieee(dy.dtype), INTERP_BF16=_interp_bf16(dy), BM=BM, BK=BK, SPLIT=split, **cfg)
     if split != 1:

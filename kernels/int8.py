@@ -4,7 +4,8 @@ Three kernels, all pure integer/fp32 Triton (no inline PTX), so the same code
 runs compiled on the GPU and under the interpreter on CPU tensors:
 
 ``_act_quant``  one program per token row: ``amax = max|x|``, ``scale =
-    amax / qmax`` (1 for an all-zero row), ``q = clamp(rint(x / scale), -qmax,
+    amax / qmax`` (1 for an all-zero row, NaN for a row holding NaN or +-Inf,
+    whose codes are then 0), ``q = clamp(rint(x / scale), -qmax,
     qmax)`` stored as int8, with ``qmax`` 127 (8-bit) or 7 (4-bit) -- a
     per-token bit width read from a ``bits`` vector, so one launch quantizes
     the 8-bit and the 4-bit tokens of a token-adaptive mixed-precision batch.
@@ -17,7 +18,8 @@ runs compiled on the GPU and under the interpreter on CPU tensors:
 
 ``_w8a8_fwd``   ``y = (xq @ wq^T) * x_scale[m] * w_scale[n] (+ bias)``: int8 x
     int8 ``tl.dot`` into an int32 accumulator (exact), scales and bias in an
-    fp32 epilogue, output fp16/bf16.  ``wq`` is ``(N, K)`` int8 with
+    fp32 epilogue (``acc * (x_scale * w_scale)``: the scales meet first, so no
+    intermediate overflows fp32 where the result fits), output fp16/bf16.  ``wq`` is ``(N, K)`` int8 with
     per-output-channel float32 scales (``sparsekit.formats.int8``).
 
 ``_w4a8_fwd``   the int4 weight of ``sparsekit.formats.int4`` (8 nibbles per
@@ -25,9 +27,8 @@ runs compiled on the GPU and under the interpreter on CPU tensors:
     is unpacked in registers to the exact int8 ``code - zero`` (in [-15, 15];
     symmetric weights use zero 8), then the same int8 dot runs per weight
     group with an int32 accumulator; when a group finishes, its int32 sum is
-    converted once and scaled by the group's weight scale into an fp32
-    accumulator; the per-token activation scale (and bias) are applied in the
-    epilogue.  ``group_size = K`` (per channel) is a single int32
+    converted once and scaled by ``x_scale * group scale`` into an fp32
+    accumulator; the bias is added in the epilogue.  ``group_size = K`` (per channel) is a single int32
     accumulation.  A K tile never straddles two groups: BLOCK_K divides the
     group size (or the row is one group).
 
@@ -76,20 +77,26 @@ def _act_quant(X, Q, S, BITS, M, K, stride_xm, stride_xk, stride_qm,
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(xrow + offs * stride_xk, mask=offs < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
+        ax = tl.abs(x)
+        # NaN -> +inf (max() drops NaN), so a == inf flags a row holding NaN or +-Inf
+        amax = tl.maximum(amax, tl.where(ax < float("inf"), ax, float("inf")))
     a = tl.max(amax, axis=0)
+    finite = a < float("inf")
     if HAS_BITS:
         b = tl.load(BITS + row)
         qmax = tl.where(b == 8, 127.0, 7.0)
     else:
         qmax = tl.full([], QMAX, tl.float32)
     scale = tl.where(a > 0.0, tl.math.div_rn(a, qmax), 1.0)
+    # a non-finite row: scale NaN and codes 0, so the row stays NaN downstream (dense semantics)
+    scale = tl.where(finite, scale, float("nan"))
     tl.store(S + row, scale)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(xrow + offs * stride_xk, mask=offs < K, other=0.0).to(tl.float32)
         v = _rint(tl.math.div_rn(x, scale), INTERP)
         v = tl.minimum(tl.maximum(v, -qmax), qmax)
+        v = tl.where(finite, v, 0.0)
         tl.store(qrow + offs, v.to(tl.int8), mask=offs < K)
 
 
@@ -123,11 +130,9 @@ def _unpack_i8(Qw, Z, offs_n, k0, g, N, K, stride_qn, stride_zn,
 
 
 @triton.jit
-def _epilogue(acc, XS, B, Y, offs_m, offs_n, M, N, stride_ym, stride_yn, pid_k,
+def _epilogue(acc, B, Y, offs_m, offs_n, M, N, stride_ym, stride_yn, pid_k,
               HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, INTERP_BF16: tl.constexpr):
-    """acc (fp32, weight scales applied) * x_scale[m] (+ bias) -> Y (or fp32 atomics for split-K)."""
-    xs = tl.load(XS + offs_m, mask=offs_m < M, other=0.0)
-    acc = acc * xs[:, None]
+    """acc (fp32, both scales applied) (+ bias) -> Y (or fp32 atomics for split-K)."""
     ymask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     yp = Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     if HAS_BIAS:
@@ -168,8 +173,10 @@ def _w8a8_fwd(XQ, XS, WQ, WS, B, Y, M, N, K, TPC,
                     mask=(offs_n[None, :] < N) & kmask[:, None], other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     ws = tl.load(WS + offs_n, mask=offs_n < N, other=0.0)
-    out = acc.to(tl.float32) * ws[None, :]
-    _epilogue(out, XS, B, Y, offs_m, offs_n, M, N, stride_ym, stride_yn, pid_k, HAS_BIAS, SPLIT_K, INTERP_BF16)
+    xs = tl.load(XS + offs_m, mask=offs_m < M, other=0.0)
+    # the scales multiply each other first: acc * one scale alone can overflow fp32 where the result fits
+    out = acc.to(tl.float32) * (xs[:, None] * ws[None, :])
+    _epilogue(out, B, Y, offs_m, offs_n, M, N, stride_ym, stride_yn, pid_k, HAS_BIAS, SPLIT_K, INTERP_BF16)
 
 
 @triton.jit
@@ -188,6 +195,7 @@ def _w4a8_fwd(XQ, XS, Qw, S, Z, B, Y, M, N, K, G, GS, TPC, NCHUNK,
     nmask = offs_n < N
     k_tiles = tl.cdiv(K, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xs = tl.load(XS + offs_m, mask=offs_m < M, other=0.0)
     # chunk c = K tiles [c * TPC, (c + 1) * TPC): one weight group (G > 1) or a
     # split-K share of the single group (G == 1); never two groups
     for c in range(pid_k, NCHUNK, SPLIT_K):
@@ -202,8 +210,9 @@ def _w4a8_fwd(XQ, XS, Qw, S, Z, B, Y, M, N, K, G, GS, TPC, NCHUNK,
             w = _unpack_i8(Qw, Z, offs_n, k0, g, N, K, stride_qn, stride_zn, SYMMETRIC, BLOCK_N, BLOCK_K)
             acc_i = tl.dot(a, tl.trans(w), acc_i, out_dtype=tl.int32)
         s = tl.load(S + offs_n * stride_sn + g, mask=nmask, other=0.0).to(tl.float32)
-        acc += acc_i.to(tl.float32) * s[None, :]
-    _epilogue(acc, XS, B, Y, offs_m, offs_n, M, N, stride_ym, stride_yn, pid_k, HAS_BIAS, SPLIT_K, INTERP_BF16)
+        # token and group scales multiply each other first (no fp32 overflow of acc * scale)
+        acc += acc_i.to(tl.float32) * (xs[:, None] * s[None, :])
+    _epilogue(acc, B, Y, offs_m, offs_n, M, N, stride_ym, stride_yn, pid_k, HAS_BIAS, SPLIT_K, INTERP_BF16)
 
 
 @triton.jit

@@ -68,7 +68,7 @@ def _tg_conv(X, Wt, B, Y, TILES, COUNTS,
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         entry = rows // TTP
         p = rows % TTP
-        upd = entry < n_upd
+        upd = (entry < n_upd) & (entry < T)
         skp = (entry >= skip0) & (entry < T)
         t = tl.load(TILES + entry, mask=upd | skp, other=0)
         per_n = TH * TW
@@ -76,7 +76,8 @@ def _tg_conv(X, Wt, B, Y, TILES, COUNTS,
         rem = t % per_n
         oh = (rem // TW) * TILE + p // TILE
         ow = (rem % TW) * TILE + p % TILE
-        valid = (upd | skp) & (p < TILE * TILE) & (oh < Ho) & (ow < Wo)
+        # last line of defence: a tile id outside 0..T-1 (a corrupt list) is never read or written
+        valid = (upd | skp) & (t >= 0) & (t < T) & (p < TILE * TILE) & (oh < Ho) & (ow < Wo)
         n64 = n.to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < CO
@@ -129,7 +130,9 @@ def _pixel_maps(X, XP, WI, DMAP, IMAP, NP, C, H, W,
         m = pmask[:, None] & (offs_c[None, :] < C)
         x = tl.load(xb[:, None] + offs_c[None, :] * sxc, mask=m, other=0.0).to(tl.float32)
         xp = tl.load(pb[:, None] + offs_c[None, :] * spc, mask=m, other=0.0).to(tl.float32)
-        dmax = tl.maximum(dmax, tl.max(tl.abs(x - xp), axis=1))
+        d = tl.abs(x - xp)
+        # NaN (NaN or Inf on either frame) -> +inf: a non-finite change always UPDATEs (max() drops NaN)
+        dmax = tl.maximum(dmax, tl.max(tl.where(d == d, d, float("inf")), axis=1))
         if HAS_IMP:
             wi = tl.load(WI + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
             imp += tl.sum(x * wi[None, :], axis=1)
