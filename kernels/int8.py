@@ -29,7 +29,21 @@ runs compiled on the GPU and under the interpreter on CPU tensors:
     accumulator; the per-token activation scale (and bias) are applied in the
     epilogue.  ``group_size = K`` (per channel) is a single int32
     accumulation.  A K tile never straddles two groups: BLOCK_K divides the
-    group size (or the row is one group).
+    group size (or the row is one group).  The per-group conversion is the
+    exponent-bias trick (:func:`_i32_to_f32`): ``bits(0x4B400000 + v) - 1.5 *
+    2**23`` is exactly ``float(v)`` for ``|v| <= 2**22``, and a group's sum of
+    int8 x int8 products is inside that range for groups of up to 256 columns
+    (``256 * 128 * 128 = 2**22``), so an integer add and a float subtraction
+    replace the slow int-to-float conversion with a bit-identical result.
+
+Both matmuls compute the transposed tile ("swap AB"): ``acc_t (BLOCK_N,
+BLOCK_M) = W_tile @ xq_tile^T``.  The W4A8 weight tile unpacked in registers is
+then the A operand of the tensor-core op (no store to shared memory and barrier
+per K step), both operands are K-major as int8 wgmma requires, and a 16-row M
+tile becomes the wgmma N (wgmma's M is 64 per warp group), so small M runs on
+Hopper's IGMMA instead of mma.sync.  The packed int4 words are bounded by
+``K // 8`` passed as an argument, so a launch specializes its divisibility and
+the words arrive in 16-byte ``cp.async`` copies.
 
 The Triton interpreter (triton 3.x) runs int8 ``tl.dot`` with an int32
 accumulator exactly, so no interpreter workaround is needed for the dots (the
@@ -93,19 +107,46 @@ def _act_quant(X, Q, S, BITS, M, K, stride_xm, stride_xk, stride_qm,
         tl.store(qrow + offs, v.to(tl.int8), mask=offs < K)
 
 
+# the int32 -> fp32 conversion of a group's accumulator by exponent bias: for
+# |v| <= 2**22 the bits 0x4B400000 + v are the float 1.5 * 2**23 + v exactly (the
+# ulp there is 1), so one integer add and one exact float subtraction replace the
+# I2F (a quarter-rate conversion on NVIDIA GPUs) and give the identical float
+MAGIC_I = 0x4B400000
+MAGIC_F = 12582912.0          # 1.5 * 2**23
+MAGIC_MAX = 2 ** 22
+# the largest group whose int32 sum is inside the exact range for ANY int8 x int8
+# products (|a|, |b| <= 128): 256 * 128 * 128 = 2**22
+MAGIC_MAX_GROUP = MAGIC_MAX // (128 * 128)
+
+
 @triton.jit
-def _unpack_i8(Qw, Z, offs_n, k0, g, N, K, stride_qn, stride_zn,
+def _i32_to_f32(v, MAGIC: tl.constexpr):
+    """int32 -> fp32 (round to nearest, i.e. exact below 2**24); MAGIC: by exponent bias, exact
+    and equal to the conversion for |v| <= 2**22 (the caller guarantees the bound)."""
+    if MAGIC:
+        return (v + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    else:
+        return v.to(tl.float32)
+
+
+@triton.jit
+def _unpack_i8(Qw, Z, offs_n, k0, g, N, NWORDS, stride_qn, stride_zn,
                SYMMETRIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(BLOCK_N, BLOCK_K) int8 tile of ``code - zero`` for columns k0 .. k0+BLOCK_K-1 (group g)."""
+    """(BLOCK_N, BLOCK_K) int8 tile of ``code - zero`` for columns k0 .. k0+BLOCK_K-1 (group g).
+
+    ``NWORDS`` (= K // 8, an argument so that a launch specializes its divisibility)
+    bounds the packed words: the mask stays constant over 16-byte vectors.  The zero
+    point is loaded as a (BLOCK_N, 1) tile, in the words' own register layout.
+    """
     KW: tl.constexpr = BLOCK_K // 8
     offs_w = k0 // 8 + tl.arange(0, KW)
-    nmask = offs_n < N
+    nmask = offs_n[:, None] < N
     words = tl.load(Qw + offs_n[:, None] * stride_qn + offs_w[None, :],
-                    mask=nmask[:, None] & (offs_w[None, :] < K // 8), other=0)
+                    mask=nmask & (offs_w[None, :] < NWORDS), other=0)
     if SYMMETRIC:
         z = tl.full((BLOCK_N, 1), 8, tl.int32)
     else:
-        z = tl.load(Z + offs_n * stride_zn + g, mask=nmask, other=0.0).to(tl.float32).to(tl.int32)[:, None]
+        z = tl.load(Z + offs_n[:, None] * stride_zn + g, mask=nmask, other=0.0).to(tl.float32).to(tl.int32)
     # nibble s (s = 0..3) holds column 8j+2s, nibble s+4 column 8j+2s+1
     lo0 = (((words >> 0) & 0xF) - z).to(tl.int8)
     lo1 = (((words >> 4) & 0xF) - z).to(tl.int8)
@@ -123,23 +164,24 @@ def _unpack_i8(Qw, Z, offs_n, k0, g, N, K, stride_qn, stride_zn,
 
 
 @triton.jit
-def _epilogue(acc, XS, B, Y, offs_m, offs_n, M, N, stride_ym, stride_yn, pid_k,
-              HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, INTERP_BF16: tl.constexpr):
-    """acc (fp32, weight scales applied) * x_scale[m] (+ bias) -> Y (or fp32 atomics for split-K)."""
+def _epilogue_t(acc_t, XS, B, Y, offs_m, offs_n, M, N, stride_ym, stride_yn, pid_k,
+                HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """acc_t[n, m] (fp32, weight scales applied) * x_scale[m] (+ bias[n]) -> Y[m, n] (or fp32
+    atomics for split-K; slice 0 adds the bias).  The swap-AB kernels' transposed tile."""
     xs = tl.load(XS + offs_m, mask=offs_m < M, other=0.0)
-    acc = acc * xs[:, None]
-    ymask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    yp = Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    acc_t = acc_t * xs[None, :]
+    ymask = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+    yp = Y + offs_n[:, None] * stride_yn + offs_m[None, :] * stride_ym
     if HAS_BIAS:
-        bias = tl.load(B + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(B + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
         if SPLIT_K == 1:
-            acc += bias
+            acc_t += bias
         else:
-            acc += tl.where(pid_k == 0, bias, 0.0)
+            acc_t += tl.where(pid_k == 0, bias, 0.0)
     if SPLIT_K == 1:
-        tl.store(yp, cast_out(acc, Y.dtype.element_ty, INTERP_BF16), mask=ymask)
+        tl.store(yp, cast_out(acc_t, Y.dtype.element_ty, INTERP_BF16), mask=ymask)
     else:
-        tl.atomic_add(yp, acc, mask=ymask)
+        tl.atomic_add(yp, acc_t, mask=ymask)
 
 
 @triton.jit
@@ -155,7 +197,9 @@ def _w8a8_fwd(XQ, XS, WQ, WS, B, Y, M, N, K, TPC,
     pid_m, pid_n = grouped_tile(pid, num_m, num_n, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    # swap AB: acc_t (BLOCK_N, BLOCK_M) = W_tile @ xq_tile^T, both K-major (as int8 wgmma
+    # needs); a 16-row M tile becomes the wgmma N (wgmma's M is 64 per warp group)
+    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
     # split pid_k owns the contiguous K tiles [pid_k * TPC, (pid_k + 1) * TPC)
     k_tiles = tl.cdiv(K, BLOCK_K)
     t_end = tl.minimum((pid_k + 1) * TPC, k_tiles)
@@ -164,20 +208,21 @@ def _w8a8_fwd(XQ, XS, WQ, WS, B, Y, M, N, K, TPC,
         kmask = offs_k < K
         a = tl.load(XQ + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & kmask[None, :], other=0)
-        b = tl.load(WQ + offs_n[None, :] * stride_wn + offs_k[:, None],
-                    mask=(offs_n[None, :] < N) & kmask[:, None], other=0)
-        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        w = tl.load(WQ + offs_n[:, None] * stride_wn + offs_k[None, :],
+                    mask=(offs_n[:, None] < N) & kmask[None, :], other=0)
+        acc_t = tl.dot(w, tl.trans(a), acc_t, out_dtype=tl.int32)
     ws = tl.load(WS + offs_n, mask=offs_n < N, other=0.0)
-    out = acc.to(tl.float32) * ws[None, :]
-    _epilogue(out, XS, B, Y, offs_m, offs_n, M, N, stride_ym, stride_yn, pid_k, HAS_BIAS, SPLIT_K, INTERP_BF16)
+    out_t = acc_t.to(tl.float32) * ws[:, None]
+    _epilogue_t(out_t, XS, B, Y, offs_m, offs_n, M, N, stride_ym, stride_yn, pid_k, HAS_BIAS, SPLIT_K, INTERP_BF16)
 
 
 @triton.jit
-def _w4a8_fwd(XQ, XS, Qw, S, Z, B, Y, M, N, K, G, GS, TPC, NCHUNK,
+def _w4a8_fwd(XQ, XS, Qw, S, Z, B, Y, M, N, K, KW, G, TPC,
               stride_xm, stride_qn, stride_sn, stride_zn, stride_ym, stride_yn,
               HAS_BIAS: tl.constexpr, SYMMETRIC: tl.constexpr, INTERP_BF16: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr):
+              SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+              PER_CHANNEL: tl.constexpr, TILES_PER_GROUP: tl.constexpr, MAGIC: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -185,25 +230,41 @@ def _w4a8_fwd(XQ, XS, Qw, S, Z, B, Y, M, N, K, G, GS, TPC, NCHUNK,
     pid_m, pid_n = grouped_tile(pid, num_m, num_n, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = offs_n < N
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # chunk c = K tiles [c * TPC, (c + 1) * TPC): one weight group (G > 1) or a
-    # split-K share of the single group (G == 1); never two groups
-    for c in range(pid_k, NCHUNK, SPLIT_K):
-        g = tl.minimum((c * TPC * BLOCK_K) // GS, G - 1)
-        acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        t_end = tl.minimum((c + 1) * TPC, k_tiles)
-        for kt in range(c * TPC, t_end):
+    nmask = offs_n[:, None] < N
+    # swap AB: acc_t (BLOCK_N, BLOCK_M) = W_tile @ xq_tile^T; the weight tile unpacked in
+    # registers is the A operand of the int8 tensor-core op (no round trip through
+    # shared memory), and a 16-row M tile becomes the wgmma N
+    if PER_CHANNEL:
+        # one group per row: one int32 accumulation over split pid_k's K tiles
+        # [pid_k * TPC, (pid_k + 1) * TPC), converted and scaled once
+        acc_i = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        for kt in range(pid_k * TPC, tl.minimum((pid_k + 1) * TPC, k_tiles)):
             k0 = kt * BLOCK_K
             offs_k = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(XQ + offs_m[:, None] * stride_xm + offs_k[None, :],
                         mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
-            w = _unpack_i8(Qw, Z, offs_n, k0, g, N, K, stride_qn, stride_zn, SYMMETRIC, BLOCK_N, BLOCK_K)
-            acc_i = tl.dot(a, tl.trans(w), acc_i, out_dtype=tl.int32)
-        s = tl.load(S + offs_n * stride_sn + g, mask=nmask, other=0.0).to(tl.float32)
-        acc += acc_i.to(tl.float32) * s[None, :]
-    _epilogue(acc, XS, B, Y, offs_m, offs_n, M, N, stride_ym, stride_yn, pid_k, HAS_BIAS, SPLIT_K, INTERP_BF16)
+            w = _unpack_i8(Qw, Z, offs_n, k0, 0, N, KW, stride_qn, stride_zn, SYMMETRIC, BLOCK_N, BLOCK_K)
+            acc_i = tl.dot(w, tl.trans(a), acc_i, out_dtype=tl.int32)
+        s = tl.load(S + offs_n[:, None] * stride_sn, mask=nmask, other=0.0).to(tl.float32)
+        acc_t = _i32_to_f32(acc_i, False) * s
+    else:
+        # one flat loop over the weight groups of split pid_k (groups pid_k, pid_k +
+        # SPLIT_K, ...): TILES_PER_GROUP K tiles accumulate a group in int32, which is
+        # converted (exactly, MAGIC: by exponent bias) and scaled into the fp32 tile
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for g in range(pid_k, G, SPLIT_K):
+            acc_i = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+            for t in tl.static_range(TILES_PER_GROUP):
+                k0 = (g * TILES_PER_GROUP + t) * BLOCK_K
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                a = tl.load(XQ + offs_m[:, None] * stride_xm + offs_k[None, :],
+                            mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
+                w = _unpack_i8(Qw, Z, offs_n, k0, g, N, KW, stride_qn, stride_zn, SYMMETRIC, BLOCK_N, BLOCK_K)
+                acc_i = tl.dot(w, tl.trans(a), acc_i, out_dtype=tl.int32)
+            s = tl.load(S + offs_n[:, None] * stride_sn + g, mask=nmask, other=0.0).to(tl.float32)
+            acc_t += _i32_to_f32(acc_i, MAGIC) * s
+    _epilogue_t(acc_t, XS, B, Y, offs_m, offs_n, M, N, stride_ym, stride_yn, pid_k, HAS_BIAS, SPLIT_K, INTERP_BF16)
 
 
 @triton.jit
@@ -215,7 +276,7 @@ def _w4_unpack(Qw, Z, W, N, K, GS, stride_qn, stride_zn, stride_wn,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = pid_k * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
-    w = _unpack_i8(Qw, Z, offs_n, k0, k0 // GS, N, K, stride_qn, stride_zn, SYMMETRIC, BLOCK_N, BLOCK_K)
+    w = _unpack_i8(Qw, Z, offs_n, k0, k0 // GS, N, K // 8, stride_qn, stride_zn, SYMMETRIC, BLOCK_N, BLOCK_K)
     tl.store(W + offs_n[:, None] * stride_wn + offs_k[None, :], w,
              mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
 
@@ -241,7 +302,10 @@ def fwd_config(M: int, N: int, K: int, group_size: int | None = None, num_sms: i
     if M <= 16:
         cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128 if K < 4096 else 256, GROUP_M=1, num_warps=4, num_stages=4)
     elif M <= 64:
-        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=4)
+        # W4A8 holds an int32 and an fp32 (BLOCK_N, BLOCK_M) tile: two warp groups keep
+        # it near 128 registers a thread (one: 255)
+        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=4, num_warps=4 if group_size is None else 8,
+                   num_stages=4)
     else:
         cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
     if group_size is not None and group_size < K:
@@ -342,23 +406,24 @@ def w4a8_linear(xq: torch.Tensor, xs: torch.Tensor, qweight: torch.Tensor, scale
     bk = cfg["BLOCK_K"]
     k_tiles = triton.cdiv(K, bk)
     if G > 1:
-        tpc = group_size // bk
-        nchunk = G
+        tpc = 1
+        tpg = group_size // bk
         split = max(1, min(split, G))
     else:
+        tpg = 1
         split = max(1, min(split, k_tiles))
         tpc = triton.cdiv(k_tiles, split)
-        nchunk = triton.cdiv(k_tiles, tpc)
-        split = nchunk
+        split = triton.cdiv(k_tiles, tpc)
     target = out if split == 1 else torch.zeros(out.shape, dtype=torch.float32, device=out.device)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
     z = zeros if zeros is not None else scales
     _w4a8_fwd[grid](xq, xs, qweight, scales, z, bias if bias is not None else scales, target,
-                    M, N, K, G, group_size, tpc, nchunk,
+                    M, N, K, K // 8, G, tpc,
                     xq.stride(0), qweight.stride(0), scales.stride(0), z.stride(0),
                     target.stride(0), target.stride(1),
                     HAS_BIAS=bias is not None, SYMMETRIC=zeros is None,
-                    INTERP_BF16=_interpreting(xq) and out.dtype == torch.bfloat16, SPLIT_K=split, **cfg)
+                    INTERP_BF16=_interpreting(xq) and out.dtype == torch.bfloat16, SPLIT_K=split,
+                    PER_CHANNEL=G == 1, TILES_PER_GROUP=tpg, MAGIC=G > 1 and group_size <= MAGIC_MAX_GROUP, **cfg)
     if split != 1:
         out.copy_(target)
     return out
