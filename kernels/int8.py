@@ -64,8 +64,8 @@ from triton.language.extra import libdevice
 
 from ._common import cast_out, grouped_tile
 
-__all__ = ["per_token_quant", "w8a8_linear", "w4a8_linear", "unpack_w4_int8", "fwd_config", "check_config",
-           "MAX_K"]
+__all__ = ["per_token_quant", "w8a8_linear", "w4a8_linear", "unpack_w4_int8", "int32_to_float", "fwd_config",
+           "check_config", "MAX_K", "MAGIC_MAX_GROUP"]
 
 # the int32 accumulator holds up to K * 127 * 127 (W8A8); K <= MAX_K keeps it exact
 MAX_K = (2 ** 31 - 1) // (127 * 127)
@@ -108,11 +108,11 @@ def _act_quant(X, Q, S, BITS, M, K, stride_xm, stride_xk, stride_qm,
 
 
 # the int32 -> fp32 conversion of a group's accumulator by exponent bias: for
-# |v| <= 2**22 the bits 0x4B400000 + v are the float 1.5 * 2**23 + v exactly (the
-# ulp there is 1), so one integer add and one exact float subtraction replace the
-# I2F (a quarter-rate conversion on NVIDIA GPUs) and give the identical float
-MAGIC_I = 0x4B400000
-MAGIC_F = 12582912.0          # 1.5 * 2**23
+# -2**22 <= v <= 2**22 the bits 0x4B400000 + v are the float 1.5 * 2**23 + v exactly
+# (the float's ulp is 1 on [2**23, 2**24), and 2**24 itself is exact), so an integer
+# add and an exact float subtraction give the same float as the conversion
+# instruction, which runs at 16 results per clock per SM on recent NVIDIA GPUs
+# (integer adds 64, float adds 128)
 MAGIC_MAX = 2 ** 22
 # the largest group whose int32 sum is inside the exact range for ANY int8 x int8
 # products (|a|, |b| <= 128): 256 * 128 * 128 = 2**22
@@ -146,7 +146,9 @@ def _unpack_i8(Qw, Z, offs_n, k0, g, N, NWORDS, stride_qn, stride_zn,
     if SYMMETRIC:
         z = tl.full((BLOCK_N, 1), 8, tl.int32)
     else:
-        z = tl.load(Z + offs_n[:, None] * stride_zn + g, mask=nmask, other=0.0).to(tl.float32).to(tl.int32)
+        # (a tile past the end, a masked step of the W4A8 loop, reads no zero point)
+        zmask = nmask & ((tl.zeros((1, 1), tl.int32) + k0 // 8) < NWORDS)
+        z = tl.load(Z + offs_n[:, None] * stride_zn + g, mask=zmask, other=0.0).to(tl.float32).to(tl.int32)
     # nibble s (s = 0..3) holds column 8j+2s, nibble s+4 column 8j+2s+1
     lo0 = (((words >> 0) & 0xF) - z).to(tl.int8)
     lo1 = (((words >> 4) & 0xF) - z).to(tl.int8)
@@ -222,7 +224,8 @@ def _w4a8_fwd(XQ, XS, Qw, S, Z, B, Y, M, N, K, KW, G, TPC,
               HAS_BIAS: tl.constexpr, SYMMETRIC: tl.constexpr, INTERP_BF16: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
-              PER_CHANNEL: tl.constexpr, TILES_PER_GROUP: tl.constexpr, MAGIC: tl.constexpr):
+              PER_CHANNEL: tl.constexpr, TILES_PER_GROUP: tl.constexpr, GROUPS_PER_STEP: tl.constexpr,
+              MAGIC: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -249,22 +252,34 @@ def _w4a8_fwd(XQ, XS, Qw, S, Z, B, Y, M, N, K, KW, G, TPC,
         s = tl.load(S + offs_n[:, None] * stride_sn, mask=nmask, other=0.0).to(tl.float32)
         acc_t = _i32_to_f32(acc_i, False) * s
     else:
-        # one flat loop over the weight groups of split pid_k (groups pid_k, pid_k +
-        # SPLIT_K, ...): TILES_PER_GROUP K tiles accumulate a group in int32, which is
-        # converted (exactly, MAGIC: by exponent bias) and scaled into the fp32 tile
+        # one flat loop over steps of GROUPS_PER_STEP weight groups (split pid_k takes steps
+        # pid_k, pid_k + SPLIT_K, ...); each group accumulates its TILES_PER_GROUP K tiles in
+        # int32, converted (exactly; MAGIC: by exponent bias) and scaled into the fp32 tile.
+        # Groups past G (a last, partial step) are fully masked and add nothing.
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for g in range(pid_k, G, SPLIT_K):
-            acc_i = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
-            for t in tl.static_range(TILES_PER_GROUP):
-                k0 = (g * TILES_PER_GROUP + t) * BLOCK_K
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                a = tl.load(XQ + offs_m[:, None] * stride_xm + offs_k[None, :],
-                            mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
-                w = _unpack_i8(Qw, Z, offs_n, k0, g, N, KW, stride_qn, stride_zn, SYMMETRIC, BLOCK_N, BLOCK_K)
-                acc_i = tl.dot(w, tl.trans(a), acc_i, out_dtype=tl.int32)
-            s = tl.load(S + offs_n[:, None] * stride_sn + g, mask=nmask, other=0.0).to(tl.float32)
-            acc_t += _i32_to_f32(acc_i, MAGIC) * s
+        for step in range(pid_k, tl.cdiv(G, GROUPS_PER_STEP), SPLIT_K):
+            for j in tl.static_range(GROUPS_PER_STEP):
+                g = step * GROUPS_PER_STEP + j
+                acc_i = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+                for t in tl.static_range(TILES_PER_GROUP):
+                    k0 = (g * TILES_PER_GROUP + t) * BLOCK_K
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    a = tl.load(XQ + offs_m[:, None] * stride_xm + offs_k[None, :],
+                                mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
+                    w = _unpack_i8(Qw, Z, offs_n, k0, g, N, KW, stride_qn, stride_zn, SYMMETRIC, BLOCK_N, BLOCK_K)
+                    acc_i = tl.dot(w, tl.trans(a), acc_i, out_dtype=tl.int32)
+                smask = nmask & ((tl.zeros((1, 1), tl.int32) + g) < G)
+                s = tl.load(S + offs_n[:, None] * stride_sn + g, mask=smask, other=0.0).to(tl.float32)
+                acc_t += _i32_to_f32(acc_i, MAGIC) * s
     _epilogue_t(acc_t, XS, B, Y, offs_m, offs_n, M, N, stride_ym, stride_yn, pid_k, HAS_BIAS, SPLIT_K, INTERP_BF16)
+
+
+@triton.jit
+def _i32_to_f32_kernel(V, OUT, n, MAGIC: tl.constexpr, BLOCK: tl.constexpr):
+    """OUT[i] = float(V[i]) through :func:`_i32_to_f32` (tests / debugging)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(V + offs, mask=offs < n, other=0)
+    tl.store(OUT + offs, _i32_to_f32(v, MAGIC), mask=offs < n)
 
 
 @triton.jit
@@ -297,7 +312,8 @@ def fwd_config(M: int, N: int, K: int, group_size: int | None = None, num_sms: i
 
     ``group_size`` is the int4 weight's group (W4A8) or None (W8A8).  BLOCK_K
     is in int8 elements (128 = one 128-byte row segment); for grouped int4
-    weights it is capped at the group size so a tile stays inside one group.
+    weights it is capped at the group size so a tile stays inside one group,
+    and ``GROUPS_PER_STEP`` groups make one step of the W4A8 loop.
     """
     if M <= 16:
         cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128 if K < 4096 else 256, GROUP_M=1, num_warps=4, num_stages=4)
@@ -309,9 +325,16 @@ def fwd_config(M: int, N: int, K: int, group_size: int | None = None, num_sms: i
     else:
         cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
     if group_size is not None and group_size < K:
-        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], group_size)
+        # W4A8 with groups: a K tile is one group at most, and a loop step takes
+        # GROUPS_PER_STEP whole groups (each its own int32 sum) over 128 columns.  Large M
+        # uses 64-column tiles (two per 128-group): the 128 x 128 int32 + fp32 tiles leave
+        # little room for the unpacked operand on sm_80 (255 -> ~230 registers)
+        step = 128
+        cfg["BLOCK_K"] = min(64 if M > 64 else step, group_size)
+        if group_size < step and step % group_size == 0:
+            cfg["GROUPS_PER_STEP"] = step // group_size
     tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
-    k_tiles = triton.cdiv(K, cfg["BLOCK_K"])
+    k_tiles = triton.cdiv(K, cfg["BLOCK_K"] * cfg.get("GROUPS_PER_STEP", 1))
     split = 1
     if M <= 64:
         while tiles * split < num_sms and split * 2 <= k_tiles // 2 and split < 16:
@@ -329,6 +352,9 @@ def check_config(cfg: dict, group_size: int | None, K: int) -> None:
         raise ValueError(f"BLOCK_K={bk} must divide group_size={group_size} (a K tile may not straddle two groups)")
     if cfg.get("SPLIT_K", 1) < 1:
         raise ValueError("SPLIT_K must be >= 1")
+    gps = cfg.get("GROUPS_PER_STEP", 1)
+    if isinstance(gps, bool) or not isinstance(gps, int) or gps < 1:
+        raise ValueError(f"GROUPS_PER_STEP must be an int >= 1, got {gps!r}")
 
 
 def _config(x, config, M, N, K, group_size):
@@ -403,14 +429,21 @@ def w4a8_linear(xq: torch.Tensor, xs: torch.Tensor, qweight: torch.Tensor, scale
     gs_eff = group_size if G > 1 else None
     cfg = _config(xq, config, M, N, K, gs_eff)
     split = cfg.pop("SPLIT_K", 1)
+    # the exponent-bias conversion of the group sums (exact for groups of <= 256
+    # columns); config["MAGIC"] = False forces the plain conversion (tests compare both)
+    magic = G > 1 and group_size <= MAGIC_MAX_GROUP
+    if cfg.setdefault("MAGIC", magic) and not magic:
+        raise ValueError(f"MAGIC=True needs group sums inside +-2**22: at most {MAGIC_MAX_GROUP} columns a group "
+                         f"(got group_size={group_size}, {G} group(s) a row)")
     bk = cfg["BLOCK_K"]
     k_tiles = triton.cdiv(K, bk)
+    gps = cfg.pop("GROUPS_PER_STEP", 1)
     if G > 1:
         tpc = 1
         tpg = group_size // bk
-        split = max(1, min(split, G))
+        split = max(1, min(split, triton.cdiv(G, gps)))
     else:
-        tpg = 1
+        gps = tpg = 1
         split = max(1, min(split, k_tiles))
         tpc = triton.cdiv(k_tiles, split)
         split = triton.cdiv(k_tiles, tpc)
@@ -423,9 +456,19 @@ def w4a8_linear(xq: torch.Tensor, xs: torch.Tensor, qweight: torch.Tensor, scale
                     target.stride(0), target.stride(1),
                     HAS_BIAS=bias is not None, SYMMETRIC=zeros is None,
                     INTERP_BF16=_interpreting(xq) and out.dtype == torch.bfloat16, SPLIT_K=split,
-                    PER_CHANNEL=G == 1, TILES_PER_GROUP=tpg, MAGIC=G > 1 and group_size <= MAGIC_MAX_GROUP, **cfg)
+                    PER_CHANNEL=G == 1, TILES_PER_GROUP=tpg, GROUPS_PER_STEP=gps, **cfg)
     if split != 1:
         out.copy_(target)
+    return out
+
+
+def int32_to_float(v: torch.Tensor, out: torch.Tensor, magic: bool = True) -> torch.Tensor:
+    """``out`` (float32) = ``v`` (int32, contiguous) converted by the W4A8 kernel's per-group
+    conversion (``magic``: the exponent-bias trick, exact for ``|v| <= 2**22``; tests / debugging)."""
+    n = v.numel()
+    if n:
+        block = 1024
+        _i32_to_f32_kernel[(triton.cdiv(n, block),)](v, out, n, MAGIC=bool(magic), BLOCK=block)
     return out
 
 
