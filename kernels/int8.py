@@ -144,24 +144,35 @@ def _unpack_i8(Qw, Z, offs_n, k0, g, N, NWORDS, stride_qn, stride_zn,
     words = tl.load(Qw + offs_n[:, None] * stride_qn + offs_w[None, :],
                     mask=nmask & (offs_w[None, :] < NWORDS), other=0)
     if SYMMETRIC:
-        z = tl.full((BLOCK_N, 1), 8, tl.int32)
+        zz = 0x08080808                                      # the zero point 8 in every byte
     else:
         # (a tile past the end, a masked step of the W4A8 loop, reads no zero point)
         zmask = nmask & ((tl.zeros((1, 1), tl.int32) + k0 // 8) < NWORDS)
         z = tl.load(Z + offs_n[:, None] * stride_zn + g, mask=zmask, other=0.0).to(tl.float32).to(tl.int32)
-    # nibble s (s = 0..3) holds column 8j+2s, nibble s+4 column 8j+2s+1
-    lo0 = (((words >> 0) & 0xF) - z).to(tl.int8)
-    lo1 = (((words >> 4) & 0xF) - z).to(tl.int8)
-    lo2 = (((words >> 8) & 0xF) - z).to(tl.int8)
-    lo3 = (((words >> 12) & 0xF) - z).to(tl.int8)
-    hi0 = (((words >> 16) & 0xF) - z).to(tl.int8)
-    hi1 = (((words >> 20) & 0xF) - z).to(tl.int8)
-    hi2 = (((words >> 24) & 0xF) - z).to(tl.int8)
-    hi3 = (((words >> 28) & 0xF) - z).to(tl.int8)
-    # column 8j + 4a + 2b + c (s = 2a + b, c = 0 low / 1 high nibble): nested
-    # joins build (BLOCK_N, KW, a, b, c), which reshapes to column order
-    ev = tl.join(tl.join(lo0, lo2), tl.join(lo1, lo3))
-    od = tl.join(tl.join(hi0, hi2), tl.join(hi1, hi3))
+        zz = z * 0x01010101
+    # four codes per 32-bit op (SIMD within a register): byte b of ``words & 0x0F0F0F0F``
+    # is nibble 2b, of ``(words >> 4) & 0x0F0F0F0F`` nibble 2b + 1.  Per byte,
+    # (code | 0x80) - zero = 128 + code - zero lies in [113, 143], so subtracting
+    # zero * 0x01010101 borrows across no byte; XOR 0x80 then leaves code - zero as
+    # the byte's int8 value.  (int32 arithmetic wraps: only the bit pattern matters.)
+    M80: tl.constexpr = -0x7F7F7F80                        # 0x80808080 as an int32
+    ev4 = ((words & 0x0F0F0F0F) | M80) - zz
+    od4 = (((words >> 4) & 0x0F0F0F0F) | M80) - zz
+    ev4 = ev4 ^ M80
+    od4 = od4 ^ M80
+    # nibble p holds column 8j + 2p (p < 4) or 8j + 2(p - 4) + 1: ev4's bytes are the
+    # columns (0, 4, 1, 5), od4's (2, 6, 3, 7).  Nested joins build (BLOCK_N, KW, a, b, c)
+    # for column 8j + 4a + 2b + c, which reshapes to column order
+    e0 = ev4.to(tl.int8)
+    e1 = (ev4 >> 8).to(tl.int8)
+    e2 = (ev4 >> 16).to(tl.int8)
+    e3 = (ev4 >> 24).to(tl.int8)
+    o0 = od4.to(tl.int8)
+    o1 = (od4 >> 8).to(tl.int8)
+    o2 = (od4 >> 16).to(tl.int8)
+    o3 = (od4 >> 24).to(tl.int8)
+    ev = tl.join(tl.join(e0, e1), tl.join(o0, o1))          # even columns: c = 0
+    od = tl.join(tl.join(e2, e3), tl.join(o2, o3))          # odd columns: c = 1
     return tl.reshape(tl.join(ev, od), (BLOCK_N, BLOCK_K))
 
 
