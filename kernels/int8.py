@@ -437,8 +437,8 @@ def w4a8_linear(xq: torch.Tensor, xs: torch.Tensor, qweight: torch.Tensor, scale
     M = xq.shape[0]
     N = qweight.shape[0]
     G = scales.shape[1]
-    gs_eff = group_size if G > 1 else None
-    cfg = _config(xq, config, M, N, K, gs_eff)
+    # (a single group per row passes group_size = K: W4A8 tiles, no group cap)
+    cfg = _config(xq, config, M, N, K, group_size if G > 1 else K)
     split = cfg.pop("SPLIT_K", 1)
     # the exponent-bias conversion of the group sums (exact for groups of <= 256
     # columns); config["MAGIC"] = False forces the plain conversion (tests compare both)
