@@ -69,7 +69,7 @@ EXACT = ["regs", "stack", "smem", "stl", "ldl", "tc", "wait0", "inflight", "bar"
 LAUNCH_OPTS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 # the constexprs that make a kernel config (tile sizes, splits, block shapes, unrolled extents)
 CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_T", "BLOCK_P", "BLOCK_C", "SPLIT_K", "SPLIT", "TILE_GROUPS",
-               "BM", "BK", "HEAD_DIM", "KH", "KW", "TTP"}
+               "BM", "BK", "HEAD_DIM", "KH", "KW", "TTP", "GROUPS_PER_STEP", "TILES_PER_GROUP"}
 
 
 # ---------------------------------------------------------------------------------------------
