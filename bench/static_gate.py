@@ -286,7 +286,7 @@ def sweep_triple_gate_conv():
                                 k, "_tg_conv", k.conv, frame(n, c, h, h, dt), w, _meta(co, dtype=dt) if bias else None,
                                 i32(n * th * th), i32(3), frame(n, co, ho, ho, dt), (st, st), (pd, pd), (dl, dl),
                                 tile)
-            if tf32 is not True:
+            if tf32 is not True and dt in k.AUTOTUNE_DTYPES:
                 for i, cand in enumerate(k.CONV_CONFIGS):       # the autotuner's candidates, as launched
                     w = _meta(64, 64, 3, 3, dtype=dt).to(memory_format=torch.channels_last)
                     yield "_tg_conv", dt, "tuned", record(
