@@ -286,7 +286,7 @@ def sweep_triple_gate_conv():
                                 k, "_tg_conv", k.conv, frame(n, c, h, h, dt), w, _meta(co, dtype=dt) if bias else None,
                                 i32(n * th * th), i32(3), frame(n, co, ho, ho, dt), (st, st), (pd, pd), (dl, dl),
                                 tile)
-            if tf32 is not True:
+            if tf32 is not True and dt in k.AUTOTUNE_DTYPES:
                 for i, cand in enumerate(k.CONV_CONFIGS):       # the autotuner's candidates, as launched
                     w = _meta(64, 64, 3, 3, dtype=dt).to(memory_format=torch.channels_last)
                     yield "_tg_conv", dt, "tuned", record(
@@ -317,15 +317,18 @@ def sweep_draft_attention():
     from sparsekit.kernels import draft_attention as k
     B, H, S = 1, 2, 4096
     for dt in (torch.float16, torch.bfloat16, torch.float32):
-        for d in k.HEAD_DIMS:
-            for block_t in (64, 128):
-                nb = S // block_t
-                for even in (True, False):
-                    q = _meta(B, H, S, d, dtype=dt)
-                    yield "_bsa_fwd", dt, None, record(
-                        k, "_bsa_fwd", k.block_sparse_attention, q, q, q, _meta(B, H, S, d, dtype=dt),
-                        _meta(nb * block_t, dtype=torch.int32), _meta(B, H, nb, nb, dtype=torch.int32),
-                        _meta(B, H, nb, dtype=torch.int32), block_t, d ** -0.5, even)
+        for tf32 in _tf32_modes(dt):
+            _set_tf32(tf32)
+            for d in k.HEAD_DIMS:
+                for block_t in (64, 128):
+                    nb = S // block_t
+                    for even in (True, False):
+                        q = _meta(B, H, S, d, dtype=dt)
+                        yield "_bsa_fwd", dt, tf32, record(
+                            k, "_bsa_fwd", k.block_sparse_attention, q, q, q, _meta(B, H, S, d, dtype=dt),
+                            _meta(nb * block_t, dtype=torch.int32), _meta(B, H, nb, nb, dtype=torch.int32),
+                            _meta(B, H, nb, dtype=torch.int32), block_t, d ** -0.5, even)
+    _set_tf32(False)
 
 
 SWEEPS = dict(sparse24=sweep_sparse24, sparse24_int4=sweep_sparse24_int4, int4=sweep_int4, int8=sweep_int8,
