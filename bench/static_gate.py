@@ -40,7 +40,13 @@ Command line (also ``make gate-table``)::
 
 ``--out DIR`` writes ``DIR/sm_<arch>.csv`` (one row per config, sorted) and a
 markdown summary; the committed tables live in ``bench/gate/triton-<version>/``.
-``--check`` exits 1 if any row breaks the gate.  ``--sass REGEX`` prints the SASS
+``--check`` exits 1 if a compiled config breaks the gate and is not on the
+ledger of known failures, ``bench/gate/known_failures.csv`` (kernel config,
+architecture, mode, the triton versions it fails on, the problem), or if a config
+the ledger lists for this triton version now passes (the ledger only shrinks by
+being rewritten: ``--known update`` records the compiled configs of a run).  The
+ledger is the list of open performance bugs the gate knows about; a new kernel
+or launcher config that spills or misses the tensor cores fails the gate.  ``--sass REGEX`` prints the SASS
 of the matching kernels (for reading, e.g. ``--sass '_sp24_fwd.*M<=16'``).
 """
 from __future__ import annotations
@@ -1106,6 +1112,72 @@ def compare(rows: list, committed: list) -> list:
     return diffs
 
 
+KNOWN_COLUMNS = ["family", "kernel", "arch", "mode", "args", "config", "triton", "problem"]
+
+
+def known_path(root: str | None = None) -> str:
+    """The ledger of known gate failures (one file for every triton version)."""
+    root = root or os.path.join(os.path.dirname(os.path.abspath(__file__)), "gate")
+    return os.path.join(root, "known_failures.csv")
+
+
+def read_known(path: str | None = None) -> dict:
+    """{row key: ledger entry}; ``entry["triton"]`` is the set of triton versions the config fails on."""
+    path = path or known_path()
+    if not os.path.exists(path):
+        return {}
+    out = {}
+    for e in read_table(path):
+        e = dict(e, arch=int(e["arch"]), triton=set(e["triton"].split()))
+        out[_row_key(e)] = e
+    return out
+
+
+def split_known(rows: list, known: dict, version: str):
+    """(new failures, known failures, fixed): rows breaking the gate that the ledger does not list for
+    this triton version, rows it does list, and listed configs that compiled here and now pass."""
+    new, old, fixed = [], [], []
+    for r in rows:
+        if r["status"] == "NOT-COMPILED":
+            continue
+        e = known.get(_row_key(r))
+        listed = e is not None and version in e["triton"]
+        p = problems(r)
+        if p:
+            (old if listed else new).append((r, p))
+        elif listed:
+            fixed.append(r)
+    return new, old, fixed
+
+
+def update_known(rows: list, version: str, path: str | None = None) -> str:
+    """Record this run in the ledger: every compiled row that breaks the gate is listed for ``version``,
+    every compiled row that passes is taken off for ``version`` (entries left with no version go);
+    configs not compiled here keep their entries."""
+    path = path or known_path()
+    known = read_known(path)
+    for r in rows:
+        if r["status"] == "NOT-COMPILED":
+            continue
+        k = _row_key(r)
+        p = problems(r)
+        if p:
+            e = known.setdefault(k, dict(family=r["family"], kernel=r["kernel"], arch=int(r["arch"]), mode=r["mode"],
+                                         args=r["args"], config=r["config"], triton=set(), problem=""))
+            e["triton"].add(version)
+            e["problem"] = "; ".join(q.split(" (")[0] for q in p)
+        elif k in known:
+            known[k]["triton"].discard(version)
+    entries = sorted((e for e in known.values() if e["triton"]), key=_row_key)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=KNOWN_COLUMNS, lineterminator="\n")
+        w.writeheader()
+        for e in entries:
+            w.writerow(dict(e, triton=" ".join(sorted(e["triton"]))))
+    return path
+
+
 def table_dir(root: str | None = None) -> str:
     import triton
     root = root or os.path.join(os.path.dirname(os.path.abspath(__file__)), "gate")
@@ -1170,6 +1242,10 @@ def main(argv=None) -> int:
                          "also checks every committed row against the gate")
     ap.add_argument("--summary", default=None, metavar="DIR",
                     help="only rebuild DIR/summary.md from the CSVs there ('committed' = this triton's table)")
+    ap.add_argument("--known", choices=("check", "update"), default="check",
+                    help="known failures (bench/gate/known_failures.csv): 'check' (default) lets the configs listed "
+                         "for this triton version fail and reports listed ones that pass; 'update' rewrites this "
+                         "version's entries for the configs compiled in this run")
     ap.add_argument("--sass", default=None, help="print the SASS of configs matching this regex ('kernel sm_90 mode config')")
     args = ap.parse_args(argv)
     import triton
@@ -1186,12 +1262,21 @@ def main(argv=None) -> int:
     t0 = time.time()
     rows = run(args.family, args.arch, args.jobs, args.sass, strides)
     compiled = [r for r in rows if r["status"] != "NOT-COMPILED"]
-    bad = [(r, problems(r)) for r in rows if problems(r)]
-    print(f"static gate (triton {triton.__version__}): {len(rows)} configs, {len(compiled)} compiled "
-          f"({', '.join(args.family)}; sm_{', sm_'.join(map(str, args.arch))}) in {time.time() - t0:.0f}s")
+    version = triton.__version__
+    known = read_known()
+    bad, listed, fixed = split_known(rows, known, version)
+    print(f"static gate (triton {version}): {len(rows)} configs, {len(compiled)} compiled "
+          f"({', '.join(args.family)}; sm_{', sm_'.join(map(str, args.arch))}) in {time.time() - t0:.0f}s; "
+          f"{len(bad)} new failures, {len(listed)} known failures (bench/gate/known_failures.csv), "
+          f"{len(fixed)} listed but passing")
+    for r, p in listed:
+        print(f"GATE-KNOWN {r['kernel']} sm_{r['arch']} {r['mode']} [{r['config']}] {r['args']} :: {'; '.join(p)}")
     for r, p in bad:
         print(f"GATE-FAIL {r['kernel']} sm_{r['arch']} {r['mode']} [{r['config']}] {r['args']} :: {'; '.join(p)}")
-    rc = 1 if (args.check and bad) else 0
+    for r in fixed:
+        print(f"GATE-FIXED {r['kernel']} sm_{r['arch']} {r['mode']} [{r['config']}] {r['args']} :: passes now: "
+              f"take it off the ledger (--known update)")
+    rc = 1 if (args.check and (bad or fixed)) else 0
     if args.compare:
         for arch in args.arch:
             path = os.path.join(table_dir(), f"sm_{arch}.csv")
@@ -1203,12 +1288,15 @@ def main(argv=None) -> int:
                 # csrc not compiled here (no nvcc, or a stride of 0): its committed rows are not compared
                 committed = [r for r in committed if r["family"] != "csrc"]
             diffs = compare([r for r in rows if int(r["arch"]) == arch], committed)
-            diffs += [f"committed row breaks the gate: {_row_key(r)}: {'; '.join(problems(r))}"
-                      for r in committed if problems(r)]
+            diffs += [f"committed row breaks the gate and is not on the ledger: {_row_key(r)}: {'; '.join(problems(r))}"
+                      for r in committed if problems(r)
+                      and version not in known.get(_row_key(dict(r, arch=int(r["arch"]))), {}).get("triton", ())]
             for d in diffs:
                 print(f"TABLE-DIFF sm_{arch} {d}")
             if diffs:
                 rc = 1
+    if args.known == "update":
+        print("wrote", update_known(rows, version))
     if args.out:
         if any(r["status"] == "NOT-COMPILED" for r in rows):
             print("not writing tables: some configs were not compiled (use the default --stride)")
