@@ -1,28 +1,95 @@
 """Build script for sparsekit.
 
 The Python package is always installed.  The CUDA extension ``sparsekit._C``
-(sources in ``csrc/``) is built only where a CUDA build of torch and nvcc are
-both present; elsewhere sparsekit runs on its Triton, interpreter and
-reference backends.  Set ``SPARSEKIT_NO_CUDA_EXT=1`` to skip the extension.
+(sources in ``csrc/``) is built only where a CUDA build of torch and a CUDA
+toolkit are both present; elsewhere sparsekit runs on its Triton,
+interpreter and reference backends.  Set ``SPARSEKIT_NO_CUDA_EXT=1`` to skip
+the extension, ``SPARSEKIT_CUDA_EXT=1`` to make a missing toolkit an error.
+
+The toolkit is found by ``scripts/cuda_home.py`` ($CUDA_HOME / $CUDA_PATH,
+then nvcc's real location -- through symlinks and wrapper scripts --, then
+/usr/local/cuda*), and ``CUDA_HOME`` is set to it before torch's extension
+tooling is imported: torch's own guess (the parent of ``bin/`` of the nvcc on
+PATH) is wrong where that nvcc is a wrapper script outside the toolkit.
 """
 import os
 import glob
+import importlib.util
+import sys
 
 from setuptools import setup, find_packages
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def _say(msg: str) -> None:
+    # stderr: pip shows it with -v, and always when the build fails
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _loud(lines) -> None:
+    bar = "!" * 78
+    _say("\n".join([bar] + [f"!! {line}" for line in lines] + [bar]))
+
+
+def _locate_cuda():
+    """scripts/cuda_home.py's Finding, or None if the helper is not in this tree."""
+    path = os.path.join(HERE, "scripts", "cuda_home.py")
+    if not os.path.isfile(path):
+        return None
+    spec = importlib.util.spec_from_file_location("_sparsekit_cuda_home", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.locate()
+
+
 def _cuda_extensions():
     if os.environ.get("SPARSEKIT_NO_CUDA_EXT", "0") == "1":
         return [], {}
+    required = os.environ.get("SPARSEKIT_CUDA_EXT", "0") == "1"
     try:
         import torch
-        from torch.utils.cpp_extension import BuildExtension, CUDAExtension, CUDA_HOME
     except Exception:  # torch not importable in this build environment
+        if required:
+            raise RuntimeError("SPARSEKIT_CUDA_EXT=1 but torch is not importable: cannot build sparsekit._C")
         return [], {}
-    if torch.version.cuda is None or CUDA_HOME is None:
+    if torch.version.cuda is None:
+        if required:
+            raise RuntimeError(f"SPARSEKIT_CUDA_EXT=1 but torch {torch.__version__} is a CPU build: "
+                               "cannot build sparsekit._C")
+        _say(f"sparsekit: torch {torch.__version__} has no CUDA: not building the CUDA extension sparsekit._C")
         return [], {}
+
+    found = _locate_cuda()
+    if found is not None:
+        if found.home is None:
+            lines = ["sparsekit: the CUDA extension sparsekit._C is NOT built",
+                     f"torch {torch.__version__} is a CUDA {torch.version.cuda} build, but " + found.describe(),
+                     "set CUDA_HOME to a CUDA toolkit (the directory with include/cuda_runtime.h),",
+                     "or SPARSEKIT_NO_CUDA_EXT=1 to build without the extension"]
+            _loud(lines)
+            if required:
+                raise RuntimeError("SPARSEKIT_CUDA_EXT=1: " + found.describe())
+            return [], {}
+        # before torch.utils.cpp_extension is imported: it reads CUDA_HOME once, at import
+        os.environ["CUDA_HOME"] = found.home
+        toolkit = found.describe()
+    else:
+        toolkit = f"CUDA toolkit from torch's own detection (CUDA_HOME={os.environ.get('CUDA_HOME', 'unset')})"
+
+    import torch.utils.cpp_extension as cpp_extension
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    if found is not None:
+        # in case something imported torch's extension tooling before us
+        cpp_extension.CUDA_HOME = found.home
+    if cpp_extension.CUDA_HOME is None:
+        _loud(["sparsekit: the CUDA extension sparsekit._C is NOT built: torch found no CUDA toolkit",
+               "set CUDA_HOME, or SPARSEKIT_NO_CUDA_EXT=1 to build without the extension"])
+        if required:
+            raise RuntimeError("SPARSEKIT_CUDA_EXT=1 but no CUDA toolkit was found")
+        return [], {}
+
     sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
     sources += sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     archs = os.environ.get("SPARSEKIT_CUDA_ARCHS", "80;90a")
@@ -40,7 +107,24 @@ def _cuda_extensions():
             "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + gencode,
         },
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+    base = BuildExtension.with_options(use_ninja=True)
+
+    class build_ext(base):
+        """torch's BuildExtension, saying which toolkit it uses and failing loudly."""
+
+        def run(self):
+            _say(f"sparsekit: building the CUDA extension sparsekit._C for {archs} with {toolkit}")
+            try:
+                super().run()
+            except BaseException as e:
+                _loud(["sparsekit: building the CUDA extension sparsekit._C FAILED",
+                       f"toolkit: {toolkit}",
+                       f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                       "set CUDA_HOME to another toolkit, or SPARSEKIT_NO_CUDA_EXT=1 to build without the extension"])
+                raise
+
+    return [ext], {"build_ext": build_ext}
 
 
 ext_modules, cmdclass = _cuda_extensions()

@@ -28,6 +28,11 @@ tensor-core instructions in every matmul kernel whose operands allow them
 (fp16 / bf16 / int8, and fp32 where TF32 is allowed); shared memory within the
 architecture's limit, autotuner candidates included.
 
+The family ``csrc`` is the CUDA C++ of csrc/ (no Triton): each .cu is compiled with nvcc for sm_90a
+and sm_80 and every __global__ template instantiation is a row, read the same way (see
+:func:`run_csrc`); its gate adds tensor-core instructions in the mma.sp kernels.  Without nvcc it
+yields no rows and ``--compare`` leaves its committed rows alone.
+
 Command line (also ``make gate-table``)::
 
     python -m sparsekit.bench.static_gate [--family F ...] [--arch 90 80] [--jobs N]
@@ -35,7 +40,13 @@ Command line (also ``make gate-table``)::
 
 ``--out DIR`` writes ``DIR/sm_<arch>.csv`` (one row per config, sorted) and a
 markdown summary; the committed tables live in ``bench/gate/triton-<version>/``.
-``--check`` exits 1 if any row breaks the gate.  ``--sass REGEX`` prints the SASS
+``--check`` exits 1 if a compiled config breaks the gate and is not on the
+ledger of known failures, ``bench/gate/known_failures.csv`` (kernel config,
+architecture, mode, the triton versions it fails on, the problem), or if a config
+the ledger lists for this triton version now passes (the ledger only shrinks by
+being rewritten: ``--known update`` records the compiled configs of a run).  The
+ledger is the list of open performance bugs the gate knows about; a new kernel
+or launcher config that spills or misses the tensor cores fails the gate.  ``--sass REGEX`` prints the SASS
 of the matching kernels (for reading, e.g. ``--sass '_sp24_fwd.*M<=16'``).
 """
 from __future__ import annotations
@@ -56,7 +67,8 @@ import types
 
 ARCHS = (90, 80)
 SMEM_LIMIT = {90: 232448, 80: 166912}     # max dynamic shared memory per block: H100/H200, A100
-FAMILIES = ("sparse24", "sparse24_int4", "int4", "int8", "block_sparse", "triple_gate_conv", "draft_attention")
+FAMILIES = ("sparse24", "sparse24_int4", "int4", "int8", "block_sparse", "triple_gate_conv", "draft_attention",
+            "csrc")
 # kernels that do a matrix product (the tensor-core rule applies); the rest are elementwise / bookkeeping
 MATMUL_KERNELS = {"_sp24_fwd", "_sp24_dx", "_sp24_dvalues", "_sp24_int8_fwd", "_sp24q_fwd", "_w4a16_fwd",
                   "_w8a8_fwd", "_w4a8_fwd", "_bsr_fwd", "_bsr_dx", "_bsr_dw", "_tg_conv", "_bsa_fwd"}
@@ -69,7 +81,7 @@ EXACT = ["regs", "stack", "smem", "stl", "ldl", "tc", "wait0", "inflight", "bar"
 LAUNCH_OPTS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 # the constexprs that make a kernel config (tile sizes, splits, block shapes, unrolled extents)
 CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_T", "BLOCK_P", "BLOCK_C", "SPLIT_K", "SPLIT", "TILE_GROUPS",
-               "BM", "BK", "HEAD_DIM", "KH", "KW", "TTP"}
+               "BM", "BK", "HEAD_DIM", "KH", "KW", "TTP", "GROUPS_PER_STEP", "TILES_PER_GROUP"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +298,7 @@ def sweep_triple_gate_conv():
                                 k, "_tg_conv", k.conv, frame(n, c, h, h, dt), w, _meta(co, dtype=dt) if bias else None,
                                 i32(n * th * th), i32(3), frame(n, co, ho, ho, dt), (st, st), (pd, pd), (dl, dl),
                                 tile)
-            if tf32 is not True:
+            if tf32 is not True and dt in k.AUTOTUNE_DTYPES:
                 for i, cand in enumerate(k.CONV_CONFIGS):       # the autotuner's candidates, as launched
                     w = _meta(64, 64, 3, 3, dtype=dt).to(memory_format=torch.channels_last)
                     yield "_tg_conv", dt, "tuned", record(
@@ -317,15 +329,18 @@ def sweep_draft_attention():
     from sparsekit.kernels import draft_attention as k
     B, H, S = 1, 2, 4096
     for dt in (torch.float16, torch.bfloat16, torch.float32):
-        for d in k.HEAD_DIMS:
-            for block_t in (64, 128):
-                nb = S // block_t
-                for even in (True, False):
-                    q = _meta(B, H, S, d, dtype=dt)
-                    yield "_bsa_fwd", dt, None, record(
-                        k, "_bsa_fwd", k.block_sparse_attention, q, q, q, _meta(B, H, S, d, dtype=dt),
-                        _meta(nb * block_t, dtype=torch.int32), _meta(B, H, nb, nb, dtype=torch.int32),
-                        _meta(B, H, nb, dtype=torch.int32), block_t, d ** -0.5, even)
+        for tf32 in _tf32_modes(dt):
+            _set_tf32(tf32)
+            for d in k.HEAD_DIMS:
+                for block_t in (64, 128):
+                    nb = S // block_t
+                    for even in (True, False):
+                        q = _meta(B, H, S, d, dtype=dt)
+                        yield "_bsa_fwd", dt, tf32, record(
+                            k, "_bsa_fwd", k.block_sparse_attention, q, q, q, _meta(B, H, S, d, dtype=dt),
+                            _meta(nb * block_t, dtype=torch.int32), _meta(B, H, nb, nb, dtype=torch.int32),
+                            _meta(B, H, nb, dtype=torch.int32), block_t, d ** -0.5, even)
+    _set_tf32(False)
 
 
 SWEEPS = dict(sparse24=sweep_sparse24, sparse24_int4=sweep_sparse24_int4, int4=sweep_int4, int8=sweep_int8,
@@ -409,15 +424,17 @@ def load_width(op: str) -> int:
     return 4
 
 
-def analyze(cubin: bytes, shared: int) -> dict:
-    """Resource usage and SASS counts of a cubin (see the module docstring)."""
+def analyze(cubin: bytes, shared: int, function: str | None = None) -> dict:
+    """Resource usage and SASS counts of a cubin (see the module docstring); ``function`` (a mangled
+    name) restricts both to that kernel of a cubin that holds several."""
     tool = _tools()
+    only = ["-fun", function] if function else []
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
         path = f.name
     try:
-        res = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([tool, "-res-usage", *only, path], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, "-sass", *only, path], capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(path)
     m = _RES.search(res)
@@ -500,6 +517,418 @@ def compile_launch(fn, args, kwargs, arch: int):
 
 
 # ---------------------------------------------------------------------------------------------
+# family "csrc": the CUDA C++ kernels of csrc/ (no Triton involved; the rows are the same for every
+# triton version, but each version's table carries them)
+#
+# Every csrc/**/*.cu is compiled with ``nvcc -cubin`` for sm_90a and sm_80 (the architectures setup.py
+# builds), and every __global__ function in the cubin (each template instantiation) is read with
+# :func:`analyze`: one row per (instantiation, arch).  Shared memory is the kernel's static shared
+# memory (its ``.nv.shared.<name>`` ELF section) plus the dynamic shared memory its launcher asks
+# for.  The launchers are plain C++ (csrc/sparse24/sparse24.h), so that number comes from running
+# them on the CPU: a small host program (:data:`CSRC_PROBE`) links the .cu files against stand-ins
+# for the few CUDA runtime entry points a launch goes through and prints every launch's kernel,
+# threads per block and dynamic shared memory, over a sweep of shapes, dtypes and alignments that
+# reaches every dispatch branch.  Without nvcc (or without the csrc/ sources, or c++filt) the
+# family reports why and yields no rows; ``--compare`` then leaves the committed csrc rows alone.
+
+CSRC_ARCH = {90: "90a", 80: "80"}                 # what setup.py / scripts/compile_csrc.sh build
+CSRC_MATMUL_KERNELS = {"sparse24_mma_sp_kernel"}  # sparse tensor cores (mma.sp): HMMA / IMMA expected
+# template parameter names, for the config column (unknown kernels get positional names)
+CSRC_TEMPLATE_PARAMS = {"sparse24_gemv_kernel": ("T", "MT", "FAST", "XVEC"),
+                        "sparse24_mma_sp_kernel": ("T", "TO", "TILE"),
+                        "TileCfg": ("BN", "BM", "WN", "WM", "STAGES")}
+CSRC_TYPES = {"__half": "fp16", "__nv_bfloat16": "bf16", "float": "fp32", "signed char": "i8", "int8_t": "i8",
+              "int": "i32"}
+CSRC_NVCC_FLAGS = ("-std=c++17", "-O3", "--expt-relaxed-constexpr")
+CSRC_RESERVED_SMEM = 1024                         # shared memory the system reserves per block (sm_80+)
+
+# The launch probe: host code only, linked with the csrc objects.  The functions below stand in for the
+# CUDA runtime: kernel registration maps each host stub to its kernel's (mangled) name, and a launch
+# (``<<<>>>``: push / pop of the launch configuration, then cudaLaunchKernel or, since CUDA 13,
+# __cudaGetKernel + __cudaLaunchKernel) prints it.  Device pointers are fake addresses: the launchers
+# only check their alignment.
+CSRC_PROBE = r"""
+#include <cstdint>
+#include <cstdio>
+#include <map>
+#include <cuda_runtime.h>
+#include "sparse24/sparse24.h"
+
+namespace {
+std::map<const void*, const char*>& names() { static std::map<const void*, const char*> m; return m; }
+dim3 g_grid, g_block;
+size_t g_smem = 0;
+void record(const void* f, dim3 b, size_t smem) {
+  auto it = names().find(f);
+  std::printf("LAUNCH %s %u %zu\n", it == names().end() ? "?" : it->second, b.x * b.y * b.z, smem);
+}
+template <typename T> const T* cptr(uintptr_t a) { return reinterpret_cast<const T*>(a); }
+template <typename T> T* ptr(uintptr_t a) { return reinterpret_cast<T*>(a); }
+constexpr uintptr_t kBase = uintptr_t(1) << 24;  // 16-byte aligned fake device addresses
+
+template <typename T>
+void gemv() {
+  const int NK[][2] = {{4096, 4096}, {4099, 11008}, {33, 37}, {65, 256}};
+  // byte offsets that break the 16-byte alignment of x, values, meta (one at a time, then all)
+  const int off[][3] = {{0, 0, 0}, {2, 0, 0}, {0, 4, 0}, {0, 0, 1}, {2, 4, 1}};
+  for (auto& nk : NK)
+    for (auto& o : off)
+      for (int M = 1; M <= sparsekit::kSparse24GemvMaxM; ++M) {
+        const int N = nk[0], K = nk[1];
+        const int64_t ldx = (M > 1 && K % 8) ? K + 8 - K % 8 : K;  // padded rows too
+        sparsekit::sparse24_gemv_launch<T>(cptr<T>(kBase + o[0]), ldx, cptr<T>(2 * kBase + o[1]),
+                                           cptr<uint8_t>(3 * kBase + o[2]), cptr<T>(4 * kBase), ptr<T>(5 * kBase),
+                                           N, M, N, K, 0);
+        sparsekit::sparse24_gemv_launch<T>(cptr<T>(kBase + o[0]), K, cptr<T>(2 * kBase + o[1]),
+                                           cptr<uint8_t>(3 * kBase + o[2]), nullptr, ptr<T>(5 * kBase), N, M, N, K, 0);
+      }
+}
+
+template <typename T>
+void mma_sp(int cfg, int M) {
+  const int N = 4096, K = 4096, Kpad = 4096;
+  sparsekit::sparse24_mma_sp_launch<T>(cptr<T>(kBase), K, K, cptr<T>(2 * kBase), Kpad / 2, cptr<uint32_t>(3 * kBase),
+                                       cptr<T>(4 * kBase), ptr<T>(5 * kBase), N, M, N, K, Kpad, cfg, 0);
+}
+
+template <typename TO>
+void mma_sp_int8(int cfg, int M) {
+  const int N = 4096, K = 4096, Kpad = 4096;
+  sparsekit::sparse24_mma_sp_int8_launch<TO>(cptr<int8_t>(kBase), K, K, cptr<float>(6 * kBase), cptr<int8_t>(2 * kBase),
+                                             Kpad / 2, cptr<uint32_t>(3 * kBase), cptr<float>(7 * kBase),
+                                             cptr<TO>(4 * kBase), ptr<TO>(5 * kBase), N, M, N, K, Kpad, cfg, 0);
+}
+}  // namespace
+
+extern "C" {
+void** CUDARTAPI __cudaRegisterFatBinary(void*) { static void* handle = nullptr; return &handle; }
+void CUDARTAPI __cudaRegisterFatBinaryEnd(void**) {}
+void CUDARTAPI __cudaUnregisterFatBinary(void**) {}
+void CUDARTAPI __cudaRegisterFunction(void**, const char* host_fun, char* device_fun, const char*, int, uint3*, uint3*,
+                                      dim3*, dim3*, int*) {
+  names()[host_fun] = device_fun;
+}
+void CUDARTAPI __cudaRegisterVar(void**, char*, char*, const char*, int, size_t, int, int) {}
+char CUDARTAPI __cudaInitModule(void**) { return 1; }
+unsigned CUDARTAPI __cudaPushCallConfiguration(dim3 g, dim3 b, size_t s, struct CUstream_st*) {
+  g_grid = g; g_block = b; g_smem = s;
+  return 0;
+}
+cudaError_t CUDARTAPI __cudaPopCallConfiguration(dim3* g, dim3* b, size_t* s, void*) {
+  *g = g_grid; *b = g_block; *s = g_smem;
+  return cudaSuccess;
+}
+cudaError_t CUDARTAPI __cudaGetKernel(cudaKernel_t* k, const void* f) { *k = (cudaKernel_t)f; return cudaSuccess; }
+cudaError_t CUDARTAPI __cudaLaunchKernel(cudaKernel_t k, dim3, dim3 b, void**, size_t s, cudaStream_t) {
+  record((const void*)k, b, s);
+  return cudaSuccess;
+}
+cudaError_t CUDARTAPI cudaLaunchKernel(const void* f, dim3, dim3 b, void**, size_t s, cudaStream_t) {
+  record(f, b, s);
+  return cudaSuccess;
+}
+cudaError_t CUDARTAPI cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
+cudaError_t CUDARTAPI cudaGetLastError(void) { return cudaSuccess; }
+cudaError_t CUDARTAPI cudaFuncSetAttribute(const void*, enum cudaFuncAttribute, int) { return cudaSuccess; }
+const char* CUDARTAPI cudaGetErrorString(cudaError_t) { return "probe"; }
+}
+
+int main() {
+  gemv<float>();
+  gemv<__half>();
+  gemv<__nv_bfloat16>();
+  for (int cfg = -1; cfg < 3; ++cfg)
+    for (int M : {1, 33, 65, 4096}) {
+      mma_sp<__half>(cfg, M);
+      mma_sp<__nv_bfloat16>(cfg, M);
+      mma_sp_int8<__half>(cfg, M);
+      mma_sp_int8<__nv_bfloat16>(cfg, M);
+      mma_sp_int8<float>(cfg, M);
+    }
+  return 0;
+}
+"""
+
+
+def csrc_root() -> str | None:
+    """The checkout's csrc/ directory (None for an installed copy without the sources)."""
+    d = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    return d if os.path.isdir(d) else None
+
+
+def find_nvcc() -> str | None:
+    """nvcc: $NVCC, the one on PATH, the toolkit scripts/cuda_home.py finds (if the checkout has it),
+    $CUDA_HOME / $CUDA_PATH, /usr/local/cuda*; None if there is none."""
+    import glob
+    import shutil
+    if os.environ.get("NVCC"):
+        return shutil.which(os.environ["NVCC"])
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    homes = []
+    finder = os.path.join(root, "scripts", "cuda_home.py")
+    if os.path.exists(finder):
+        try:
+            r = subprocess.run([sys.executable, finder], capture_output=True, text=True, timeout=60)
+            if r.returncode == 0 and r.stdout.strip():
+                homes.append(r.stdout.strip().splitlines()[-1])
+        except (OSError, subprocess.SubprocessError):
+            pass
+    homes += [os.environ.get("CUDA_HOME", ""), os.environ.get("CUDA_PATH", ""), "/usr/local/cuda"]
+    homes += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for h in homes:
+        if h and os.access(os.path.join(h, "bin", "nvcc"), os.X_OK):
+            return os.path.join(h, "bin", "nvcc")
+    return None
+
+
+def _csrc_demangler() -> str | None:
+    import shutil
+    return shutil.which("c++filt") or shutil.which("cu++filt")
+
+
+def demangle(names: list, tool: str) -> dict:
+    out = subprocess.run([tool], input="\n".join(names) + "\n", capture_output=True, text=True, check=True).stdout
+    return dict(zip(names, out.splitlines()))
+
+
+def _csrc_key(demangled: str) -> str:
+    """A kernel's name without the file-specific anonymous namespace, for matching across compiles."""
+    return " ".join(demangled.replace("(anonymous namespace)::", "").split())
+
+
+def _split_args(text: str) -> list:
+    """Top-level comma split of a template argument list."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        if ch in "<(":
+            depth += 1
+        elif ch in ">)":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        out.append(cur.strip())
+    return out
+
+
+def _template(text: str):
+    """'ns::name<a, b<c> >(params)' -> ('name', ['a', 'b<c>'])."""
+    text = text.strip()
+    if text.startswith("void "):
+        text = text[5:]
+    depth, lt = 0, -1
+    for i, ch in enumerate(text):                    # the template list of the outermost name
+        if ch == "<":
+            if depth == 0 and lt < 0:
+                lt = i
+            depth += 1
+        elif ch == ">":
+            depth -= 1
+            if depth == 0 and lt >= 0:
+                return text[:lt].split("::")[-1], _split_args(text[lt + 1:i])
+        elif ch == "(" and depth == 0:
+            break
+    return text.split("(")[0].split("::")[-1], []
+
+
+def _csrc_value(arg: str) -> str:
+    arg = arg.replace("(anonymous namespace)::", "").replace("sparsekit::", "")
+    if arg in CSRC_TYPES:
+        return CSRC_TYPES[arg]
+    if arg in ("true", "false"):
+        return str(int(arg == "true"))
+    name, args = _template(arg)
+    if args:
+        params = CSRC_TEMPLATE_PARAMS.get(name, ())
+        return " ".join(f"{params[i] if i < len(params) else f'{name}{i}'}={_csrc_value(a)}"
+                        for i, a in enumerate(args))
+    return arg.replace(" ", "")
+
+
+def csrc_describe(demangled: str):
+    """(kernel, mode, config) of a kernel instantiation: mode = the first template argument's type."""
+    name, args = _template(demangled.replace("(anonymous namespace)::", ""))
+    params = CSRC_TEMPLATE_PARAMS.get(name, ())
+    mode, items = "", []
+    for i, a in enumerate(args):
+        p = params[i] if i < len(params) else f"A{i}"
+        v = _csrc_value(a)
+        if i == 0 and p == "T":
+            mode = v
+        elif "=" in v:
+            items.append(v)
+        else:
+            items.append(f"{p}={v}")
+    return name, mode or "-", " ".join(items)
+
+
+def _elf_sections(blob: bytes) -> dict:
+    """{section name: size} of an ELF64 little-endian file (a cubin)."""
+    import struct
+    if blob[:4] != b"\x7fELF" or blob[4] != 2:
+        return {}
+    shoff, = struct.unpack_from("<Q", blob, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", blob, 0x3A)
+    heads = [struct.unpack_from("<IIQQQQIIQQ", blob, shoff + i * shentsize) for i in range(shnum)]
+    str_off = heads[shstrndx][4]
+
+    def name(off):
+        end = blob.index(b"\0", str_off + off)
+        return blob[str_off + off:end].decode(errors="replace")
+    return {name(h[0]): h[5] for h in heads}
+
+
+def csrc_sources(root: str) -> list:
+    import glob
+    return sorted(glob.glob(os.path.join(root, "**", "*.cu"), recursive=True))
+
+
+def csrc_source_hash(root: str, src: str) -> str:
+    """Hash of a .cu file and of every header under csrc/ (what its kernels can include)."""
+    import glob
+    h = hashlib.sha1()
+    headers = sorted(glob.glob(os.path.join(root, "**", "*.h"), recursive=True)
+                     + glob.glob(os.path.join(root, "**", "*.cuh"), recursive=True))
+    for p in [src] + headers:
+        h.update(os.path.relpath(p, root).encode() + b"\0")
+        with open(p, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:12]
+
+
+def compile_cubin(nvcc: str, root: str, src: str, arch: int) -> bytes:
+    a = CSRC_ARCH[arch]
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "k.cubin")
+        subprocess.run([nvcc, *CSRC_NVCC_FLAGS, "-I" + root, "-cubin", "-gencode", f"arch=compute_{a},code=sm_{a}",
+                        "-o", out, src], capture_output=True, text=True, check=True)
+        with open(out, "rb") as f:
+            return f.read()
+
+
+def csrc_launches(nvcc: str, root: str, demangler: str) -> dict:
+    """{kernel key: (threads, dynamic smem)} of every launch the csrc launchers make over the probe's
+    sweep.  Compiled and run once per source state (cached under the temp dir; a lock serializes
+    the per-arch workers)."""
+    import fcntl
+    sources = csrc_sources(root)
+    h = hashlib.sha1(CSRC_PROBE.encode() + nvcc.encode())
+    for s in sources:
+        h.update(csrc_source_hash(root, s).encode())
+    d = os.path.join(tempfile.gettempdir(), f"sparsekit_gate_csrc_{os.getuid()}", h.hexdigest()[:16])
+    os.makedirs(d, exist_ok=True)
+    out_path = os.path.join(d, "launches.txt")
+    with open(os.path.join(d, "lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(out_path):
+            probe = os.path.join(d, "probe.cpp")
+            with open(probe, "w") as f:
+                f.write(CSRC_PROBE)
+            exe = os.path.join(d, "probe")
+            # PTX only: the probe needs the host stubs, not machine code
+            subprocess.run([nvcc, *CSRC_NVCC_FLAGS, "-cudart", "none", "-I" + root,
+                            "-gencode", "arch=compute_80,code=compute_80", "-o", exe, probe, *sources],
+                           capture_output=True, text=True, check=True, cwd=d)
+            text = subprocess.run([exe], capture_output=True, text=True, check=True, timeout=120).stdout
+            with open(out_path + ".tmp", "w") as f:
+                f.write(text)
+            os.replace(out_path + ".tmp", out_path)
+    with open(out_path) as f:
+        lines = [ln.split() for ln in f if ln.startswith("LAUNCH ")]
+    names = demangle(sorted({ln[1] for ln in lines}), demangler)
+    out = {}
+    for ln in lines:
+        key = _csrc_key(names[ln[1]])
+        threads, smem = int(ln[2]), int(ln[3])
+        prev = out.get(key, (threads, 0))
+        out[key] = (threads, max(smem, prev[1]))
+    return out
+
+
+def _csrc_functions(cubin: bytes) -> list:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        res = subprocess.run([_tools(), "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(path)
+    return re.findall(r"^\s*Function\s+(\S+):\s*$", res, re.M)
+
+
+def run_csrc(archs=ARCHS, sass_pattern: str | None = None, strides: dict | None = None,
+             compile_: bool = True) -> list:
+    """Rows of the csrc kernels: every __global__ instantiation of every csrc/**/*.cu, per arch.
+
+    A stride of 0 for an arch (or ``compile_=False``) skips that arch: a .cu compiles as a whole, so
+    any other stride compiles every kernel.  No rows (and a printed reason) without nvcc, c++filt or
+    the sources."""
+    root, nvcc, demangler = csrc_root(), find_nvcc(), _csrc_demangler()
+    why = ("no csrc/ sources next to the package" if root is None else "nvcc not found" if nvcc is None
+           else "no c++filt to demangle kernel names" if demangler is None else None)
+    if why:
+        print(f"CSRC-SKIP csrc: {why}")
+        return []
+    archs = [a for a in archs if compile_ and (strides or {}).get(a, 1) > 0]
+    if not archs:
+        return []
+    pat = re.compile(sass_pattern) if sass_pattern else None
+    try:
+        launches = csrc_launches(nvcc, root, demangler)
+    except (OSError, subprocess.SubprocessError) as e:
+        err = getattr(e, "stderr", "") or str(e)
+        print(f"CSRC-PROBE-ERROR launch probe failed (dynamic shared memory unknown): {' '.join(err.split())[:400]}")
+        launches = None
+    rows = []
+    for src in csrc_sources(root):
+        rel = os.path.relpath(src, root)
+        src_hash = csrc_source_hash(root, src)
+        for arch in archs:
+            t0 = time.perf_counter()
+            try:
+                cubin = compile_cubin(nvcc, root, src, arch)
+            except subprocess.CalledProcessError as e:
+                rows.append(dict(family="csrc", kernel=os.path.basename(rel), src=src_hash, arch=arch, mode="-",
+                                 config="", args=rel, tuned=0, expect_tc=0, **{c: -1 for c in EXACT}, tc_op="",
+                                 status="COMPILE-ERROR " + " ".join((e.stderr or "").split())[:300]))
+                continue
+            sections = _elf_sections(cubin)
+            # sm_90 cubins count the 1 KiB the system reserves per block (present when the cubin has a
+            # .nv.shared.reserved section) in each kernel's .nv.shared section; like Triton's
+            # metadata.shared (and the limits in SMEM_LIMIT), smem counts what the kernel allocates
+            reserved = CSRC_RESERVED_SMEM if any(k.startswith(".nv.shared.reserved") for k in sections) else 0
+            fns = _csrc_functions(cubin)
+            names = demangle(fns, demangler)
+            for fn in fns:
+                key = _csrc_key(names[fn])
+                kernel, mode, cfg = csrc_describe(names[fn])
+                static = max(sections.get(".nv.shared." + fn, 0) - reserved, 0)
+                if launches is not None:
+                    threads, dyn = launches.get(key, (0, 0))
+                    cfg = (cfg + f" threads={threads}" if threads else cfg + " launched=0").strip()
+                else:
+                    dyn = 0
+                row = dict(family="csrc", kernel=kernel, src=src_hash, arch=arch, mode=mode, config=cfg, args=rel,
+                           tuned=0, expect_tc=int(kernel in CSRC_MATMUL_KERNELS))
+                stats = analyze(cubin, static + dyn, function=fn)
+                sass = stats.pop("sass")
+                row.update(stats, status="OK", compile_s=round(time.perf_counter() - t0, 2))
+                probs = problems(row)
+                if probs:
+                    row["status"] = "FAIL " + "; ".join(probs)
+                if pat and pat.search(f"{kernel} sm_{arch} {mode} {cfg}"):
+                    print(f"==== {kernel} sm_{arch} {mode} {cfg} {rel}\n{sass}")
+                rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # the gate
 
 def mode_of(dtype, tf32) -> str:
@@ -574,6 +1003,8 @@ def run_family(family: str, archs=ARCHS, sass_pattern: str | None = None, stride
                compile_: bool = True) -> list:
     """Rows for a family's configs; ``strides`` {arch: n} compiles 1 in n (default all); configs not
     compiled (or ``compile_=False``) come back with status ``NOT-COMPILED`` and no numbers."""
+    if family == "csrc":
+        return run_csrc(archs, sass_pattern, strides, compile_)
     rows = []
     pat = re.compile(sass_pattern) if sass_pattern else None
     for name, mode, tuned, cfg, ptrs, fn, a, kw in collect(family):
@@ -681,6 +1112,72 @@ def compare(rows: list, committed: list) -> list:
     return diffs
 
 
+KNOWN_COLUMNS = ["family", "kernel", "arch", "mode", "args", "config", "triton", "problem"]
+
+
+def known_path(root: str | None = None) -> str:
+    """The ledger of known gate failures (one file for every triton version)."""
+    root = root or os.path.join(os.path.dirname(os.path.abspath(__file__)), "gate")
+    return os.path.join(root, "known_failures.csv")
+
+
+def read_known(path: str | None = None) -> dict:
+    """{row key: ledger entry}; ``entry["triton"]`` is the set of triton versions the config fails on."""
+    path = path or known_path()
+    if not os.path.exists(path):
+        return {}
+    out = {}
+    for e in read_table(path):
+        e = dict(e, arch=int(e["arch"]), triton=set(e["triton"].split()))
+        out[_row_key(e)] = e
+    return out
+
+
+def split_known(rows: list, known: dict, version: str):
+    """(new failures, known failures, fixed): rows breaking the gate that the ledger does not list for
+    this triton version, rows it does list, and listed configs that compiled here and now pass."""
+    new, old, fixed = [], [], []
+    for r in rows:
+        if r["status"] == "NOT-COMPILED":
+            continue
+        e = known.get(_row_key(r))
+        listed = e is not None and version in e["triton"]
+        p = problems(r)
+        if p:
+            (old if listed else new).append((r, p))
+        elif listed:
+            fixed.append(r)
+    return new, old, fixed
+
+
+def update_known(rows: list, version: str, path: str | None = None) -> str:
+    """Record this run in the ledger: every compiled row that breaks the gate is listed for ``version``,
+    every compiled row that passes is taken off for ``version`` (entries left with no version go);
+    configs not compiled here keep their entries."""
+    path = path or known_path()
+    known = read_known(path)
+    for r in rows:
+        if r["status"] == "NOT-COMPILED":
+            continue
+        k = _row_key(r)
+        p = problems(r)
+        if p:
+            e = known.setdefault(k, dict(family=r["family"], kernel=r["kernel"], arch=int(r["arch"]), mode=r["mode"],
+                                         args=r["args"], config=r["config"], triton=set(), problem=""))
+            e["triton"].add(version)
+            e["problem"] = "; ".join(q.split(" (")[0] for q in p)
+        elif k in known:
+            known[k]["triton"].discard(version)
+    entries = sorted((e for e in known.values() if e["triton"]), key=_row_key)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=KNOWN_COLUMNS, lineterminator="\n")
+        w.writeheader()
+        for e in entries:
+            w.writerow(dict(e, triton=" ".join(sorted(e["triton"]))))
+    return path
+
+
 def table_dir(root: str | None = None) -> str:
     import triton
     root = root or os.path.join(os.path.dirname(os.path.abspath(__file__)), "gate")
@@ -708,7 +1205,8 @@ def run(families=FAMILIES, archs=ARCHS, jobs: int | None = None, sass: str | Non
     import multiprocessing
     tasks = [(f, (a,), sass, strides, compile_) for f in families for a in archs]
     # biggest first: the pool then ends together
-    weight = dict(block_sparse=6, triple_gate_conv=5, int8=3, sparse24=3, sparse24_int4=2, int4=2, draft_attention=1)
+    weight = dict(block_sparse=6, triple_gate_conv=5, int8=3, sparse24=3, sparse24_int4=2, int4=2, csrc=2,
+                  draft_attention=1)
     tasks.sort(key=lambda t: -weight.get(t[0], 1))
     jobs = jobs or min(len(tasks), os.cpu_count() or 1)
     rows = []
@@ -744,6 +1242,10 @@ def main(argv=None) -> int:
                          "also checks every committed row against the gate")
     ap.add_argument("--summary", default=None, metavar="DIR",
                     help="only rebuild DIR/summary.md from the CSVs there ('committed' = this triton's table)")
+    ap.add_argument("--known", choices=("check", "update"), default="check",
+                    help="known failures (bench/gate/known_failures.csv): 'check' (default) lets the configs listed "
+                         "for this triton version fail and reports listed ones that pass; 'update' rewrites this "
+                         "version's entries for the configs compiled in this run")
     ap.add_argument("--sass", default=None, help="print the SASS of configs matching this regex ('kernel sm_90 mode config')")
     args = ap.parse_args(argv)
     import triton
@@ -760,12 +1262,21 @@ def main(argv=None) -> int:
     t0 = time.time()
     rows = run(args.family, args.arch, args.jobs, args.sass, strides)
     compiled = [r for r in rows if r["status"] != "NOT-COMPILED"]
-    bad = [(r, problems(r)) for r in rows if problems(r)]
-    print(f"static gate (triton {triton.__version__}): {len(rows)} configs, {len(compiled)} compiled "
-          f"({', '.join(args.family)}; sm_{', sm_'.join(map(str, args.arch))}) in {time.time() - t0:.0f}s")
+    version = triton.__version__
+    known = read_known()
+    bad, listed, fixed = split_known(rows, known, version)
+    print(f"static gate (triton {version}): {len(rows)} configs, {len(compiled)} compiled "
+          f"({', '.join(args.family)}; sm_{', sm_'.join(map(str, args.arch))}) in {time.time() - t0:.0f}s; "
+          f"{len(bad)} new failures, {len(listed)} known failures (bench/gate/known_failures.csv), "
+          f"{len(fixed)} listed but passing")
+    for r, p in listed:
+        print(f"GATE-KNOWN {r['kernel']} sm_{r['arch']} {r['mode']} [{r['config']}] {r['args']} :: {'; '.join(p)}")
     for r, p in bad:
         print(f"GATE-FAIL {r['kernel']} sm_{r['arch']} {r['mode']} [{r['config']}] {r['args']} :: {'; '.join(p)}")
-    rc = 1 if (args.check and bad) else 0
+    for r in fixed:
+        print(f"GATE-FIXED {r['kernel']} sm_{r['arch']} {r['mode']} [{r['config']}] {r['args']} :: passes now: "
+              f"take it off the ledger (--known update)")
+    rc = 1 if (args.check and (bad or fixed)) else 0
     if args.compare:
         for arch in args.arch:
             path = os.path.join(table_dir(), f"sm_{arch}.csv")
@@ -773,13 +1284,19 @@ def main(argv=None) -> int:
                 print(f"TABLE-MISSING no committed table {path} for this triton version: nothing to compare")
                 continue
             committed = [r for r in read_table(path) if r["family"] in args.family]
+            if not any(r["family"] == "csrc" and int(r["arch"]) == arch for r in rows):
+                # csrc not compiled here (no nvcc, or a stride of 0): its committed rows are not compared
+                committed = [r for r in committed if r["family"] != "csrc"]
             diffs = compare([r for r in rows if int(r["arch"]) == arch], committed)
-            diffs += [f"committed row breaks the gate: {_row_key(r)}: {'; '.join(problems(r))}"
-                      for r in committed if problems(r)]
+            diffs += [f"committed row breaks the gate and is not on the ledger: {_row_key(r)}: {'; '.join(problems(r))}"
+                      for r in committed if problems(r)
+                      and version not in known.get(_row_key(dict(r, arch=int(r["arch"]))), {}).get("triton", ())]
             for d in diffs:
                 print(f"TABLE-DIFF sm_{arch} {d}")
             if diffs:
                 rc = 1
+    if args.known == "update":
+        print("wrote", update_known(rows, version))
     if args.out:
         if any(r["status"] == "NOT-COMPILED" for r in rows):
             print("not writing tables: some configs were not compiled (use the default --stride)")

@@ -4,12 +4,17 @@ Kernels are pure functions on tensors.  :func:`load` returns a family's
 module either compiled for the GPU (``interpret=False``) or as a second copy
 whose ``@triton.jit`` functions run under Triton's interpreter on CPU tensors
 (``interpret=True``), so both backends can live in one process.
+
+Interpreted runs (through :func:`load`, or a whole process under
+``TRITON_INTERPRET=1``) also get :func:`_install_numpy_index_patch`, which
+makes older Triton interpreters work with NumPy >= 2.4.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import os
+import re
 import threading
 
 __all__ = ["load", "FAMILIES"]
@@ -20,6 +25,75 @@ _lock = threading.Lock()
 _interp_modules: dict = {}
 _state = threading.local()
 _shim_installed = False
+_index_patch_lock = threading.Lock()
+_index_patch_state: dict = {}  # "installed": bool, once decided
+
+# Triton releases whose interpreter converts scalar tensors with
+# ``int(ndarray)`` (see _install_numpy_index_patch); 3.8.0 and 3.9.0 already
+# use ``int(data.squeeze())``.
+_INDEX_PATCH_TRITON_BELOW = (3, 8)
+_INDEX_PATCH_NUMPY_FROM = (2, 4)
+
+
+def _version_tuple(version: str) -> tuple:
+    """``"3.6.0+git1a2b"`` -> ``(3, 6, 0)``, ``"2.5.0rc1"`` -> ``(2, 5, 0)``."""
+    m = re.match(r"\d+(?:\.\d+)*", version)
+    return tuple(int(p) for p in m.group(0).split(".")) if m else ()
+
+
+def _needs_numpy_index_patch(triton_version: str, numpy_version: str) -> bool:
+    """Whether this Triton interpreter breaks on this NumPy (see _install_numpy_index_patch)."""
+    return (_version_tuple(triton_version)[:2] < _INDEX_PATCH_TRITON_BELOW
+            and _version_tuple(numpy_version)[:2] >= _INDEX_PATCH_NUMPY_FROM)
+
+
+def _scalar_index(self) -> int:
+    # a scalar tensor's handle holds a 1-element array (0-d or 1-d)
+    return int(self.handle.data.reshape(-1)[0])
+
+
+def _install_numpy_index_patch() -> bool:
+    """Fix ``tl.tensor.__index__`` in Triton < 3.8's interpreter for NumPy >= 2.4.
+
+    The interpreter stores a scalar (a program id, a runtime argument such as
+    ``K``) as a 1-element 1-D NumPy array, and while a kernel runs it sets
+    ``tl.tensor.__index__`` to ``int(self.handle.data)``.  NumPy 2.4 turned
+    the ``int()`` of an array with ``ndim > 0`` from a deprecation warning
+    into ``TypeError: only 0-dimensional arrays can be converted to Python
+    scalars``, so every ``range(0, K, BLOCK_K)`` with a runtime bound fails.
+    Triton 3.8 converts through the single element instead; this does the
+    same for the older interpreters by wrapping their ``_patch_lang_tensor``
+    (run at each interpreted launch) and re-setting ``__index__`` after it.
+    Only installed for Triton < 3.8 with NumPy >= 2.4; returns whether it
+    is installed.
+    """
+    with _index_patch_lock:
+        if "installed" in _index_patch_state:
+            return _index_patch_state["installed"]
+        _index_patch_state["installed"] = False
+        try:
+            import numpy
+            import triton
+            from triton.runtime import interpreter
+        except ImportError:
+            return False
+        if not _needs_numpy_index_patch(triton.__version__, numpy.__version__):
+            return False
+        original = getattr(interpreter, "_patch_lang_tensor", None)
+        if original is None:  # a layout this patch does not know: leave it alone
+            return False
+
+        def _patch_lang_tensor(tensor, *rest):
+            original(tensor, *rest)
+            scope = rest[0] if rest else None
+            if hasattr(scope, "set_attr"):  # restored after the launch
+                scope.set_attr(tensor, "__index__", _scalar_index)
+            else:  # older interpreters set the attributes for good
+                tensor.__index__ = _scalar_index
+
+        interpreter._patch_lang_tensor = _patch_lang_tensor
+        _index_patch_state["installed"] = True
+        return True
 
 
 def _install_interpreter_shim() -> None:
@@ -76,6 +150,8 @@ def load(family: str, interpret: bool = False):
     if not interpret or _interpret_env():
         # with TRITON_INTERPRET=1 in the environment the regular import is
         # already interpreted
+        if _interpret_env():
+            _install_numpy_index_patch()
         return importlib.import_module(f"{__name__}.{family}")
     with _lock:
         mod = _interp_modules.get(family)
@@ -93,6 +169,7 @@ def load(family: str, interpret: bool = False):
         # kernel loaded later in the process would break.
         importlib.import_module(f"{__name__}.{family}")
         _install_interpreter_shim()
+        _install_numpy_index_patch()
         path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{family}.py")
         name = f"{__name__}._interpreted_{family}"
         old = os.environ.get("TRITON_INTERPRET")
@@ -108,3 +185,9 @@ def load(family: str, interpret: bool = False):
                 os.environ["TRITON_INTERPRET"] = old
         _interp_modules[family] = mod
         return mod
+
+
+# a whole-process TRITON_INTERPRET=1 run imports the family modules directly
+# (``from sparsekit.kernels import int4``), which runs this file first
+if _interpret_env():
+    _install_numpy_index_patch()

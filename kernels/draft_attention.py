@@ -26,8 +26,14 @@ become the tail of the launch).
 
 Math: FlashAttention-2 style online softmax in fp32 (``exp2`` with the scale
 folded into ``log2(e)``), ``P`` rounded to the value dtype before ``P @ V``,
-fp32 accumulator, one division at the end.  Inputs fp16 / bf16 (fp32 for tests,
-with IEEE fp32 products), head dims 64, 128 and 256.
+fp32 accumulator, one division at the end.  Inputs fp16 / bf16 or fp32 (TF32
+products when ``torch.backends.cuda.matmul.allow_tf32`` is set, full-precision
+fp32 otherwise, PyTorch's default), head dims 64, 128 and 256.
+
+Pipelining (Hopper): Q K^T and P V run on wgmma with K / V gathered by
+cp.async.  The softmax consumes Q K^T in the same step, so Triton waits for all
+wgmma there; P V is issued asynchronously and stays in flight across the loop
+back-edge, over the next step's index loads, K / V copies and Q K^T issue.
 
 Interpreter launches (``INTERP_BF16``) work around the interpreter's bf16
 ``tl.dot`` and truncating casts inline, the same way ``_common.dot_acc`` /
@@ -150,18 +156,29 @@ def _interpreting(t: torch.Tensor) -> bool:
     return not t.is_cuda
 
 
-def fwd_config(head_dim: int, block_t: int, dtype: torch.dtype) -> dict:
+def _is_ieee(dtype: torch.dtype) -> bool:
+    """Full-precision fp32 products: fp32 without ``torch.backends.cuda.matmul.allow_tf32`` (as the linear kernels)."""
+    return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+
+
+def fwd_config(head_dim: int, block_t: int, dtype: torch.dtype, ieee: bool | None = None) -> dict:
     """Tile configuration for the GPU.
 
     BLOCK_M query rows per program (a divisor of the block, so a 128-token
-    patch gives one or two programs) and BLOCK_N keys per inner step.  D=256
-    halves both to stay within registers / shared memory; fp32 (tests only)
-    uses small tiles.
+    patch gives one or two programs) and BLOCK_N keys per inner step, 8 warps
+    (two warpgroups share the rows: half the registers of one warpgroup
+    holding 128 rows).  D=256 halves both to stay within registers / shared
+    memory.  fp32 follows ``torch.backends.cuda.matmul.allow_tf32`` (``ieee``
+    = not allowed; default: the current flag): TF32 tensor cores on 64-row
+    tiles (wgmma's minimum), or full-precision FMAs, which hold both operands
+    of each product in registers, with 16 x 16 tiles past D=64.
     """
-    if dtype == torch.float32:
-        bm, bn, warps, stages = 32, 32, 4, 2
-    elif head_dim <= 64:
-        bm, bn, warps, stages = 128, 64, 4, 3
+    if ieee is None:
+        ieee = _is_ieee(dtype)
+    if dtype == torch.float32 and ieee:
+        bm, bn, warps, stages = (32, 32, 4, 2) if head_dim <= 64 else (16, 16, 4, 2)
+    elif dtype == torch.float32:
+        bm, bn, warps, stages = 64, 32, 4 if head_dim <= 64 else 8, 2
     elif head_dim <= 128:
         bm, bn, warps, stages = 128, 64, 8, 3
     else:
@@ -221,6 +238,6 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
                    H, nb, float(scale) * LOG2E,
                    *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                    kv_idx.stride(0), kv_idx.stride(1), kv_idx.stride(2),
-                   HEAD_DIM=D, BLOCK_T=block_t, EVEN=bool(even), IEEE=q.dtype == torch.float32,
+                   HEAD_DIM=D, BLOCK_T=block_t, EVEN=bool(even), IEEE=_is_ieee(q.dtype),
                    INTERP_BF16=interp and q.dtype == torch.bfloat16, **cfg)
     return out

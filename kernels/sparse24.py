@@ -167,7 +167,8 @@ def _sp24_int8_fwd(XQ, XS, V, MT, WS, B, Y,
         acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
     xs = tl.load(XS + offs_m, mask=offs_m < M, other=0.0)
     ws = tl.load(WS + offs_n, mask=offs_n < N, other=0.0)
-    y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+    # scales first: acc * x_scale alone overflows fp32 for |x| ~ 1e37 while the result fits
+    y = acc.to(tl.float32) * (xs[:, None] * ws[None, :])
     if HAS_BIAS:
         y += tl.load(B + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     ymask = (offs_m[:, None] < M) & (offs_n[None, :] < N)

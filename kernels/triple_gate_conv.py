@@ -24,8 +24,10 @@ or a part of one tile when ``TTP > BLOCK_M``.  In one flat K loop over
 (filter tap ``(kh, kw)``, block of ``BLOCK_K`` input channels) the program
 gathers ``A[rows, c] = x[n, oh*SH - PH + kh*DH, ow*SW - PW + kw*DW, c]``
 (zero outside the image: padding) and ``B[c, co] = w[co, c, kh, kw]`` and
-accumulates ``A @ B`` in fp32 on the tensor cores.  Inputs and outputs take
-any strides; NHWC (``channels_last``) makes the channel loads contiguous.
+accumulates ``A @ B`` in fp32 on the tensor cores (fp32 inputs: TF32 when
+``torch.backends.cudnn.allow_tf32`` is set, as for ``F.conv2d``, else full-precision
+FMAs).  Inputs and outputs take any strides; NHWC (``channels_last``) makes the
+channel loads contiguous.
 
 Gate kernels: :func:`_pixel_maps` reads both frames once and writes, per
 input pixel, ``max_c |x_t - x_{t-1}|`` and the learned importance
@@ -68,7 +70,7 @@ def _tg_conv(X, Wt, B, Y, TILES, COUNTS,
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         entry = rows // TTP
         p = rows % TTP
-        upd = entry < n_upd
+        upd = (entry < n_upd) & (entry < T)
         skp = (entry >= skip0) & (entry < T)
         t = tl.load(TILES + entry, mask=upd | skp, other=0)
         per_n = TH * TW
@@ -76,7 +78,8 @@ def _tg_conv(X, Wt, B, Y, TILES, COUNTS,
         rem = t % per_n
         oh = (rem // TW) * TILE + p // TILE
         ow = (rem % TW) * TILE + p % TILE
-        valid = (upd | skp) & (p < TILE * TILE) & (oh < Ho) & (ow < Wo)
+        # last line of defence: a tile id outside 0..T-1 (a corrupt list) is never read or written
+        valid = (upd | skp) & (t >= 0) & (t < T) & (p < TILE * TILE) & (oh < Ho) & (ow < Wo)
         n64 = n.to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < CO
@@ -129,7 +132,9 @@ def _pixel_maps(X, XP, WI, DMAP, IMAP, NP, C, H, W,
         m = pmask[:, None] & (offs_c[None, :] < C)
         x = tl.load(xb[:, None] + offs_c[None, :] * sxc, mask=m, other=0.0).to(tl.float32)
         xp = tl.load(pb[:, None] + offs_c[None, :] * spc, mask=m, other=0.0).to(tl.float32)
-        dmax = tl.maximum(dmax, tl.max(tl.abs(x - xp), axis=1))
+        d = tl.abs(x - xp)
+        # NaN (NaN or Inf on either frame) -> +inf: a non-finite change always UPDATEs (max() drops NaN)
+        dmax = tl.maximum(dmax, tl.max(tl.where(d == d, d, float("inf")), axis=1))
         if HAS_IMP:
             wi = tl.load(WI + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
             imp += tl.sum(x * wi[None, :], axis=1)
@@ -218,21 +223,32 @@ def next_pow2(v: int) -> int:
     return 1 << max(0, (int(v) - 1).bit_length())
 
 
-def conv_config(tile: int, C: int, CO: int) -> dict:
-    """GPU tile configuration: ~64-128 pixel rows, BLOCK_N by output channels, BLOCK_K by input channels."""
+def conv_config(tile: int, C: int, CO: int, dtype: torch.dtype = torch.float16, ieee: bool = False) -> dict:
+    """GPU tile configuration: ~64-128 pixel rows, BLOCK_N by output channels, BLOCK_K by input channels.
+
+    fp32 follows ``torch.backends.cudnn.allow_tf32`` like the dense peer ``F.conv2d``: with TF32 the
+    products run on the tensor cores (``BLOCK_K`` capped at 32: 128 bytes of fp32 per row, and
+    mma.sync on sm_80 stages its TF32 operands in registers); without it (``ieee``) they are
+    full-precision fp32 FMAs, whose operands all go through registers: a 64-row tile with 4 warps
+    keeps them spill-free.
+    """
     ttp = next_pow2(tile * tile)
-    block_m = 128 if CO <= 64 else 64
-    block_m = max(16, block_m)
-    if ttp > block_m and ttp <= 128:
-        block_m = ttp
     block_n = 128 if CO >= 128 else (64 if CO > 32 else 32)
     block_k = 64 if C >= 64 else (32 if C > 16 else 16)
+    if ieee:
+        return dict(BLOCK_M=64, BLOCK_N=min(block_n, 64), BLOCK_K=min(block_k, 32), num_warps=4, num_stages=3)
+    block_m = 128 if CO <= 64 else 64
+    if ttp > block_m and ttp <= 128:
+        block_m = ttp
+    if dtype == torch.float32:
+        block_k = min(block_k, 32)
     warps = 8 if block_m * block_n >= 128 * 128 else 4
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=3)
 
 
-# GPU candidates for the autotuner (keyed by C, CO, tile, kernel size and dtype); the
-# heuristic conv_config is used when autotuning is off (SPARSEKIT_TGC_AUTOTUNE=0)
+# GPU candidates for the autotuner (keyed by C, CO, tile, kernel size and dtype), fp16 / bf16 only
+# (AUTOTUNE_DTYPES); the heuristic conv_config is used for fp32 (TF32 or IEEE) and when autotuning is
+# off (SPARSEKIT_TGC_AUTOTUNE=0)
 CONV_CONFIGS = [
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
@@ -244,6 +260,7 @@ CONV_CONFIGS = [
     dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
 ]
 AUTOTUNE_ENV = "SPARSEKIT_TGC_AUTOTUNE"
+AUTOTUNE_DTYPES = (torch.float16, torch.bfloat16)
 _tuned = None
 
 _INTERP_CONV = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16)
@@ -259,6 +276,11 @@ def check_config(cfg: dict) -> None:
 
 def _interpreting(t: torch.Tensor) -> bool:
     return not t.is_cuda
+
+
+def _is_ieee(dtype: torch.dtype) -> bool:
+    """Full-precision fp32 products: fp32 without ``torch.backends.cudnn.allow_tf32`` (F.conv2d's switch)."""
+    return dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
 
 
 def autotune_enabled() -> bool:
@@ -286,9 +308,12 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tiles
     ``x`` ``(N, C, H, W)`` and ``out`` ``(N, CO, Ho, Wo)`` with any strides
     (channels_last is the fast layout), ``weight`` ``(CO, C, KH, KW)`` any
     strides, ``tiles`` / ``counts`` as written by :func:`gate`.  ``config``: explicit
-    tile sizes; by default the interpreter uses a small fixed one and CUDA the
-    autotuner over :data:`CONV_CONFIGS` (or :func:`conv_config` with
-    ``SPARSEKIT_TGC_AUTOTUNE=0``).
+    tile sizes; by default the interpreter uses a small fixed one and CUDA, for
+    fp16 / bf16, the autotuner over :data:`CONV_CONFIGS` (or :func:`conv_config`
+    with ``SPARSEKIT_TGC_AUTOTUNE=0``), for fp32 :func:`conv_config`.  fp32
+    products run on TF32 tensor cores when ``torch.backends.cudnn.allow_tf32``
+    is set (PyTorch's default; the switch ``F.conv2d`` follows), in full fp32
+    otherwise.
     """
     N, C, H, W = x.shape
     CO, _, KH, KW = weight.shape
@@ -299,14 +324,15 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tiles
         return out
     ttp = next_pow2(tile * tile)
     interp = _interpreting(x)
-    if config is None and not interp and autotune_enabled():
+    ieee = _is_ieee(x.dtype)
+    if config is None and not interp and x.dtype in AUTOTUNE_DTYPES and autotune_enabled():
         kernel, cfg = _tuned_conv(), {}
 
         def grid(meta):
             return (triton.cdiv(T * ttp, meta["BLOCK_M"]), triton.cdiv(CO, meta["BLOCK_N"]))
     else:
         if config is None:
-            config = dict(_INTERP_CONV) if interp else conv_config(tile, C, CO)
+            config = dict(_INTERP_CONV) if interp else conv_config(tile, C, CO, x.dtype, ieee)
         cfg = dict(config)
         if interp:
             for key in _LAUNCH_ONLY:
@@ -321,7 +347,7 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tiles
                    out.stride(0), out.stride(1), out.stride(2), out.stride(3),
                    SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
                    KH=KH, KW=KW, TILE=tile, TTP=ttp, HAS_BIAS=bias is not None,
-                   IEEE=x.dtype == torch.float32, INTERP_BF16=interp and x.dtype == torch.bfloat16, **cfg)
+                   IEEE=ieee, INTERP_BF16=interp and x.dtype == torch.bfloat16, **cfg)
     return out
 
 

@@ -4,7 +4,8 @@
 #   * every csrc/**/*.cu: `nvcc -c` for sm_80 and sm_90a (the .cu files include
 #     no torch headers, so they build standalone);
 #   * csrc/bindings.cpp: `g++ -fsyntax-only` against torch's headers, the
-#     Python headers and the CUDA toolkit headers.
+#     Python headers and the CUDA toolkit headers (the toolkit found by
+#     scripts/cuda_home.py, as setup.py finds it).
 #
 # Exits non-zero on the first failure.  Without nvcc it prints a notice and
 # exits 0.  Environment: NVCC, CXX, PYTHON override the tools;
@@ -13,14 +14,20 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CSRC="$ROOT/csrc"
+NVCC_SET="${NVCC:-}"
 NVCC="${NVCC:-nvcc}"
 CXX="${CXX:-g++}"
 PYTHON="${PYTHON:-python}"
 ARCHS="${SPARSEKIT_CUDA_ARCHS:-80;90a}"
 
 if ! command -v "$NVCC" >/dev/null 2>&1; then
-  echo "nvcc not found: skipping CUDA compile check"
-  exit 0
+  # not on PATH: the toolkit's own nvcc, if there is a toolkit
+  if [ -z "${NVCC_SET:-}" ] && root="$("$PYTHON" "$ROOT/scripts/cuda_home.py" 2>/dev/null)" && [ -x "$root/bin/nvcc" ]; then
+    NVCC="$root/bin/nvcc"
+  else
+    echo "nvcc not found: skipping CUDA compile check"
+    exit 0
+  fi
 fi
 
 OUTDIR="$(mktemp -d "${TMPDIR:-/tmp}/sparsekit_csrc.XXXXXX")"
@@ -53,20 +60,14 @@ BINDINGS="$CSRC/bindings.cpp"
 if [ -f "$BINDINGS" ]; then
   TORCH_INC="$("$PYTHON" -c 'from torch.utils.cpp_extension import include_paths; print(" ".join(include_paths()))')"
   PY_INC="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
-  NVCC_REAL="$(readlink -f "$(command -v "$NVCC")")"
-  # the toolkit's include dir: from CUDA_HOME, or next to nvcc, or the wrapper's target
-  CUDA_INC=""
-  for cand in "${CUDA_HOME:-}/include" "$(dirname "$NVCC_REAL")/../include" /usr/local/cuda/include; do
-    if [ -f "$cand/cuda_runtime_api.h" ]; then CUDA_INC="$(cd "$cand" && pwd)"; break; fi
-  done
-  if [ -z "$CUDA_INC" ]; then
-    # nvcc may be a wrapper script: ask it where its headers are
-    CUDA_INC="$("$NVCC" -dryrun -c -x cu /dev/null 2>&1 | grep -o -- '-I"[^"]*include"' | head -n1 | sed 's/^-I"//; s/"$//')" || true
-  fi
-  if [ -z "$CUDA_INC" ] || [ ! -f "$CUDA_INC/cuda_runtime_api.h" ]; then
-    echo "error: cannot find the CUDA toolkit headers (cuda_runtime_api.h); set CUDA_HOME" >&2
+  # the toolkit's headers, found as setup.py finds them (CUDA_HOME/CUDA_PATH,
+  # nvcc through symlinks and wrapper scripts, /usr/local/cuda*)
+  if ! CUDA_ROOT="$(NVCC="$NVCC" "$PYTHON" "$ROOT/scripts/cuda_home.py")"; then
+    NVCC="$NVCC" "$PYTHON" "$ROOT/scripts/cuda_home.py" --explain >&2 || true
+    echo "error: cannot find the CUDA toolkit headers (include/cuda_runtime.h); set CUDA_HOME" >&2
     exit 1
   fi
+  CUDA_INC="$CUDA_ROOT/include"
   INC_FLAGS=()
   for d in $TORCH_INC; do INC_FLAGS+=(-I"$d"); done
   INC_FLAGS+=(-I"$PY_INC" -I"$CUDA_INC" -I"$CSRC")

@@ -125,6 +125,65 @@ def test_gpu_forward_configs_are_valid(m):
     assert_close_rel(out, _ref64(x, w, b))
 
 
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swapped_forward_path(split, dtype):
+    # SWAP: the transposed product W_blk @ X^T (the block on the tensor-core M side) and its
+    # transposed epilogue: odd M over several M tiles, bias on / off, strided x, split row blocks
+    km = skk.load("block_sparse", interpret=True)
+    for m, n, k, bs, bias in ((5, 40, 200, (16, 32), True), (33, 37, 70, (32, 16), False)):
+        w, s, x, b = _case(m, n, k, bs, 0.6, dtype, bias=bias)
+        xs = noncontiguous(x)
+        out = torch.full((m, n), float("nan"), dtype=dtype)
+        cfg = dict(BLOCK_M=16, GROUP_M=2, SPLIT=split, SWAP=True)
+        km.block_sparse_linear(xs, s.blocks, s.crow, s.col, n, k, b, out, config=cfg)
+        assert_all_written(out)
+        assert_close_rel(out, _ref64(x, w, b), what=f"m={m} bs={bs}")
+
+
+def test_fwd_config_swap_and_fp32_precision():
+    # short M tiles against 64+ row blocks run the transposed product, except full-precision fp32 (FMAs)
+    km = skk.load("block_sparse", interpret=True)
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for tf32 in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            for dt in DTYPES:
+                ieee = dt == torch.float32 and not tf32
+                for bm, bk in [(128, 128), (64, 64), (32, 32), (128, 32)]:
+                    for m in (1, 16, 17, 64, 65, 4096):
+                        cfg = km.fwd_config(m, 32, 512, bm, bk, dt)
+                        assert cfg["SWAP"] == (cfg["BLOCK_M"] < 64 and bm >= 64 and not ieee), (cfg, dt, tf32)
+                        assert cfg["num_warps"] in (4, 8) and cfg["num_stages"] >= 2
+                for m in (1, 17, 65):
+                    d = km.dx_config(m, 128, 128, dt)
+                    assert d["BLOCK_M"] * 128 <= 64 * 128 and d["num_stages"] >= 2
+                    if ieee and m > 16:
+                        assert d["BLOCK_M"] == 32 and d["num_warps"] == 8
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.parametrize("m", [1, 40, 130])
+def test_gpu_grad_input_configs_are_valid(m):
+    # each GPU M-bucket configuration of dX = dY @ W through the interpreter (fp32: FMA and TF32 variants)
+    km = skk.load("block_sparse", interpret=True)
+    n, k, bs = 48, 80, (16, 16)
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for dt, tf32 in ((torch.float16, False), (torch.float32, False), (torch.float32, True)):
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            w, s, _, _ = _case(m, n, k, bs, 0.5, dt)
+            dy = torch.randn(m, n).to(dt)
+            cfg = km.dx_config(m, *bs, dt)
+            cfg.pop("num_warps"), cfg.pop("num_stages")
+            out = torch.full((m, k), float("nan"), dtype=dt)
+            km.block_sparse_grad_input(dy, s.blocks, s.tcol_ptr, s.trow, s.tblk, k, out, config=cfg)
+            assert_close_rel(out, dy.double() @ w.double(), what=f"{dt} tf32={tf32}")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def test_fwd_config_limits_for_big_blocks():
     km = skk.load("block_sparse", interpret=True)
     for bm, bk in [(128, 128), (128, 32), (16, 128), (64, 64)]:

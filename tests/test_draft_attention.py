@@ -233,7 +233,26 @@ def test_broadcast_mask_and_kernel_tile_configs():
         kmod.check_config(dict(BLOCK_M=48, BLOCK_N=16), 64)
     for d in (64, 128, 256):
         for dt in (torch.float16, torch.bfloat16, torch.float32):
-            kmod.check_config(kmod.fwd_config(d, 128, dt), 128)
+            for ieee in (None, False, True):
+                kmod.check_config(kmod.fwd_config(d, 128, dt, ieee), 128)
+                kmod.check_config(kmod.fwd_config(d, 64, dt, ieee), 64)
+    # fp32 follows torch.backends.cuda.matmul.allow_tf32: TF32 wgmma tiles (64 rows) or full-precision FMA tiles
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for flag in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = flag
+            assert kmod._is_ieee(torch.float32) is (not flag) and not kmod._is_ieee(torch.float16)
+            assert kmod.fwd_config(128, 128, torch.float32)["BLOCK_M"] == (16 if not flag else 64)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    # the fp32 configurations through the interpreter (clipped to the 32-token blocks)
+    q32, k32, v32 = (t.float() for t in (q, k, v))
+    ref32 = _sdpa64(q32, k32, v32, L.token_mask(bm))
+    for ieee in (False, True):
+        out = torch.full_like(q32, float("nan"))
+        kmod.block_sparse_attention(q32, k32, v32, out, L.slot_token, idx.contiguous(), cnt, L.block, 0.125, L.even,
+                                    config=kmod.fwd_config(64, L.block, torch.float32, ieee))
+        assert_close_rel(out, ref32, what=f"fp32 ieee={ieee}")
 
 
 _AOT_SCRIPT = r"""
@@ -532,6 +551,22 @@ def test_triton_gpu_fp32_and_auto_dispatch():
     out, m = draft_attention(q, k, v, frames=2, height=9, width=17, text_tokens=5, sparsity=0.5,
                              return_mask=True)
     assert_close_rel(out, _sdpa64(q, k, v, L.token_mask(m)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_triton_gpu_fp32_tf32(D):
+    # fp32 with torch.backends.cuda.matmul.allow_tf32: TF32 tensor cores (fp16's 10-bit mantissa: 1e-3)
+    L = draft_layout(2, 9, 17, (8, 16), 5, device="cuda")
+    q, k, v = _qkv(1, 2, L.seq_len, D, torch.float32, device="cuda")
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        out, m = draft_attention(q, k, v, frames=2, height=9, width=17, text_tokens=5, sparsity=0.5,
+                                 backend="triton", return_mask=True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert_close_rel(out, _sdpa64(q, k, v, L.token_mask(m)), bound=1e-3)
 
 
 # ------------------------------------------------------------------ benchmark module (CPU paths)

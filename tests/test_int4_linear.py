@@ -236,3 +236,26 @@ def test_auto_dispatch_on_gpu_matches_reference():
         y = int4_linear(x, q, b)
         assert_close_rel(y, _ref64(x, q, b))
         assert_close_rel(y, int4_linear(x, q, b, backend="reference").double(), bound=2e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_k_programs_without_tiles(dtype):
+    # the kernel's K loop always runs at least once (a loop that may run zero times makes
+    # ptxas serialize the pipelined wgmma); a split-K program that owns no K tile runs one
+    # fully masked step that must add nothing (and the bias exactly once)
+    kmod = skk.load("int4", interpret=True)
+    q, x, b = _case(5, 24, 64, dtype)
+    out = torch.full((5, 24), float("nan"), dtype=dtype)
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=1, SPLIT_K=5)     # 2 K tiles, 5 splits
+    kmod.int4_linear(x, q.qweight, q.scales, q.zeros, q.group_size, 64, b, out, config=cfg)
+    _check(out, x, q, b)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_kernel_launcher_k_zero(bias):
+    kmod = skk.load("int4", interpret=True)
+    b = torch.randn(6).half() if bias else None
+    out = torch.full((3, 6), float("nan"), dtype=torch.float16)
+    kmod.int4_linear(torch.empty(3, 0).half(), torch.empty(6, 0, dtype=torch.int32), torch.empty(6, 0).half(),
+                     None, 1, 0, b, out)
+    assert torch.equal(out, b.expand(3, 6) if bias else torch.zeros(3, 6).half())

@@ -390,3 +390,122 @@ def test_bench_int4_a8_rows_cpu():
     assert by["reference_w4a8"].status == "ok" and by["reference_w4a8"].rel_err < bench_int4.A8_TOL
     assert by["interpret_w8a8"].status == "ok" and by["interpret_w8a8"].speedup_vs_dense is not None
     assert by["torch_int_mm"].status in ("ok", "skip")
+
+
+# ------------------------------------------------------------------ W4A8: exact per-group conversion
+def test_exponent_bias_conversion_is_exact_on_its_whole_range():
+    # bits(0x4B400000 + v) - 1.5 * 2**23 == float(v) for -2**22 <= v <= 2**22 (both ends included),
+    # bit for bit the same float as the plain conversion
+    kmod = skk.load("int8", interpret=True)
+    lim = kmod.MAGIC_MAX
+    edges = torch.tensor([-lim, -lim + 1, -lim + 2, -1, 0, 1, lim - 2, lim - 1, lim], dtype=torch.int32)
+    v = torch.cat([edges, torch.randint(-lim, lim + 1, (5000,), dtype=torch.int32)])
+    fast = kmod.int32_to_float(v, torch.full(v.shape, float("nan")), magic=True)
+    plain = kmod.int32_to_float(v, torch.full(v.shape, float("nan")), magic=False)
+    assert torch.equal(fast, v.double().float()) and torch.equal(plain, fast)
+    # the bound is tight: one past either end is wrong, so the kernel must never see such a group sum
+    out = kmod.int32_to_float(torch.tensor([lim + 1, -lim - 1], dtype=torch.int32), torch.empty(2))
+    assert out.tolist() != [lim + 1, -lim - 1]
+    # any int8 x int8 group sum of up to MAGIC_MAX_GROUP columns is inside the range
+    assert kmod.MAGIC_MAX_GROUP * 128 * 128 <= lim and (kmod.MAGIC_MAX_GROUP + 1) * 128 * 128 > lim
+
+
+def _w4_extreme(n, k, group_size, dtype, sign):
+    """An Int4Weight whose ``code - zero`` is -15 or +15 everywhere (codes 0 / 15 against zeros 15 / 0),
+    alternating per row when sign == 0, with power-of-two scales."""
+    rows = torch.arange(n)[:, None]
+    neg = torch.full((n, 1), sign < 0) if sign else (rows % 2 == 0)
+    q = torch.where(neg, 0, 15).expand(n, k).to(torch.uint8)
+    g = k // group_size
+    zeros = torch.where(neg, 15.0, 0.0).expand(n, g)
+    scales = 2.0 ** -torch.randint(2, 6, (n, g)).float()
+    return Int4Weight.from_quantized(q, scales, zeros.contiguous(), group_size, False, dtype)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("sign", [-1, 1, 0])
+def test_w4a8_worst_case_group_sums_are_exact(group_size, sign):
+    # the largest group sums a W4A8 kernel can meet: activation codes -128 / +127 against
+    # code - zero = +-15 in every column, |sum| = group_size * 128 * 15.  With power-of-two
+    # scales every step of the kernel's fp32 math is exact, so the output is the exact value
+    # rounded once to fp16; the exponent-bias and the plain conversion agree bit for bit.
+    kmod = skk.load("int8", interpret=True)
+    k, n, m = 4 * group_size, 18, 3
+    w = _w4_extreme(n, k, group_size, torch.float16, sign)
+    xq = torch.full((m, k), -128, dtype=torch.int8)
+    xq[1] = 127
+    xq[2, ::2] = 127                         # mixed signs: partial cancellation
+    xs = torch.tensor([2.0 ** -14, 2.0 ** -12, 2.0 ** -13])
+    wq = (w.unpack().int() - w.zero_points().int().repeat_interleave(group_size, 1)).double()
+    assert int(wq.abs().min()) == 15
+    wscale = w.scales.double().repeat_interleave(group_size, 1)
+    exact = ((xq.double() * xs.double()[:, None]) @ (wq * wscale).T)
+    group_sums = xq.double().reshape(m, 1, 4, group_size) * wq.reshape(1, n, 4, group_size)
+    assert group_sums.sum(-1).abs().max() == group_size * 128 * 15
+    outs = []
+    for magic in (True, False):
+        out = torch.full((m, n), float("nan"), dtype=torch.float16)
+        cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=1, SPLIT_K=1, MAGIC=magic)
+        kmod.w4a8_linear(xq, xs, w.qweight, w.scales, w.zeros, group_size, k, None, out, config=cfg)
+        outs.append(out)
+    assert torch.equal(outs[0], exact.to(torch.float16))
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("group_size,k,block_k", [(32, 160, 32), (64, 256, 32), (128, 384, 64)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_w4a8_exponent_bias_matches_plain_conversion_bitwise(group_size, k, block_k, dtype):
+    # on random data (arbitrary scales, 8- and 4-bit tokens, bias) the kernel's output is the
+    # same bits whether the group sums are converted by exponent bias or by the conversion op
+    kmod = skk.load("int8", interpret=True)
+    w = _w4(23, k, dtype, group_size)
+    x = _x((5, k), dtype)
+    q, s = per_token_quant_reference(x, torch.tensor([8, 4, 8, 8, 4]))
+    b = (torch.randn(23) * 0.1).to(dtype)
+    outs = []
+    for magic in (True, False):
+        out = torch.full((5, 23), float("nan"), dtype=dtype)
+        cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=block_k, GROUP_M=1, SPLIT_K=1, MAGIC=magic)
+        kmod.w4a8_linear(q, s[:, 0].contiguous(), w.qweight, w.scales, w.zeros, group_size, k, b, out, config=cfg)
+        outs.append(out)
+    assert_all_written(outs[0])
+    assert torch.equal(outs[0], outs[1])
+    assert_close_rel(outs[0], _ref64(x, w, b, torch.tensor([8, 4, 8, 8, 4])))
+
+
+def test_w4a8_exponent_bias_refused_for_large_groups():
+    kmod = skk.load("int8", interpret=True)
+    w = _w4(4, 1024, torch.float16, -1)
+    q, s = per_token_quant_reference(_x((2, 1024), torch.float16), 8)
+    out = torch.empty((2, 4), dtype=torch.float16)
+    with pytest.raises(ValueError, match="MAGIC"):
+        kmod.w4a8_linear(q, s[:, 0].contiguous(), w.qweight, w.scales, w.zeros, 1024, 1024, None, out,
+                         config=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=1, SPLIT_K=1, MAGIC=True))
+
+
+@pytest.mark.parametrize("group_size,k,gps,split", [(32, 160, 4, 2), (32, 224, 2, 3), (64, 192, 2, 1), (32, 96, 8, 1)])
+def test_w4a8_groups_per_step(group_size, k, gps, split):
+    # several whole groups per loop step (each its own int32 sum and conversion); a last,
+    # partial step masks the groups past the end, and a split without groups adds nothing
+    kmod = skk.load("int8", interpret=True)
+    w = _w4(21, k, torch.float16, group_size)
+    x = _x((4, k), torch.float16)
+    b = (torch.randn(21) * 0.1).half()
+    q, s = per_token_quant_reference(x, 8)
+    out = torch.full((4, 21), float("nan"), dtype=torch.float16)
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=1, SPLIT_K=split, GROUPS_PER_STEP=gps)
+    kmod.w4a8_linear(q, s[:, 0].contiguous(), w.qweight, w.scales, w.zeros, group_size, k, b, out, config=cfg)
+    assert_all_written(out)
+    assert_close_rel(out, _ref64(x, w, b, 8))
+    ref = torch.full_like(out, float("nan"))
+    kmod.w4a8_linear(q, s[:, 0].contiguous(), w.qweight, w.scales, w.zeros, group_size, k, b, ref,
+                     config=dict(cfg, SPLIT_K=1, GROUPS_PER_STEP=1))
+    if split == 1:
+        assert torch.equal(out, ref)          # the same sums in the same order
+
+
+def test_w4a8_groups_per_step_is_checked():
+    kmod = skk.load("int8", interpret=True)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="GROUPS_PER_STEP"):
+            kmod.check_config(dict(BLOCK_K=32, GROUPS_PER_STEP=bad), 32, 128)

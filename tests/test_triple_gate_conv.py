@@ -80,16 +80,41 @@ _KMOD_CONFIGS = skk.load("triple_gate_conv", interpret=True).CONV_CONFIGS
 @pytest.mark.parametrize("tile,c,co,cfg", [(8, 64, 64, None), (4, 40, 160, None), (1, 16, 24, None)]
                          + [(8 if i % 2 else 4, 24, 40, i) for i in range(len(_KMOD_CONFIGS))])
 def test_gpu_tile_configs_are_valid(tile, c, co, cfg):
-    # the heuristic GPU configuration and every autotuner candidate through the interpreter
+    # the heuristic GPU configuration (fp16, fp32 with TF32, full fp32) and every autotuner candidate
+    # (fp16 / bf16 only) through the interpreter
     kmod = skk.load("triple_gate_conv", interpret=True)
-    cfg = dict(kmod.conv_config(tile, c, co) if cfg is None else kmod.CONV_CONFIGS[cfg])
-    kmod.check_config(cfg)
-    x, wt, b = _case(1, c, co, 9, 11, 3, torch.float16)
-    ho, wo, th, tw = _geom(9, 11, 3, 1, 1, 1, tile)
-    g = dense_gates(1, ho, wo, tile)
-    out = torch.full((1, co, ho, wo), float("nan"), dtype=torch.float16)
-    kmod.conv(x, wt, b, g.tiles, g.counts, out, (1, 1), (1, 1), (1, 1), tile, config=cfg)
-    assert_close_rel(out, _ref64(x, wt, b, 1, 1, 1))
+    cases = ([(torch.float16, kmod.CONV_CONFIGS[cfg])] if cfg is not None else
+             [(torch.float16, kmod.conv_config(tile, c, co)),
+              (torch.float32, kmod.conv_config(tile, c, co, torch.float32, False)),
+              (torch.float32, kmod.conv_config(tile, c, co, torch.float32, True))])
+    for dtype, conf in cases:
+        conf = dict(conf)
+        kmod.check_config(conf)
+        x, wt, b = _case(1, c, co, 9, 11, 3, dtype)
+        ho, wo, th, tw = _geom(9, 11, 3, 1, 1, 1, tile)
+        g = dense_gates(1, ho, wo, tile)
+        out = torch.full((1, co, ho, wo), float("nan"), dtype=dtype)
+        kmod.conv(x, wt, b, g.tiles, g.counts, out, (1, 1), (1, 1), (1, 1), tile, config=conf)
+        assert_close_rel(out, _ref64(x, wt, b, 1, 1, 1), what=f"{dtype} {conf}")
+
+
+def test_fp32_precision_follows_cudnn_allow_tf32():
+    # fp32 products: TF32 when cuDNN may use it (F.conv2d's switch), full fp32 otherwise; the autotuner
+    # serves fp16 / bf16 only, fp32 takes the heuristic configuration (full fp32: a 64-row FMA tile)
+    kmod = skk.load("triple_gate_conv", interpret=True)
+    old = torch.backends.cudnn.allow_tf32
+    try:
+        for flag in (False, True):
+            torch.backends.cudnn.allow_tf32 = flag
+            assert kmod._is_ieee(torch.float32) is (not flag)
+            assert not kmod._is_ieee(torch.float16) and not kmod._is_ieee(torch.bfloat16)
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+    assert torch.float32 not in kmod.AUTOTUNE_DTYPES
+    for c, co in ((3, 64), (64, 64), (256, 256)):
+        ieee = kmod.conv_config(8, c, co, torch.float32, True)
+        assert ieee["BLOCK_M"] == 64 and ieee["BLOCK_N"] <= 64 and ieee["BLOCK_K"] <= 32 and ieee["num_warps"] == 4
+        assert kmod.conv_config(8, c, co, torch.float32, False)["BLOCK_K"] <= 32
 
 
 def test_nchw_input_and_output_and_weight_layout():
@@ -480,23 +505,37 @@ def test_gate_training_skip_branch_and_mixed_dense_frames():
 # ------------------------------------------------------------------ GPU
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_gpu_triton_matches_reference(dtype):
+@pytest.mark.parametrize("dtype,tf32", [(torch.float32, False), (torch.float32, True), (torch.float16, None),
+                                        (torch.bfloat16, None)])
+def test_gpu_triton_matches_reference(dtype, tf32):
+    # fp32 follows torch.backends.cudnn.allow_tf32 like F.conv2d: full fp32 (1e-5) without it, TF32 tensor
+    # cores with it (fp16's 10-bit mantissa: 1e-3, and within 2x of F.conv2d's own TF32 error)
     dev = "cuda"
-    x, wt, b = (t.to(dev) if t is not None else t for t in _case(2, 64, 96, 37, 41, 3, dtype))
-    xp = x.clone()
-    xp[:, :, 10:14, 20:23] += 1
-    for s, p, d in ((1, 1, 1), (2, 1, 1), (1, 2, 2)):
-        ho, wo, th, tw = _geom(37, 41, 3, s, p, d, 8)
-        res = {bk: triple_gate_map(x, xp, 3, s, p, d, 8, 0.0, backend=bk) for bk in ("triton", "reference")}
-        assert torch.equal(res["triton"].gate, res["reference"].gate)
-        prev = torch.randn(2, 96, ho, wo, device=dev).to(dtype).contiguous(memory_format=torch.channels_last)
-        outs = {}
-        for bk in ("triton", "reference"):
-            outs[bk] = prev.clone()
-            triple_gate_conv2d(x, wt, b, res[bk], outs[bk], s, p, d, 8, backend=bk)
-        ref = _composed(prev, _ref64(x, wt, b, s, p, d), b, res["reference"].gate, 8)
-        assert_close_rel(outs["triton"], ref)
+    old = torch.backends.cudnn.allow_tf32
+    if tf32 is not None:
+        torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        x, wt, b = (t.to(dev) if t is not None else t for t in _case(2, 64, 96, 37, 41, 3, dtype))
+        xp = x.clone()
+        xp[:, :, 10:14, 20:23] += 1
+        for s, p, d in ((1, 1, 1), (2, 1, 1), (1, 2, 2)):
+            ho, wo, th, tw = _geom(37, 41, 3, s, p, d, 8)
+            res = {bk: triple_gate_map(x, xp, 3, s, p, d, 8, 0.0, backend=bk) for bk in ("triton", "reference")}
+            assert torch.equal(res["triton"].gate, res["reference"].gate)
+            prev = torch.randn(2, 96, ho, wo, device=dev).to(dtype).contiguous(memory_format=torch.channels_last)
+            outs = {}
+            for bk in ("triton", "reference"):
+                outs[bk] = prev.clone()
+                triple_gate_conv2d(x, wt, b, res[bk], outs[bk], s, p, d, 8, backend=bk)
+            gate = res["reference"].gate
+            ref = _composed(prev, _ref64(x, wt, b, s, p, d), b, gate, 8)
+            if tf32:
+                assert_close_rel(outs["triton"], ref, bound=1e-3)
+                assert_within_torch_error(outs["triton"], ref, _composed(prev, F.conv2d(x, wt, b, s, p, d), b, gate, 8))
+            else:
+                assert_close_rel(outs["triton"], ref)
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
 
 
 @pytest.mark.gpu

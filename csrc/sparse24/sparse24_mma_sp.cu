@@ -33,6 +33,17 @@
 // replays this data flow lane by lane on CPU and is tested against dense math
 // (tests/test_sparse24_mma.py); each formula below names its emulator twin.
 //
+// Hopper: this is Ampere's warp-level mma.sp also in the sm_90a build (SASS
+// HMMA.SP / IMMA.SP: the static gate's csrc rows show tc_op HMMA / IMMA, no
+// HGMMA), fed by cp.async and ldmatrix.  On H100 / H200 the full sparse
+// tensor-core rate needs the warpgroup form, wgmma.mma_async.sp (m64nNk32 for
+// 16-bit, k64 for int8), with the operands in shared memory in wgmma's
+// core-matrix layout (TMA loads, mbarrier-tracked stages), the metadata in
+// registers in wgmma's sparse-metadata layout, and wgmma.wait_group keeping
+// the tensor-core work in flight across stages.  That path is a separate
+// kernel (sm_90a only) and is not written yet; this one stays the sm_80 path
+// and the sm_90 fallback.
+//
 // No torch headers: this file compiles standalone with `nvcc -c`.
 #include "sparse24.h"
 

@@ -132,71 +132,26 @@ class BlockSparseWeight:
     block_size: tuple
 
     def __post_init__(self):
-        if len(tuple(self.shape)) != 2:
-            raise ValueError(f"BlockSparseWeight.shape must be (out_features, in_features), got {tuple(self.shape)}")
-        self.shape = tuple(int(s) for s in self.shape)
+        from ._validate import as_contiguous, check_shape_pair
+
+        self.shape = check_shape_pair(self.shape, "BlockSparseWeight")
         self.block_size = check_block_size(self.block_size)
+        self.validate(check_values=False)
+        for name in ("blocks", "crow", "col", "tcol_ptr", "trow", "tblk"):
+            setattr(self, name, as_contiguous(getattr(self, name)))
         self.validate()
 
     # ------------------------------------------------------------------ checks
     def validate(self, check_values: bool = True) -> None:
-        """Check shapes, dtypes and devices; with ``check_values`` also the index contents
-        (monotone ``crow``, in-range sorted ``col``, a consistent transposed index)."""
-        n, k = self.shape
-        if n < 0 or k < 0:
-            raise ValueError(f"BlockSparseWeight.shape must be non-negative, got {self.shape}")
-        bm, bk = self.block_size
-        nb, kb = -(-n // bm), -(-k // bk)
-        names = ("blocks", "crow", "col", "tcol_ptr", "trow", "tblk")
-        for name in names:
-            if not isinstance(getattr(self, name), torch.Tensor):
-                raise TypeError(f"BlockSparseWeight.{name} must be a torch.Tensor, got {type(getattr(self, name)).__name__}")
-        b = self.blocks
-        if b.dim() != 3 or tuple(b.shape[1:]) != (bm, bk):
-            raise ValueError(f"blocks must have shape (nnzb, {bm}, {bk}) for block_size {(bm, bk)}, got {tuple(b.shape)}")
-        if not b.is_floating_point():
-            raise TypeError(f"blocks must be floating point, got {b.dtype}")
-        nnzb = b.shape[0]
-        want = {"crow": nb + 1, "col": nnzb, "tcol_ptr": kb + 1, "trow": nnzb, "tblk": nnzb}
-        for name, size in want.items():
-            t = getattr(self, name)
-            if t.dtype != torch.int32:
-                raise TypeError(f"{name} must be int32, got {t.dtype}")
-            if t.dim() != 1 or t.numel() != size:
-                raise ValueError(f"{name} must have shape ({size},) for a {self.shape} weight with "
-                                 f"block_size {(bm, bk)} and {nnzb} blocks, got {tuple(t.shape)}")
-            if t.device != b.device:
-                raise ValueError(f"{name} is on {t.device} but blocks are on {b.device}")
-        if check_values:
-            self._validate_values(nb, kb, nnzb)
+        """Check shapes, dtypes and devices; with ``check_values`` also the contents in one pass:
+        ``crow`` starts at 0, is non-decreasing and ends at nnzb; ``col`` is in range and strictly
+        increasing within a block-row; the transposed index (``tcol_ptr``, ``trow``, ``tblk``) is the
+        one ``crow``/``col`` define; the zero padding of the edge blocks is finite.  See
+        :func:`sparsekit.formats._validate.validate_block_sparse`."""
+        from ._validate import validate_block_sparse
 
-    def _validate_values(self, nb: int, kb: int, nnzb: int) -> None:
-        crow = self.crow.to(torch.int64)
-        if int(crow[0]) != 0 or int(crow[-1]) != nnzb:
-            raise ValueError(f"crow must start at 0 and end at nnzb={nnzb}, got {int(crow[0])} .. {int(crow[-1])}")
-        if bool((crow[1:] < crow[:-1]).any()):
-            r = int((crow[1:] < crow[:-1]).nonzero()[0])
-            raise ValueError(f"crow must be non-decreasing: crow[{r}]={int(crow[r])} > crow[{r + 1}]={int(crow[r + 1])}")
-        if nnzb == 0:
-            if bool((self.tcol_ptr != 0).any()):
-                raise ValueError("tcol_ptr must be all zeros when there are no blocks")
-            return
-        col = self.col.to(torch.int64)
-        if bool(((col < 0) | (col >= kb)).any()):
-            i = int(((col < 0) | (col >= kb)).nonzero()[0])
-            raise ValueError(f"col[{i}]={int(col[i])} is out of range: block-columns are 0..{kb - 1}")
-        rows = block_rows(crow, nnzb)
-        same_row = rows[1:] == rows[:-1]
-        bad = same_row & (col[1:] <= col[:-1])
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0])
-            raise ValueError(f"col must be strictly increasing within a block-row: block-row {int(rows[i])} "
-                             f"has col {int(col[i])} then {int(col[i + 1])}")
-        tcol_ptr, trow, tblk = transpose_index(self.crow, self.col, kb)
-        if not (torch.equal(tcol_ptr, self.tcol_ptr) and torch.equal(trow, self.trow)
-                and torch.equal(tblk, self.tblk)):
-            raise ValueError("the transposed index (tcol_ptr, trow, tblk) does not match crow/col; "
-                             "rebuild it with BlockSparseWeight.from_blocks(...)")
+        validate_block_sparse(self.blocks, self.crow, self.col, self.tcol_ptr, self.trow, self.tblk, self.shape,
+                              self.block_size, contents=check_values)
 
     # ------------------------------------------------------------- properties
     @property
@@ -248,21 +203,56 @@ class BlockSparseWeight:
         out.blocks, (out.crow, out.col, out.tcol_ptr, out.trow, out.tblk) = blocks, idx
         out.shape, out.block_size = self.shape, self.block_size
         out.validate(check_values=False)   # contents were checked when self was built
+        if blocks.dtype != self.blocks.dtype and blocks.numel() and blocks.device.type != "meta":
+            from ._validate import _check_block_padding
+
+            nb, kb = out.grid
+            # a narrowing cast can overflow finite padding values to inf
+            _check_block_padding(blocks, out.crow, out.col, *self.shape, *self.block_size, nb, kb,
+                                 "BlockSparseWeight")
         return out
 
     # ------------------------------------------------------------- conversion
     @classmethod
     def from_blocks(cls, blocks: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, shape,
                     block_size=None) -> "BlockSparseWeight":
-        """Build from ``blocks``/``crow``/``col``, computing the transposed index."""
+        """Build from ``blocks``/``crow``/``col``, computing the transposed index.
+
+        ``crow`` / ``col`` may have any integer dtype; their contents are checked
+        (ValueError naming the bad entry) before anything is derived from them."""
+        from ._validate import check_block_index, check_shape_pair, has_data
+
+        if not isinstance(blocks, torch.Tensor):
+            raise TypeError(f"blocks must be a torch.Tensor, got {type(blocks).__name__}")
+        if blocks.dim() != 3:
+            raise ValueError(f"blocks must be 3-D (nnzb, bm, bk), got shape {tuple(blocks.shape)}")
         if block_size is None:
             block_size = tuple(blocks.shape[1:])
         bm, bk = check_block_size(block_size)
-        kb = -(-int(shape[1]) // bk)
-        crow = crow.to(torch.int32)
-        col = col.to(torch.int32)
-        tcol_ptr, trow, tblk = transpose_index(crow, col, kb)
-        return cls(blocks, crow, col, tcol_ptr, trow, tblk, tuple(shape), (bm, bk))
+        n, k = check_shape_pair(shape, "BlockSparseWeight")
+        nb, kb = -(-n // bm), -(-k // bk)
+        nnzb = blocks.shape[0]
+        for name, t, size in (("crow", crow, nb + 1), ("col", col, nnzb)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+            if t.dim() != 1 or t.numel() != size:
+                raise ValueError(f"{name} must have shape ({size},) for a {(n, k)} weight with block_size "
+                                 f"{(bm, bk)} and {nnzb} blocks, got {tuple(t.shape)}")
+            if t.device != blocks.device:
+                raise ValueError(f"{name} is on {t.device} but blocks are on {blocks.device}")
+        if has_data(crow, col):
+            check_block_index(crow, col, n, k, (bm, bk), nnzb)
+            crow = crow.to(torch.int32)
+            col = col.to(torch.int32)
+            tcol_ptr, trow, tblk = transpose_index(crow, col, kb)
+        else:   # meta tensors: no data to derive the transposed index from
+            crow, col = crow.to(torch.int32), col.to(torch.int32)
+            tcol_ptr = torch.empty(kb + 1, dtype=torch.int32, device=blocks.device)
+            trow = torch.empty(nnzb, dtype=torch.int32, device=blocks.device)
+            tblk = torch.empty(nnzb, dtype=torch.int32, device=blocks.device)
+        return cls(blocks, crow, col, tcol_ptr, trow, tblk, (n, k), (bm, bk))
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, block_size=(32, 32),
@@ -281,6 +271,9 @@ class BlockSparseWeight:
             raise TypeError(f"weight must be floating point, got {weight.dtype}")
         bm, bk = check_block_size(block_size)
         w = weight.detach()
+        if w.device.type == "meta":
+            raise ValueError("BlockSparseWeight.from_dense needs the weight's data (the kept blocks depend on it); "
+                             "got a tensor on the meta device")
         n, k = w.shape
         nb, kb = -(-n // bm), -(-k // bk)
         tiles = _pad_to_blocks(w, bm, bk)

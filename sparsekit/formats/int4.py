@@ -86,6 +86,10 @@ def rtn_quantize(w: torch.Tensor, group_size: int = 128, symmetric: bool = False
     n, k = w.shape
     gs = resolve_group_size(group_size, k)
     g = k // gs if gs else 0
+    if w.device.type != "meta" and not bool(torch.isfinite(w).all()):
+        r, c = (int(i) for i in (~torch.isfinite(w)).nonzero()[0])
+        raise ValueError(f"w holds a non-finite value ({float(w[r, c])} at row {r}, column {c}); int4 quantization "
+                         "needs finite weights")
     wg = w.detach().to(torch.float32).reshape(n, g, gs)
     if symmetric:
         amax = wg.abs().amax(dim=-1)
@@ -128,7 +132,7 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional
                     group_size: int, k: int) -> torch.Tensor:
     """``(q - zero) * scale`` as an ``(N, K)`` tensor in the scale dtype (raw-tensor form)."""
     n = qweight.shape[0]
-    q = unpack_int4(qweight, k).to(scales.dtype).reshape(n, -1, group_size)
+    q = unpack_int4(qweight, k).to(scales.dtype).reshape(n, k // group_size, group_size)
     z = zeros if zeros is not None else torch.full_like(scales, float(SYMMETRIC_ZERO))
     return ((q - z[..., None]) * scales[..., None]).reshape(n, k)
 
@@ -145,49 +149,34 @@ class Int4Weight:
     symmetric: bool = False
 
     def __post_init__(self):
-        self.shape = tuple(int(s) for s in self.shape)
-        if len(self.shape) == 2 and isinstance(self.group_size, int) and self.group_size == -1:
+        from ._validate import as_contiguous, check_shape_pair
+
+        self.shape = check_shape_pair(self.shape, "Int4Weight")
+        if isinstance(self.group_size, int) and not isinstance(self.group_size, bool) and self.group_size == -1:
             self.group_size = self.shape[1]
+        self.symmetric = bool(self.symmetric)
+        self.validate(check_values=False)
+        self.qweight, self.scales, self.zeros = (as_contiguous(t) for t in (self.qweight, self.scales, self.zeros))
         self.validate()
+
+    @classmethod
+    def _trusted(cls, qweight, scales, zeros, shape, group_size, symmetric) -> "Int4Weight":
+        from ._validate import as_contiguous
+
+        out = cls.__new__(cls)
+        out.qweight, out.scales, out.zeros = (as_contiguous(t) for t in (qweight, scales, zeros))
+        out.shape, out.group_size, out.symmetric = tuple(int(v) for v in shape), group_size, bool(symmetric)
+        out.validate(check_values=False)
+        return out
 
     # ------------------------------------------------------------------ checks
     def validate(self, check_values: bool = True) -> None:
-        if len(self.shape) != 2:
-            raise ValueError(f"Int4Weight.shape must be (out_features, in_features), got {self.shape}")
-        n, k = self.shape
-        _check_k8(k)
-        gs = resolve_group_size(self.group_size, k)
-        g = k // gs
-        for name in ("qweight", "scales"):
-            if not isinstance(getattr(self, name), torch.Tensor):
-                raise TypeError(f"Int4Weight.{name} must be a tensor")
-        if self.qweight.dtype != torch.int32:
-            raise TypeError(f"qweight must be int32 (8 packed int4 codes per word), got {self.qweight.dtype}")
-        if tuple(self.qweight.shape) != (n, k // 8):
-            raise ValueError(f"qweight must have shape {(n, k // 8)} for a {self.shape} weight, "
-                             f"got {tuple(self.qweight.shape)}")
-        if self.scales.dtype not in SCALE_DTYPES:
-            raise TypeError(f"scales must be float16 or bfloat16 (the activation dtype), got {self.scales.dtype}")
-        if tuple(self.scales.shape) != (n, g):
-            raise ValueError(f"scales must have shape {(n, g)} (N, K // group_size), got {tuple(self.scales.shape)}")
-        if self.scales.device != self.qweight.device:
-            raise ValueError(f"scales ({self.scales.device}) and qweight ({self.qweight.device}) are on different devices")
-        if self.symmetric:
-            if self.zeros is not None:
-                raise ValueError("a symmetric Int4Weight has no zeros (the zero point is fixed at 8); pass zeros=None")
-        else:
-            if self.zeros is None:
-                raise ValueError("an asymmetric Int4Weight needs zeros (use symmetric=True for a fixed zero of 8)")
-            if not isinstance(self.zeros, torch.Tensor):
-                raise TypeError("Int4Weight.zeros must be a tensor or None")
-            if self.zeros.dtype != self.scales.dtype:
-                raise TypeError(f"zeros must have the scale dtype {self.scales.dtype}, got {self.zeros.dtype}")
-            if tuple(self.zeros.shape) != (n, g):
-                raise ValueError(f"zeros must have shape {(n, g)}, got {tuple(self.zeros.shape)}")
-            if self.zeros.device != self.qweight.device:
-                raise ValueError(f"zeros ({self.zeros.device}) and qweight ({self.qweight.device}) are on different devices")
-            if check_values and self.zeros.numel() and self.zeros.device.type != "meta":
-                _check_zero_values(self.zeros)
+        """Shapes, dtypes and devices; with ``check_values`` also the contents (finite scales, zero
+        points integers in [0, 15]).  See :func:`sparsekit.formats._validate.validate_int4`."""
+        from ._validate import validate_int4
+
+        validate_int4(self.qweight, self.scales, self.zeros, self.shape, self.group_size, self.symmetric,
+                      contents=check_values)
 
     # ------------------------------------------------------------- properties
     @property
@@ -219,8 +208,8 @@ class Int4Weight:
     def to(self, device) -> "Int4Weight":
         """A copy on ``device`` (dtypes unchanged)."""
         zeros = self.zeros.to(device) if self.zeros is not None else None
-        return Int4Weight(self.qweight.to(device), self.scales.to(device), zeros, self.shape,
-                          self.group_size, self.symmetric)
+        return Int4Weight._trusted(self.qweight.to(device), self.scales.to(device), zeros, self.shape,
+                                   self.group_size, self.symmetric)
 
     # ------------------------------------------------------------- conversion
     @classmethod
@@ -243,7 +232,7 @@ class Int4Weight:
         _check_k8(k)
         gs = resolve_group_size(group_size, k)
         g = k // gs
-        if q.numel() and (int(q.min()) < 0 or int(q.max()) > 15):
+        if q.numel() and q.device.type != "meta" and (int(q.min()) < 0 or int(q.max()) > 15):
             raise ValueError(f"q holds codes outside [0, 15] (min {int(q.min())}, max {int(q.max())})")
         if not isinstance(scales, torch.Tensor) or tuple(scales.shape) != (n, g):
             raise ValueError(f"scales must be a tensor of shape {(n, g)} (N, K // group_size), "
@@ -296,8 +285,3 @@ class Int4Weight:
         return (f"Int4Weight(shape={self.shape}, group_size={self.group_size}, symmetric={self.symmetric}, "
                 f"dtype={self.dtype}, device={self.device}, nbytes={self.nbytes()})")
 
-
-def _check_zero_values(zeros: torch.Tensor) -> None:
-    z = zeros.float()
-    if not bool(((z >= 0) & (z <= 15) & (z == torch.round(z))).all()):
-        raise ValueError("zeros must hold integer values in [0, 15] (one int4 code per group)")

@@ -34,6 +34,10 @@ def int8_quantize(w: torch.Tensor):
     if not w.is_floating_point():
         raise TypeError(f"w must be floating point, got {w.dtype}")
     wf = w.detach().to(torch.float32)
+    if wf.device.type != "meta" and not bool(torch.isfinite(wf).all()):
+        r, c = (int(i) for i in (~torch.isfinite(wf)).nonzero()[0])
+        raise ValueError(f"w holds a non-finite value ({float(wf[r, c])} at row {r}, column {c}); int8 quantization "
+                         "needs finite weights")
     amax = wf.abs().amax(dim=1) if wf.shape[1] else torch.zeros(wf.shape[0], device=w.device)
     scales = torch.where(amax > 0, amax / QMAX_W8, torch.ones_like(amax))
     q = torch.clamp(torch.round(wf / scales[:, None]), -QMAX_W8, QMAX_W8)
@@ -49,26 +53,19 @@ class Int8Weight:
     shape: tuple
 
     def __post_init__(self):
-        self.shape = tuple(int(s) for s in self.shape)
+        from ._validate import as_contiguous, check_shape_pair
+
+        self.shape = check_shape_pair(self.shape, "Int8Weight")
+        self.validate(contents=False)
+        self.qweight, self.scales = as_contiguous(self.qweight), as_contiguous(self.scales)
         self.validate()
 
-    def validate(self) -> None:
-        if len(self.shape) != 2:
-            raise ValueError(f"Int8Weight.shape must be (out_features, in_features), got {self.shape}")
-        n, k = self.shape
-        if not isinstance(self.qweight, torch.Tensor) or not isinstance(self.scales, torch.Tensor):
-            raise TypeError("Int8Weight.qweight and .scales must be tensors")
-        if self.qweight.dtype != torch.int8:
-            raise TypeError(f"qweight must be int8, got {self.qweight.dtype}")
-        if tuple(self.qweight.shape) != (n, k):
-            raise ValueError(f"qweight must have shape {(n, k)}, got {tuple(self.qweight.shape)}")
-        if self.scales.dtype != torch.float32:
-            raise TypeError(f"scales must be float32 (applied in the fp32 epilogue), got {self.scales.dtype}")
-        if tuple(self.scales.shape) != (n,):
-            raise ValueError(f"scales must have shape ({n},) (one per output channel), "
-                             f"got {tuple(self.scales.shape)}")
-        if self.scales.device != self.qweight.device:
-            raise ValueError(f"scales ({self.scales.device}) and qweight ({self.qweight.device}) are on different devices")
+    def validate(self, contents: bool = True) -> None:
+        """Shapes, dtypes and devices; with ``contents`` also codes in [-127, 127] and finite scales
+        (:func:`sparsekit.formats._validate.validate_int8`)."""
+        from ._validate import validate_int8
+
+        validate_int8(self.qweight, self.scales, self.shape, contents=contents)
 
     @property
     def out_features(self) -> int:
@@ -86,7 +83,10 @@ class Int8Weight:
         return self.qweight.numel() + 4 * self.scales.numel()
 
     def to(self, device) -> "Int8Weight":
-        return Int8Weight(self.qweight.to(device), self.scales.to(device), self.shape)
+        out = Int8Weight.__new__(Int8Weight)
+        out.qweight, out.scales, out.shape = self.qweight.to(device), self.scales.to(device), self.shape
+        out.validate(contents=False)       # same contents, checked when self was built
+        return out
 
     @classmethod
     def from_float(cls, w: torch.Tensor) -> "Int8Weight":

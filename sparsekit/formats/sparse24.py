@@ -35,6 +35,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ._validate import as_contiguous, check_shape_pair, has_data, sparse24_columns, sparse24_dense, validate_sparse24, \
+    validate_sparse24_int8
+
 __all__ = ["Sparse24Weight", "Sparse24Int8Weight", "mma_sp_meta", "cached_mma_sp_meta", "MMA_K_WINDOW",
            "padded_k", "mma_padded_k", "TensorCache"]
 
@@ -154,34 +157,38 @@ def cached_mma_sp_meta(meta: torch.Tensor, in_features: int, k_multiple: int = M
 
 @dataclass
 class Sparse24Weight:
-    """A 2:4 sparse weight: compressed ``values`` plus packed 2-bit ``meta``."""
+    """A 2:4 sparse weight: compressed ``values`` plus packed 2-bit ``meta``.
+
+    Built (and loaded) weights are validated once, in one O(size) pass
+    (:func:`sparsekit.formats._validate.validate_sparse24`): shapes against
+    ``shape``, every metadata nibble one of the six codes with ``i0 < i1``, and
+    the values that sit in the zero padding of K (columns ``>= in_features``)
+    finite.  ``values``/``meta`` are stored contiguous (a non-contiguous tensor
+    is copied).  Tensors on the ``meta`` device get the structure checks only.
+    """
 
     values: torch.Tensor
     meta: torch.Tensor
     shape: tuple
 
     def __post_init__(self):
-        self.shape = tuple(int(s) for s in self.shape)
+        self.shape = check_shape_pair(self.shape, "Sparse24Weight")
+        self.validate(contents=False)
+        self.values, self.meta = as_contiguous(self.values), as_contiguous(self.meta)
         self.validate()
 
+    @classmethod
+    def _trusted(cls, values: torch.Tensor, meta: torch.Tensor, shape) -> "Sparse24Weight":
+        """A container around tensors whose contents are known valid (structure still checked)."""
+        out = cls.__new__(cls)
+        out.values, out.meta, out.shape = as_contiguous(values), as_contiguous(meta), tuple(int(s) for s in shape)
+        out.validate(contents=False)
+        return out
+
     # ------------------------------------------------------------------ checks
-    def validate(self) -> None:
-        if len(self.shape) != 2:
-            raise ValueError(f"Sparse24Weight.shape must be (out_features, in_features), got {self.shape}")
-        n, k = self.shape
-        kp = padded_k(k)
-        if not isinstance(self.values, torch.Tensor) or not isinstance(self.meta, torch.Tensor):
-            raise TypeError("Sparse24Weight.values and .meta must be tensors")
-        if tuple(self.values.shape) != (n, kp // 2):
-            raise ValueError(f"values must have shape {(n, kp // 2)} for a {self.shape} weight, got {tuple(self.values.shape)}")
-        if tuple(self.meta.shape) != (n, kp // 8):
-            raise ValueError(f"meta must have shape {(n, kp // 8)} for a {self.shape} weight, got {tuple(self.meta.shape)}")
-        if self.meta.dtype != torch.uint8:
-            raise TypeError(f"meta must be uint8, got {self.meta.dtype}")
-        if not self.values.is_floating_point():
-            raise TypeError(f"values must be floating point, got {self.values.dtype}")
-        if self.values.device != self.meta.device:
-            raise ValueError(f"values ({self.values.device}) and meta ({self.meta.device}) are on different devices")
+    def validate(self, contents: bool = True) -> None:
+        """Raise ValueError/TypeError unless this is a well-formed 2:4 weight (see the class docstring)."""
+        validate_sparse24(self.values, self.meta, self.shape, contents=contents)
 
     # ------------------------------------------------------------- properties
     @property
@@ -206,8 +213,12 @@ class Sparse24Weight:
     def to(self, *args, **kwargs) -> "Sparse24Weight":
         """Move/cast like ``Tensor.to``; ``meta`` keeps dtype uint8."""
         values = self.values.to(*args, **kwargs)
+        if not values.is_floating_point():
+            raise TypeError(f"Sparse24Weight values must stay floating point, got {values.dtype}")
         meta = self.meta.to(device=values.device)
-        return Sparse24Weight(values, meta, self.shape)
+        if values.dtype != self.values.dtype and has_data(values) and values.numel():
+            return Sparse24Weight(values, meta, self.shape)      # a cast can overflow padding values: re-check
+        return Sparse24Weight._trusted(values, meta, self.shape)
 
     def mma_meta(self, k_multiple: int = MMA_K_WINDOW) -> torch.Tensor:
         """The metadata in ``mma.sp`` lane order (:func:`mma_sp_meta`), cached on ``meta``."""
@@ -222,15 +233,13 @@ class Sparse24Weight:
     def decode_indices(meta: torch.Tensor) -> torch.Tensor:
         """``(N, Kp/8)`` uint8 -> ``(N, Kp/4, 2)`` int64 kept positions per group."""
         m = meta.to(torch.int64)
-        nib = torch.stack([m & 0xF, m >> 4], dim=-1).reshape(m.shape[0], -1)  # (N, Kp/4)
+        nib = torch.stack([m & 0xF, m >> 4], dim=-1).reshape(m.shape[0], 2 * m.shape[1])  # (N, Kp/4)
         return torch.stack([nib & 3, nib >> 2], dim=-1)
 
     @staticmethod
     def columns_from_meta(meta: torch.Tensor) -> torch.Tensor:
         """``(N, Kp/8)`` uint8 -> ``(N, Kp/2)`` int64 dense column of each stored value."""
-        idx = Sparse24Weight.decode_indices(meta)
-        base = 4 * torch.arange(idx.shape[1], device=idx.device).view(1, -1, 1)
-        return (base + idx).reshape(meta.shape[0], -1)
+        return sparse24_columns(meta)
 
     def dense_columns(self) -> torch.Tensor:
         """``(N, Kp/2)`` int64: the dense column index of each stored value."""
@@ -255,7 +264,8 @@ class Sparse24Weight:
         if mask is not None:
             if mask.shape != w.shape:
                 raise ValueError(f"mask shape {tuple(mask.shape)} must equal weight shape {tuple(w.shape)}")
-            w = w * mask.to(device=w.device, dtype=torch.bool)
+            # where, not a product: a NaN at a pruned position must not survive as NaN * 0
+            w = torch.where(mask.to(device=w.device, dtype=torch.bool), w, w.new_zeros(()))
         n, k = w.shape
         kp = padded_k(k)
         if kp != k:
@@ -264,7 +274,7 @@ class Sparse24Weight:
         nz = g != 0
         cnt = nz.sum(-1)
         bad = cnt > 2
-        if bool(bad.any()):
+        if has_data(w) and bool(bad.any()):
             row, grp = [int(v) for v in bad.nonzero()[0]]
             cols = list(range(4 * grp, min(4 * grp + 4, k)))
             raise ValueError(
@@ -280,15 +290,12 @@ class Sparse24Weight:
         code = (chosen[..., 0] | (chosen[..., 1] << 2)).to(torch.int64)  # (n, G)
         code = code.reshape(n, kp // 8, 2)
         meta = (code[..., 0] | (code[..., 1] << 4)).to(torch.uint8).contiguous()
-        return cls(values, meta, (n, k))
+        # the codes are valid by construction and the padding holds zeros
+        return cls._trusted(values, meta, (n, k))
 
     def to_dense(self) -> torch.Tensor:
         """Exact dense ``(N, K)`` weight (zeros at pruned positions)."""
-        n, k = self.shape
-        kp = padded_k(k)
-        dense = torch.zeros(n, kp, dtype=self.values.dtype, device=self.values.device)
-        dense.scatter_(1, self.dense_columns(), self.values)
-        return dense[:, :k].contiguous()
+        return sparse24_dense(self.values, self.meta, self.in_features)
 
     def mask(self) -> torch.Tensor:
         """Boolean ``(N, K)`` mask of the stored positions (both slots of each group)."""
@@ -320,29 +327,23 @@ class Sparse24Int8Weight:
     shape: tuple
 
     def __post_init__(self):
-        self.shape = tuple(int(s) for s in self.shape)
+        self.shape = check_shape_pair(self.shape, "Sparse24Int8Weight")
+        self.validate(contents=False)
+        self.values, self.meta, self.scale = (as_contiguous(t) for t in (self.values, self.meta, self.scale))
         self.validate()
 
-    def validate(self) -> None:
-        if len(self.shape) != 2:
-            raise ValueError(f"Sparse24Int8Weight.shape must be (out_features, in_features), got {self.shape}")
-        n, k = self.shape
-        kp = padded_k(k)
-        for name in ("values", "meta", "scale"):
-            if not isinstance(getattr(self, name), torch.Tensor):
-                raise TypeError(f"Sparse24Int8Weight.{name} must be a tensor")
-        if self.values.dtype != torch.int8:
-            raise TypeError(f"values must be int8, got {self.values.dtype}")
-        if tuple(self.values.shape) != (n, kp // 2):
-            raise ValueError(f"values must have shape {(n, kp // 2)} for a {self.shape} weight, got {tuple(self.values.shape)}")
-        if self.meta.dtype != torch.uint8:
-            raise TypeError(f"meta must be uint8, got {self.meta.dtype}")
-        if tuple(self.meta.shape) != (n, kp // 8):
-            raise ValueError(f"meta must have shape {(n, kp // 8)} for a {self.shape} weight, got {tuple(self.meta.shape)}")
-        if self.scale.dtype != torch.float32 or tuple(self.scale.shape) != (n,):
-            raise ValueError(f"scale must be float32 of shape ({n},), got {self.scale.dtype} {tuple(self.scale.shape)}")
-        if not (self.values.device == self.meta.device == self.scale.device):
-            raise ValueError("values, meta and scale must be on one device")
+    @classmethod
+    def _trusted(cls, values, meta, scale, shape) -> "Sparse24Int8Weight":
+        out = cls.__new__(cls)
+        out.values, out.meta, out.scale = (as_contiguous(t) for t in (values, meta, scale))
+        out.shape = tuple(int(s) for s in shape)
+        out.validate(contents=False)
+        return out
+
+    def validate(self, contents: bool = True) -> None:
+        """Raise ValueError/TypeError unless well formed: shapes, valid 2:4 codes, int8 values in
+        [-127, 127], finite float32 scales."""
+        validate_sparse24_int8(self.values, self.meta, self.scale, self.shape, contents=contents)
 
     @property
     def out_features(self) -> int:
@@ -361,7 +362,8 @@ class Sparse24Int8Weight:
 
     def to(self, device) -> "Sparse24Int8Weight":
         """Move to ``device`` (the dtypes are fixed)."""
-        return Sparse24Int8Weight(self.values.to(device), self.meta.to(device), self.scale.to(device), self.shape)
+        return Sparse24Int8Weight._trusted(self.values.to(device), self.meta.to(device), self.scale.to(device),
+                                           self.shape)
 
     def mma_meta(self, k_multiple: int = 2 * MMA_K_WINDOW) -> torch.Tensor:
         """The metadata in ``mma.sp`` lane order (:func:`mma_sp_meta`), cached on ``meta``."""
@@ -373,6 +375,10 @@ class Sparse24Int8Weight:
         if not isinstance(weight, Sparse24Weight):
             raise TypeError(f"weight must be a Sparse24Weight, got {type(weight).__name__}")
         v = weight.values.detach().float()
+        if has_data(v) and not bool(torch.isfinite(v).all()):
+            r, c = (int(i) for i in (~torch.isfinite(v)).nonzero()[0])
+            raise ValueError(f"weight holds a non-finite value ({float(v[r, c])} in row {r}); int8 quantization "
+                             "needs finite weights")
         amax = v.abs().amax(dim=1) if v.shape[1] else torch.zeros(v.shape[0], device=v.device)
         scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
         q = torch.clamp(torch.round(v / scale[:, None]), -127, 127).to(torch.int8)
@@ -387,10 +393,7 @@ class Sparse24Int8Weight:
 
     def int_dense(self) -> torch.Tensor:
         """The int8 dense ``(N, K)`` weight (zeros at pruned positions)."""
-        n, k = self.shape
-        dense = torch.zeros(n, padded_k(k), dtype=torch.int8, device=self.values.device)
-        dense.scatter_(1, Sparse24Weight.columns_from_meta(self.meta), self.values)
-        return dense[:, :k].contiguous()
+        return sparse24_dense(self.values, self.meta, self.in_features)
 
     def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dequantized dense weight ``values * scale`` in ``dtype``."""

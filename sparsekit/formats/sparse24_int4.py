@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from ._validate import as_contiguous, check_shape_pair, validate_sparse24_int4
 from .int4 import SCALE_DTYPES, Int4Weight, dequantize_int4, resolve_group_size
 from .sparse24 import Sparse24Weight
 
@@ -63,28 +64,26 @@ class Sparse24Int4Weight:
     symmetric: bool = False
 
     def __post_init__(self):
-        self.shape = tuple(int(s) for s in self.shape)
+        self.shape = check_shape_pair(self.shape, "Sparse24Int4Weight")
+        self.symmetric = bool(self.symmetric)
+        self.validate(contents=False)
+        self.qweight, self.scales, self.zeros, self.meta = (
+            as_contiguous(t) for t in (self.qweight, self.scales, self.zeros, self.meta))
         self.validate()
 
-    def validate(self) -> None:
-        n, k = self.shape
-        kc = k_padded16(k) // 2
-        if self.qweight.dtype != torch.int32 or tuple(self.qweight.shape) != (n, kc // 8):
-            raise ValueError(f"qweight must be int32 of shape {(n, kc // 8)}, got {self.qweight.dtype} "
-                             f"{tuple(self.qweight.shape)}")
-        if self.meta.dtype != torch.uint8 or tuple(self.meta.shape) != (n, kc // 4):
-            raise ValueError(f"meta must be uint8 of shape {(n, kc // 4)}, got {self.meta.dtype} {tuple(self.meta.shape)}")
-        gs = resolve_group_size(self.group_size, kc)
-        if self.scales.dtype not in SCALE_DTYPES or tuple(self.scales.shape) != (n, kc // gs):
-            raise ValueError(f"scales must be float16/bfloat16 of shape {(n, kc // gs)}, got {self.scales.dtype} "
-                             f"{tuple(self.scales.shape)}")
-        if self.symmetric != (self.zeros is None):
-            raise ValueError("zeros must be None exactly when symmetric")
-        if self.zeros is not None and (self.zeros.dtype != self.scales.dtype or self.zeros.shape != self.scales.shape):
-            raise ValueError("zeros must match scales in dtype and shape")
-        devs = {t.device for t in (self.qweight, self.scales, self.meta) + ((self.zeros,) if self.zeros is not None else ())}
-        if len(devs) != 1:
-            raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devs))}")
+    @classmethod
+    def _trusted(cls, qweight, scales, zeros, meta, shape, group_size, symmetric) -> "Sparse24Int4Weight":
+        out = cls.__new__(cls)
+        out.qweight, out.scales, out.zeros, out.meta = (as_contiguous(t) for t in (qweight, scales, zeros, meta))
+        out.shape, out.group_size, out.symmetric = tuple(int(v) for v in shape), group_size, bool(symmetric)
+        out.validate(contents=False)
+        return out
+
+    def validate(self, contents: bool = True) -> None:
+        """Shapes, dtypes and devices; with ``contents`` also valid 2:4 codes, finite scales and zero
+        points in [0, 15] (:func:`sparsekit.formats._validate.validate_sparse24_int4`)."""
+        validate_sparse24_int4(self.qweight, self.scales, self.zeros, self.meta, self.shape, self.group_size,
+                               self.symmetric, contents=contents)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -116,9 +115,9 @@ class Sparse24Int4Weight:
         return sum(t.numel() * t.element_size() for t in ts)
 
     def to(self, device) -> "Sparse24Int4Weight":
-        return Sparse24Int4Weight(self.qweight.to(device), self.scales.to(device),
-                                  None if self.zeros is None else self.zeros.to(device), self.meta.to(device),
-                                  self.shape, self.group_size, self.symmetric)
+        return Sparse24Int4Weight._trusted(self.qweight.to(device), self.scales.to(device),
+                                           None if self.zeros is None else self.zeros.to(device),
+                                           self.meta.to(device), self.shape, self.group_size, self.symmetric)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -145,7 +144,8 @@ class Sparse24Int4Weight:
         if mask is not None:
             if mask.shape != w.shape:
                 raise ValueError(f"mask shape {tuple(mask.shape)} must equal weight shape {tuple(w.shape)}")
-            w = w * mask.to(device=w.device, dtype=torch.bool)
+            # where, not a product: a NaN at a pruned position must not survive as NaN * 0
+            w = torch.where(mask.to(device=w.device, dtype=torch.bool), w, w.new_zeros(()))
         sp = Sparse24Weight.from_dense(torch.nn.functional.pad(w, (0, kp - k)))
         q = Int4Weight.from_float(sp.values.float(), gs, symmetric, dtype)
         return cls(q.qweight, q.scales, q.zeros, sp.meta, (n, k), gs, bool(symmetric))
@@ -157,7 +157,7 @@ class Sparse24Int4Weight:
 
     def sparse24(self) -> Sparse24Weight:
         """The dequantized weight as a (padded-K) :class:`Sparse24Weight`."""
-        return Sparse24Weight(self.values(), self.meta, (self.out_features, 2 * self.compressed_k))
+        return Sparse24Weight._trusted(self.values(), self.meta, (self.out_features, 2 * self.compressed_k))
 
     def to_dense(self) -> torch.Tensor:
         """``(N, K)`` dense dequantized weight in the scale dtype (zeros at pruned positions)."""

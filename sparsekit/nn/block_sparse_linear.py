@@ -6,8 +6,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..formats._validate import validate_block_sparse
 from ..formats.block_sparse import BlockSparseWeight, check_block_size
 from ..ops.block_sparse import block_sparse_linear_packed
+from . import _state
 
 __all__ = ["BlockSparseLinear"]
 
@@ -24,7 +26,16 @@ class BlockSparseLinear(nn.Module):
     (``crow, col, tcol_ptr, trow, tblk``) and an optional ``bias``.  The
     state_dict holds exactly these, and loading resizes the module to the saved
     number of blocks.  Fine-tuning updates kept blocks only; the block pattern
-    never changes.  Build one with :meth:`from_dense` (or
+    never changes.
+
+    ``load_state_dict`` validates all incoming tensors first (index ranges,
+    monotone ``crow`` ending at nnzb, the transposed index, finite padding; see
+    :class:`~sparsekit.formats.BlockSparseWeight`) and either loads all of them
+    or raises and leaves the module untouched.  A load that changes the number
+    of blocks keeps the ``blocks`` Parameter object (its ``.data`` is replaced
+    and its ``.grad`` cleared), so an optimizer built before the load keeps
+    updating it -- but optimizer state sized for the old pattern (e.g. Adam
+    moments) no longer fits: rebuild the optimizer after such a load.  Build one with :meth:`from_dense` (or
     ``SparseLinear.from_dense(linear, pattern="block", ...)``).
     """
 
@@ -91,9 +102,22 @@ class BlockSparseLinear(nn.Module):
         return cls.from_weight(packed, linear.bias, backend=backend)
 
     def _set_pattern(self, weight: BlockSparseWeight) -> None:
-        self.blocks = nn.Parameter(weight.blocks.detach().clone(), requires_grad=self.blocks.requires_grad)
+        with torch.no_grad():
+            self._resize_blocks(weight.blocks.shape[0])
+            self.blocks.copy_(weight.blocks.detach())
         for name, t in zip(("crow", "col", "tcol_ptr", "trow", "tblk"), weight.index_tensors()):
             setattr(self, name, t.detach().clone().to(torch.int32))
+
+    def _resize_blocks(self, nnzb: int) -> None:
+        """Make room for ``nnzb`` blocks, keeping the Parameter object (``.data`` replaced)."""
+        cur = self.blocks
+        if cur.shape[0] == nnzb:
+            return
+        cur.data = torch.empty((nnzb, *cur.shape[1:]), dtype=cur.dtype, device=cur.device)
+        cur.grad = None
+        for name in _NNZ_BUFFERS:
+            b = getattr(self, name)
+            setattr(self, name, torch.empty((nnzb,), dtype=b.dtype, device=b.device))
 
     def weight_format(self) -> BlockSparseWeight:
         """The block-sparse weight (sharing storage with this module)."""
@@ -123,27 +147,36 @@ class BlockSparseLinear(nn.Module):
         return lin
 
     # ----------------------------------------------------------------- state
+    def _validate_tensors(self, t: dict) -> None:
+        if t["blocks"].shape[0] != t["col"].shape[0]:
+            raise ValueError(f"blocks holds {t['blocks'].shape[0]} blocks but col has {t['col'].shape[0]} entries")
+        validate_block_sparse(t["blocks"], t["crow"], t["col"], t["tcol_ptr"], t["trow"], t["tblk"],
+                              (self.out_features, self.in_features), self.block_size, owner="BlockSparseLinear")
+
+    def validate_state_dict(self, state_dict, prefix: str = "", strict: bool = True) -> None:
+        """Raise what :meth:`load_state_dict` would raise for ``state_dict``, copying nothing."""
+        self._validate_tensors(_state.check_state_dict(self, state_dict, prefix, strict, False,
+                                                       resizable=_NNZ_PARAMS + _NNZ_BUFFERS))
+
+    def validate(self) -> None:
+        """Re-check this module's tensors (e.g. after writing into them in place)."""
+        self.weight_format()
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # the number of kept blocks is data: take the saved pattern's size
-        for name in _NNZ_PARAMS + _NNZ_BUFFERS:
-            key = prefix + name
-            if key in state_dict:
-                cur = getattr(self, name)
-                new_shape = state_dict[key].shape
-                if cur.shape != new_shape:
-                    fresh = torch.empty(new_shape, dtype=cur.dtype, device=cur.device)
-                    if name in _NNZ_PARAMS:
-                        setattr(self, name, nn.Parameter(fresh, requires_grad=cur.requires_grad))
-                    else:
-                        setattr(self, name, fresh)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        def prepare(cand, assign):
+            # the number of kept blocks is data: take the saved pattern's size
+            self._resize_blocks(cand["blocks"].shape[0])
+
+        _state.load_atomic(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                           error_msgs, self._validate_tensors, prepare, resizable=_NNZ_PARAMS + _NNZ_BUFFERS)
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the buffers were validated when built / loaded: no per-call content checks
         return block_sparse_linear_packed(x, self.blocks, self.crow, self.col, self.tcol_ptr, self.trow, self.tblk,
-                                          self.out_features, self.in_features, self.bias, backend=self.backend)
+                                          self.out_features, self.in_features, self.bias, backend=self.backend,
+                                          validate=False)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -26,11 +26,13 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ..formats._validate import validate_int4, validate_int8
 from ..formats.int4 import Int4Weight, resolve_group_size
 from ..formats.int8 import Int8Weight
 from ..ops.act_quant import _check_frac8
 from ..ops.int4 import int4_linear_packed
 from ..ops.int8 import int8_linear_packed, w4a8_linear_packed
+from . import _state
 
 __all__ = ["QLinear"]
 
@@ -45,6 +47,17 @@ def _check_act_bits(act_bits, bits: int = 4) -> None:
         return
     if isinstance(act_bits, bool) or act_bits not in (8, 4, "mixed"):
         raise ValueError(f"act_bits must be None (W4A16), 8, 4 or 'mixed', got {act_bits!r}")
+
+
+def _check_input_scale(s: torch.Tensor, k: int) -> None:
+    """An AWQ input scale: shape (in_features,), finite and > 0 (the input is divided by it)."""
+    if tuple(s.shape) != (k,):
+        raise ValueError(f"input_scale must have shape ({k},) (one scale per input feature), got {tuple(s.shape)}")
+    if s.numel() and s.device.type != "meta":
+        bad = ~(torch.isfinite(s) & (s > 0))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"input_scale must be finite and > 0, got {float(s[i])} at index {i}")
 
 
 def _check_bits(bits) -> int:
@@ -65,6 +78,11 @@ class QLinear(nn.Module):
     time.  ``bias`` stays a parameter.  Inputs must be in the module's dtype
     (like ``nn.Linear``); the output is too.  See the module docstring for
     ``act_bits`` / ``frac8``.
+
+    ``load_state_dict`` validates every incoming tensor first (shapes, finite
+    scales, zero points integers in [0, 15], int8 codes in [-127, 127], an
+    ``input_scale`` of shape ``(in_features,)`` that is finite and > 0) and
+    either loads all of them or raises and leaves the module untouched.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
@@ -147,9 +165,11 @@ class QLinear(nn.Module):
             if bias is not None:
                 mod.bias.copy_(bias.detach().to(dtype))
         if input_scale is not None:
-            if input_scale.shape != (k,):
-                raise ValueError(f"input_scale must have shape ({k},), got {tuple(input_scale.shape)}")
-            mod.input_scale = input_scale.detach().to(device=weight.device, dtype=dtype).clone()
+            if not isinstance(input_scale, torch.Tensor):
+                raise TypeError(f"input_scale must be a tensor or None, got {type(input_scale).__name__}")
+            s = input_scale.detach().to(device=weight.device, dtype=dtype).clone()
+            _check_input_scale(s, k)
+            mod.input_scale = s
         return mod
 
     @classmethod
@@ -201,6 +221,14 @@ class QLinear(nn.Module):
         else:
             if calib_inputs is None:
                 raise ValueError(f"method={method!r} needs calib_inputs (the layer's inputs)")
+            if not isinstance(calib_inputs, torch.Tensor) or not calib_inputs.is_floating_point():
+                raise TypeError(f"calib_inputs must be a floating-point tensor (..., in_features), got "
+                                f"{getattr(calib_inputs, 'dtype', type(calib_inputs).__name__)}")
+            if calib_inputs.dim() < 1 or calib_inputs.shape[-1] != linear.in_features:
+                raise ValueError(f"calib_inputs must have in_features={linear.in_features} in the last dim, got "
+                                 f"shape {tuple(calib_inputs.shape)}")
+            if calib_inputs.numel() == 0:
+                raise ValueError("calib_inputs holds no tokens")
             x = calib_inputs.detach().reshape(-1, linear.in_features).double()
             if method == "gptq":
                 h = 2.0 * (x.T @ x) / x.shape[0]
@@ -238,13 +266,39 @@ class QLinear(nn.Module):
                 lin.bias.copy_(self.bias)
         return lin
 
+    # ----------------------------------------------------------------- state
+    def _validate_tensors(self, t: dict) -> None:
+        shape = (self.out_features, self.in_features)
+        if self.bits == 8:
+            validate_int8(t["qweight"], t["scales"], shape, owner="QLinear")
+        else:
+            validate_int4(t["qweight"], t["scales"], t.get("zeros"), shape, self.group_size, self.symmetric,
+                          owner="QLinear")
+        if t.get("input_scale") is not None:
+            s = t["input_scale"]
+            if not s.is_floating_point():
+                raise TypeError(f"QLinear.input_scale must be floating point, got {s.dtype}")
+            _check_input_scale(s.to(self.dtype), self.in_features)
+
+    def validate_state_dict(self, state_dict, prefix: str = "", strict: bool = True) -> None:
+        """Raise what :meth:`load_state_dict` would raise for ``state_dict``, copying nothing."""
+        self._validate_tensors(_state.check_state_dict(self, state_dict, prefix, strict, False,
+                                                       optional=("input_scale",)))
+
+    def validate(self) -> None:
+        """Re-check this module's tensors (e.g. after writing into them in place)."""
+        self._validate_tensors(dict(qweight=self.qweight, scales=self.scales, zeros=self.zeros,
+                                    input_scale=self.input_scale))
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        key = prefix + "input_scale"
-        if key in state_dict and self.input_scale is None:
-            self.input_scale = torch.empty_like(state_dict[key], device=self.scales.device)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        def prepare(cand, assign):
+            if self.input_scale is None and cand.get("input_scale") is not None:
+                # an AWQ checkpoint: the module gets the (already validated) input_scale buffer
+                self.input_scale = torch.empty(self.in_features, dtype=self.dtype, device=self.scales.device)
+
+        _state.load_atomic(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                           error_msgs, self._validate_tensors, prepare, optional=("input_scale",))
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, importance: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -257,13 +311,15 @@ class QLinear(nn.Module):
             if isinstance(x, torch.Tensor) and x.dtype != self.dtype:
                 raise TypeError(f"QLinear computes in {self.dtype}; got input of dtype {x.dtype}")
             return int8_linear_packed(x, self.qweight, self.scales.float(), self.bias, act_bits=self.act_bits,
-                                      frac8=self.frac8, importance=importance, backend=self.backend)
+                                      frac8=self.frac8, importance=importance, backend=self.backend,
+                                      validate=False)
+        # the buffers were validated when built / loaded: no per-call content checks
         if self.act_bits is None:
             return int4_linear_packed(x, self.qweight, self.scales, self.zeros, self.group_size, self.in_features,
-                                      self.bias, backend=self.backend)
+                                      self.bias, backend=self.backend, validate=False)
         return w4a8_linear_packed(x, self.qweight, self.scales, self.zeros, self.group_size, self.in_features,
                                   self.bias, act_bits=self.act_bits, frac8=self.frac8, importance=importance,
-                                  backend=self.backend)
+                                  backend=self.backend, validate=False)
 
     def extra_repr(self) -> str:
         if self.bits == 8:

@@ -6,10 +6,12 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..formats._validate import validate_sparse24, validate_sparse24_int8
 from ..formats.sparse24 import Sparse24Int8Weight, Sparse24Weight, padded_k
 from ..ops.sparse24 import sparse24_linear_packed
 from ..ops.sparse24_int8 import sparse24_int8_linear_packed
 from ..prune.masks import mask_2to4
+from . import _state
 
 __all__ = ["SparseLinear"]
 
@@ -26,7 +28,10 @@ class SparseLinear(nn.Module):
     ``meta`` buffer (uint8, ``(out, Kp/8)``) and an optional ``bias``; the
     state_dict stores exactly these, so saving keeps the compressed size.
     Build one with :meth:`from_dense`; fine-tuning updates the kept values and
-    never changes the mask.
+    never changes the mask.  ``load_state_dict`` validates every incoming
+    tensor (shapes, 2:4 codes, finite padding; see
+    :class:`~sparsekit.formats.Sparse24Weight`) before copying any, so it either
+    loads all of them or raises and leaves the module untouched.
 
     ``act_bits=8`` makes it the int8 2:4 layer (GPUSQ-ViT's deployment form):
     ``values`` is then an int8 buffer with a float32 ``w_scale`` buffer (one
@@ -119,6 +124,28 @@ class SparseLinear(nn.Module):
                 mod.bias.copy_(linear.bias.detach())
         return mod
 
+    # ----------------------------------------------------------------- state
+    def _validate_tensors(self, t: dict) -> None:
+        shape = (self.out_features, self.in_features)
+        if self.act_bits == 8:
+            validate_sparse24_int8(t["values"], t["meta"], t["w_scale"], shape, owner="SparseLinear")
+        else:
+            validate_sparse24(t["values"], t["meta"], shape, owner="SparseLinear")
+
+    def validate_state_dict(self, state_dict, prefix: str = "", strict: bool = True) -> None:
+        """Raise what :meth:`load_state_dict` would raise for ``state_dict``, copying nothing."""
+        self._validate_tensors(_state.check_state_dict(self, state_dict, prefix, strict, False))
+
+    def validate(self) -> None:
+        """Re-check this module's tensors (e.g. after writing into them in place)."""
+        self._validate_tensors(dict(values=self.values.detach(), meta=self.meta,
+                                    w_scale=getattr(self, "w_scale", None)))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        _state.load_atomic(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                           error_msgs, self._validate_tensors)
+
     def weight_format(self):
         """The compressed weight (sharing storage with this module): a
         :class:`Sparse24Weight`, or a :class:`Sparse24Int8Weight` when ``act_bits=8``."""
@@ -154,8 +181,10 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits == 8:
             return sparse24_int8_linear_packed(x, self.values, self.meta, self.w_scale, self.in_features,
-                                               self.bias, backend=self.backend)
-        return sparse24_linear_packed(x, self.values, self.meta, self.in_features, self.bias, backend=self.backend)
+                                               self.bias, backend=self.backend, validate=False)
+        # the buffers were validated when built / loaded: no per-call content checks
+        return sparse24_linear_packed(x, self.values, self.meta, self.in_features, self.bias, backend=self.backend,
+                                      validate=False)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -6,9 +6,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..formats._validate import validate_sparse24_int4
 from ..formats.int4 import SCALE_DTYPES, resolve_group_size
 from ..formats.sparse24_int4 import Sparse24Int4Weight, compressed_group_size, k_padded16
 from ..ops.sparse24_int4 import sparse24_int4_linear_packed
+from . import _state
 
 __all__ = ["SparseQLinear"]
 
@@ -22,6 +24,9 @@ class SparseQLinear(nn.Module):
     compressed columns and ``group_size`` counted in compressed columns.
     ``bias`` stays a parameter in the compute dtype.  Inputs: the compute
     dtype (float16/bfloat16) or float32; the output has the input's dtype.
+    ``load_state_dict`` validates every incoming tensor first (shapes, 2:4
+    codes, finite scales, zero points in [0, 15]) and either loads all of them
+    or raises and leaves the module untouched.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: Optional[int] = None,
@@ -93,6 +98,25 @@ class SparseQLinear(nn.Module):
                                             dtype=dtype)
         return cls.from_weight(fmt, linear.bias, backend=backend)
 
+    # ----------------------------------------------------------------- state
+    def _validate_tensors(self, t: dict) -> None:
+        validate_sparse24_int4(t["qweight"], t["scales"], t.get("zeros"), t["meta"],
+                               (self.out_features, self.in_features), self.group_size, self.symmetric,
+                               owner="SparseQLinear")
+
+    def validate_state_dict(self, state_dict, prefix: str = "", strict: bool = True) -> None:
+        """Raise what :meth:`load_state_dict` would raise for ``state_dict``, copying nothing."""
+        self._validate_tensors(_state.check_state_dict(self, state_dict, prefix, strict, False))
+
+    def validate(self) -> None:
+        """Re-check this module's tensors (e.g. after writing into them in place)."""
+        self.weight_format()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        _state.load_atomic(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                           error_msgs, self._validate_tensors)
+
     # ----------------------------------------------------------------- views
     def weight_format(self) -> Sparse24Int4Weight:
         return Sparse24Int4Weight(self.qweight, self.scales, self.zeros, self.meta,
@@ -117,8 +141,9 @@ class SparseQLinear(nn.Module):
         bias = self.bias
         if bias is not None and x.dtype != bias.dtype:
             bias = bias.to(x.dtype)
+        # the buffers were validated when built / loaded: no per-call content checks
         return sparse24_int4_linear_packed(x, self.qweight, self.scales, self.zeros, self.meta, self.group_size,
-                                           self.in_features, bias, backend=self.backend)
+                                           self.in_features, bias, backend=self.backend, validate=False)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

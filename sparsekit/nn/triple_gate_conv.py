@@ -36,6 +36,14 @@ frames (mixed sparse training).
 Each call records the realized compute ratio (conv FLOPs done / dense FLOPs =
 UPDATE output pixels / all output pixels; the gate's own cost is not counted)
 in ``compute_ratio`` (last frame) and ``mean_compute_ratio`` (since reset).
+
+NaN / Inf: a tile whose receptive field changed by a non-finite amount (NaN
+or Inf in either frame) is UPDATEd, so the output matches the dense conv --
+NaN where the dense conv gives NaN, and clean again on the next clean frame.
+Weight changes invalidate the cached frame by themselves: when ``weight`` or
+``bias`` was modified in place (optimizer step, ``copy_``, ``load_state_dict``)
+or replaced (``.to()``, ``.half()``) since the last frame, the next frame is
+computed densely.  ``reset()`` is only needed between videos.
 """
 from __future__ import annotations
 
@@ -47,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import triple_gate_conv as tgc
+from . import _state
 
 __all__ = ["TripleGateConv2d", "compute_loss", "compute_ratios"]
 
@@ -200,16 +209,26 @@ class TripleGateConv2d(nn.Module):
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         """Forget the previous frame (call between videos); the next frame is dense."""
-        self._key = None
-        self._prev_x = None
-        self._out = None
-        self._out_owned = False
-        self._gate = None
+        self._drop_frame()
         self._soft_ratio = None
         self._num = None          # UPDATE output pixels of the last frame (tensor or float)
         self._num_sum = None      # ... summed over the frames since reset (no host sync per frame)
         self._den = 1.0           # output pixels per frame
         self._frames = 0
+
+    def _drop_frame(self) -> None:
+        """Forget the cached frame (input, output, gates) but not the statistics."""
+        self._key = None
+        self._wkey = None
+        self._prev_x = None
+        self._out = None
+        self._out_owned = False
+        self._gate = None
+
+    def _weights_key(self) -> tuple:
+        """Identity, storage and version of the tensors the cached output was computed with."""
+        return tuple(None if t is None else (id(t), t.data_ptr(), t._version, t.dtype, t.device)
+                     for t in (self.weight, self.bias))
 
     @property
     def compute_ratio(self) -> Optional[float]:
@@ -271,6 +290,9 @@ class TripleGateConv2d(nn.Module):
         return key, ho, wo
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.gate_training) and self._wkey is not None \
+                and self._wkey != self._weights_key():
+            self._drop_frame()      # the weights changed since the cached frame: recompute densely
         key, ho, wo = self._check(x)
         if self.training and self.gate_training:
             y = self._forward_train(x, ho, wo)
@@ -281,6 +303,7 @@ class TripleGateConv2d(nn.Module):
         else:
             y = self._forward_gated(x, ho, wo)
         self._key = key
+        self._wkey = self._weights_key()
         return y
 
     def _store_soft(self, x, y, gate) -> None:
@@ -311,7 +334,7 @@ class TripleGateConv2d(nn.Module):
                                         prev_gate=self._gate, backend=self.backend)
         bias = None if self.bias is None else self.bias.detach()
         tgc.triple_gate_conv2d(x_cl, self._kernel_weight(), bias, gates, out, self.stride, self.padding,
-                               self.dilation, self.tile, backend=self.backend)
+                               self.dilation, self.tile, backend=self.backend, validate=False)
         # keep our own copy of the frame: the caller may overwrite its input tensor
         self._prev_x = x_cl.clone(memory_format=torch.channels_last) if x_cl is xd else x_cl
         self._out = out
@@ -366,6 +389,25 @@ class TripleGateConv2d(nn.Module):
         self._soft_ratio = ratio
         self._record(ratio * (n * ho * wo), n * ho * wo)
         return y
+
+    # ------------------------------------------------------------------ state
+    def _validate_tensors(self, t: dict) -> None:
+        w = t["weight"]
+        want = (self.out_channels, self.in_channels, *self.kernel_size)
+        if tuple(w.shape) != want:
+            raise ValueError(f"weight must have shape {want}, got {tuple(w.shape)}")
+        lt = t["log_threshold"]
+        if lt.device.type != "meta" and bool(torch.isnan(lt)):
+            raise ValueError("log_threshold must not be NaN (the gate threshold is exp(log_threshold), >= 0)")
+
+    def validate_state_dict(self, state_dict, prefix: str = "", strict: bool = True) -> None:
+        """Raise what :meth:`load_state_dict` would raise for ``state_dict``, copying nothing."""
+        self._validate_tensors(_state.check_state_dict(self, state_dict, prefix, strict, False))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        _state.load_atomic(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                           error_msgs, self._validate_tensors)
 
     def compute_loss(self, target: float) -> torch.Tensor:
         """``(ratio - target)^2`` of the last gated training frame (0 after a dense frame)."""

@@ -7,6 +7,11 @@ the bit width, so 4- and 8-bit tokens share one int8 tensor-core dot.
 ``bits`` may be a per-token tensor of 4s and 8s (token-adaptive mixed
 precision).  A row of zeros gets scale 1 and q = 0.
 
+Non-finite tokens keep dense semantics: a row holding any NaN or +-Inf gets
+scale NaN and codes 0, so its dequantized row ``q * scale`` -- and every output
+row an int8 matmul computes from it -- is NaN on every backend (never finite
+codes made up from the Inf / NaN).
+
 Two implementations of the same function:
 
 * :func:`per_token_quant_reference` -- plain PyTorch, the numerical truth;
@@ -65,17 +70,23 @@ def per_token_quant_reference(x: torch.Tensor, bits: Union[int, torch.Tensor] = 
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (tokens x features)")
+    if x.shape[-1] == 0:
+        raise ValueError(f"x has 0 features in its last dim (shape {tuple(x.shape)}); per-token quantization "
+                         "needs at least one feature per token")
     qmax = qmax_for_bits(bits)
     if isinstance(qmax, torch.Tensor):
         if qmax.shape != x.shape[:-1]:
             raise ValueError(f"per-token bits must have shape {tuple(x.shape[:-1])}, got {tuple(qmax.shape)}")
         qmax = qmax.to(x.device).unsqueeze(-1)
     xf = x.float()
+    finite = torch.isfinite(xf).all(dim=-1, keepdim=True)
     amax = xf.abs().amax(dim=-1, keepdim=True)
     scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
     q = torch.round(xf / scale)
     q = torch.maximum(torch.minimum(q, torch.as_tensor(qmax, device=x.device)),
                       -torch.as_tensor(qmax, device=x.device))
+    q = torch.where(finite, q, torch.zeros_like(q))
     return q.to(torch.int8), scale
 
 
@@ -149,11 +160,15 @@ def per_token_quant(x: torch.Tensor, bits: Union[int, torch.Tensor] = 8, *,
 
     Same function as :func:`per_token_quant_reference` (``q`` bit for bit);
     ``bits`` is 8, 4 or an integer tensor of shape ``x.shape[:-1]`` holding 4
-    or 8 per token.  ``x`` is float16/bfloat16/float32, any strides.
-    ``backend``: ``triton``, ``interpret`` or ``reference`` (default: chosen
-    per device, or ``SPARSEKIT_BACKEND``).
+    or 8 per token.  ``x`` is float16/bfloat16/float32, any strides, with at
+    least one feature.  A token holding NaN or +-Inf gets scale NaN and codes 0
+    (see the module docstring).  ``backend``: ``triton``, ``interpret`` or
+    ``reference`` (default: chosen per device, or ``SPARSEKIT_BACKEND``).
     """
     _check_x(x)
+    if x.shape[-1] == 0:
+        raise ValueError(f"x has 0 features in its last dim (shape {tuple(x.shape)}); per-token quantization "
+                         "needs at least one feature per token")
     nbits, bt = 8, None
     if isinstance(bits, torch.Tensor):
         _check_bits_tensor(bits, x)

@@ -11,6 +11,12 @@ The weight's gradient exists only for the stored blocks, so the block
 pattern is preserved through fine-tuning.  Backends: ``triton`` (CUDA
 tensors), ``interpret`` (the same kernels on CPU tensors) and ``reference``
 (dense PyTorch math); the backward runs on the forward's backend.
+
+NaN/Inf: dropped blocks are structurally absent -- never read, as in any
+sparse matmul -- so a NaN/Inf in ``x`` reaches exactly the outputs whose kept
+blocks read its column (``y[m, n]`` is the IEEE sum over the kept blocks of
+block-row ``n``), on every backend.  With no dropped blocks this is dense
+``F.linear``.
 """
 from __future__ import annotations
 
@@ -20,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import testing as _testing
+from ..formats._validate import validate_block_sparse
 from ..formats.block_sparse import BLOCK_SIDES, BlockSparseWeight, block_rows, dense_from_blocks
-from ._checks import check_bias, check_x
+from ._checks import as_contiguous, check_bias, check_features, check_x, validate_once
 from . import dispatch
 
 __all__ = ["block_sparse_linear", "block_sparse_linear_packed"]
@@ -46,6 +53,43 @@ def _dense(blocks, crow, col, out_features, in_features):
     return dense_from_blocks(blocks, crow, col, (out_features, in_features))
 
 
+def _structural_rows(x2, blocks, crow, col, out_features, in_features):
+    """``y`` rows computed over the kept blocks only (no 0 * Inf from dropped blocks)."""
+    m = x2.shape[0]
+    nnzb, bm, bk = blocks.shape
+    nb, kb = crow.shape[0] - 1, -(-in_features // bk)
+    xp = F.pad(x2, (0, kb * bk - in_features)).reshape(m, kb, bk)
+    acc = torch.zeros(m, nb, bm, dtype=torch.float64 if x2.dtype == torch.float64 else torch.float32,
+                      device=x2.device)
+    if nnzb:
+        part = torch.einsum("bij,mbj->mbi", blocks.to(acc.dtype), xp[:, col.long()].to(acc.dtype))
+        acc.index_add_(1, block_rows(crow, nnzb), part)
+    return acc.reshape(m, nb * bm)[:, :out_features]
+
+
+def _reference_forward(x, blocks, crow, col, out_features, in_features, bias):
+    w = _dense(blocks, crow, col, out_features, in_features)
+    y = F.linear(x, w, bias)
+    if x.numel() == 0 or blocks.shape[0] == _full_pattern_blocks(crow, in_features, blocks):
+        return y.contiguous()
+    x2 = x.reshape(-1, in_features)
+    bad = ~torch.isfinite(x2).all(dim=-1)
+    if bool(bad.any()):
+        # dense math multiplies dropped (zero) blocks too: 0 * Inf = NaN where the kernels read nothing
+        rows = _structural_rows(x2[bad], blocks, crow, col, out_features, in_features)
+        if bias is not None:
+            rows = rows + bias.to(rows.dtype)
+        y2 = y.reshape(-1, out_features).clone()
+        y2[bad] = rows.to(y.dtype)
+        y = y2.reshape(y.shape)
+    return y.contiguous()
+
+
+def _full_pattern_blocks(crow, in_features, blocks):
+    """The number of blocks of a fully dense pattern (no dropped blocks)."""
+    return (crow.shape[0] - 1) * -(-in_features // blocks.shape[2])
+
+
 # ---------------------------------------------------------------------- forward
 @torch.library.custom_op("sparsekit::block_sparse_linear", mutates_args=())
 def _block_sparse_linear(x: torch.Tensor, blocks: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
@@ -55,9 +99,9 @@ def _block_sparse_linear(x: torch.Tensor, blocks: torch.Tensor, crow: torch.Tens
     n = out_features
     lead = x.shape[:-1]
     if backend == "reference":
-        w = _dense(blocks, crow, col, out_features, in_features)
-        return F.linear(x, w, bias).contiguous()
+        return _reference_forward(x, blocks, crow, col, out_features, in_features, bias)
     x2 = _as_2d(x)
+    blocks, crow, col, bias = (as_contiguous(t) for t in (blocks, crow, col, bias))
     out = _testing.alloc_output((x2.shape[0], n), x.dtype, x.device)
     if out.numel():
         if in_features == 0 or blocks.shape[0] == 0:
@@ -84,6 +128,7 @@ def _block_sparse_grad_input(grad: torch.Tensor, blocks: torch.Tensor, crow: tor
         w = _dense(blocks, crow, col, out_features, in_features)
         return (grad @ w).contiguous()
     g2 = _as_2d(grad)
+    blocks, tcol_ptr, trow, tblk = (as_contiguous(t) for t in (blocks, tcol_ptr, trow, tblk))
     out = _testing.alloc_output((g2.shape[0], in_features), grad.dtype, grad.device)
     if out.numel():
         if out_features == 0 or blocks.shape[0] == 0:
@@ -112,6 +157,7 @@ def _block_sparse_grad_blocks(grad: torch.Tensor, x: torch.Tensor, crow: torch.T
         dw = F.pad(dw, (0, kb * bk - k, 0, nb * bm - n))
         tiles = dw.reshape(nb, bm, kb, bk).permute(0, 2, 1, 3)
         return tiles[block_rows(crow, nnzb), col.to(torch.int64)].contiguous()
+    col, trow, tblk = (as_contiguous(t) for t in (col, trow, tblk))
     out = _testing.alloc_output((nnzb, bm, bk), grad.dtype, grad.device)
     if out.numel():
         if g2.shape[0] == 0:
@@ -157,12 +203,11 @@ _block_sparse_linear.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------- public API
 def _check(x, blocks, crow, col, tcol_ptr, trow, tblk, out_features, in_features, bias):
     """Shape / dtype / device checks (no data-dependent checks: those would sync the GPU;
-    :meth:`BlockSparseWeight.validate` checks the index contents)."""
+    the contents are validated once per tensor version, see :func:`block_sparse_linear_packed`)."""
     if not isinstance(blocks, torch.Tensor):
         raise TypeError(f"blocks must be a torch.Tensor, got {type(blocks).__name__}")
-    for name, v in (("out_features", out_features), ("in_features", in_features)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise TypeError(f"{name} must be a non-negative int, got {v!r}")
+    check_features("out_features", out_features)
+    check_features("in_features", in_features)
     check_x(x, in_features)
     if not x.is_floating_point():
         raise TypeError(f"x must be floating point, got {x.dtype}")
@@ -177,8 +222,6 @@ def _check(x, blocks, crow, col, tcol_ptr, trow, tblk, out_features, in_features
     nnzb, bm, bk = blocks.shape
     if bm not in BLOCK_SIDES or bk not in BLOCK_SIDES:
         raise ValueError(f"block size {(bm, bk)} is not supported: each side must be one of {BLOCK_SIDES}")
-    if not blocks.is_contiguous():
-        raise ValueError("blocks must be contiguous (nnzb, bm, bk)")
     nb, kb = -(-out_features // bm), -(-in_features // bk)
     want = {"crow": (crow, nb + 1), "col": (col, nnzb), "tcol_ptr": (tcol_ptr, kb + 1),
             "trow": (trow, nnzb), "tblk": (tblk, nnzb)}
@@ -192,21 +235,28 @@ def _check(x, blocks, crow, col, tcol_ptr, trow, tblk, out_features, in_features
                              f"block size {(bm, bk)} and {nnzb} blocks, got {tuple(t.shape)}")
         if t.device != blocks.device:
             raise ValueError(f"{name} is on {t.device} but the blocks are on {blocks.device}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
     check_bias(bias, out_features, x)
 
 
 def block_sparse_linear_packed(x: torch.Tensor, blocks: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
                                tcol_ptr: torch.Tensor, trow: torch.Tensor, tblk: torch.Tensor,
                                out_features: int, in_features: int, bias: Optional[torch.Tensor] = None, *,
-                               backend: Optional[str] = None) -> torch.Tensor:
+                               backend: Optional[str] = None, validate: bool = True) -> torch.Tensor:
     """:func:`block_sparse_linear` on the raw tensors (what modules hold as parameters/buffers).
 
     The block size is ``blocks.shape[1:]``; the index tensors are those of
-    :class:`BlockSparseWeight` (``crow, col, tcol_ptr, trow, tblk``, int32).
+    :class:`BlockSparseWeight` (``crow, col, tcol_ptr, trow, tblk``, int32).  Shapes, dtypes and
+    devices are always checked; ``validate=True`` also checks the index contents and the padding
+    (:func:`sparsekit.formats._validate.validate_block_sparse`) once per tensor version (later
+    calls on the same unmodified tensors skip it).  ``validate=False`` trusts them -- for tensors
+    that come from a validated :class:`BlockSparseWeight` or module.
     """
     _check(x, blocks, crow, col, tcol_ptr, trow, tblk, out_features, in_features, bias)
+    if validate:
+        shape, bsz = (out_features, in_features), tuple(blocks.shape[1:])
+        validate_once((crow, col, tcol_ptr, trow, tblk, blocks), ("block", shape),
+                      lambda: validate_block_sparse(blocks, crow, col, tcol_ptr, trow, tblk, shape, bsz,
+                                                    owner="block_sparse_linear_packed"))
     m = x.numel() // in_features if in_features else x.numel()
     chosen = dispatch.resolve(OP, x.device, backend, m)
     return _block_sparse_linear(x, blocks, crow, col, tcol_ptr, trow, tblk, out_features, in_features,
@@ -227,4 +277,5 @@ def block_sparse_linear(x: torch.Tensor, weight: BlockSparseWeight, bias: Option
         raise TypeError(f"weight must be a BlockSparseWeight, got {type(weight).__name__} "
                         "(pack a dense weight with BlockSparseWeight.from_dense)")
     return block_sparse_linear_packed(x, weight.blocks, *weight.index_tensors(), weight.out_features,
-                                      weight.in_features, bias, backend=backend)
+                                      weight.in_features, bias, backend=backend,
+                                      validate=False)      # validated when the weight was built

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import testing as _testing
+from ..formats._validate import validate_int4
 from ..formats.int4 import SCALE_DTYPES, Int4Weight, dequantize_int4
-from ._checks import check_bias, check_x
+from ._checks import as_contiguous, check_bias, check_features, check_x, validate_once
 from . import dispatch
 
 __all__ = ["int4_linear", "int4_linear_packed"]
@@ -35,10 +36,14 @@ def _int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
                  group_size: int, in_features: int, bias: Optional[torch.Tensor], backend: str) -> torch.Tensor:
     n = qweight.shape[0]
     lead = x.shape[:-1]
+    if in_features == 0:       # no input features: y = bias (as F.linear)
+        y = x.new_zeros((*lead, n))
+        return y + bias if bias is not None else y
     if backend == "reference":
         w = dequantize_int4(qweight, scales, zeros, group_size, in_features)
         return F.linear(x, w, bias).contiguous()
     x2 = x.reshape(-1, x.shape[-1])
+    qweight, scales, zeros, bias = (as_contiguous(t) for t in (qweight, scales, zeros, bias))
     out = _testing.alloc_output((x2.shape[0], n), x.dtype, x.device)
     if x2.shape[0] > 0 and n > 0:
         _kernels(backend).int4_linear(x2, qweight, scales, zeros, group_size, in_features, bias, out)
@@ -77,6 +82,7 @@ _int4_linear.register_autograd(_backward, setup_context=_setup_context)
 
 # ---------------------------------------------------------------------- public API
 def _check(x, qweight, scales, zeros, group_size, in_features, bias):
+    check_features("in_features", in_features)
     check_x(x, in_features)
     if x.dtype not in SCALE_DTYPES:
         raise TypeError(f"int4_linear supports float16 and bfloat16 activations, got {x.dtype}")
@@ -86,8 +92,11 @@ def _check(x, qweight, scales, zeros, group_size, in_features, bias):
     if in_features % 8 or qweight.dim() != 2 or qweight.shape[1] != in_features // 8:
         raise ValueError(f"qweight must have shape (N, in_features // 8) with in_features a multiple of 8, "
                          f"got {tuple(qweight.shape)} for in_features={in_features}")
-    if not isinstance(group_size, int) or group_size <= 0 or in_features % group_size:
-        raise ValueError(f"in_features={in_features} is not a multiple of group_size={group_size}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    if group_size <= 0 or in_features % group_size:
+        raise ValueError(f"in_features={in_features} is not a multiple of group_size={group_size} (group_size must "
+                         "be a positive divisor of in_features)")
     g = in_features // group_size
     if not isinstance(scales, torch.Tensor) or tuple(scales.shape) != (n, g):
         raise ValueError(f"scales must have shape {(n, g)} (N, in_features // group_size)")
@@ -103,15 +112,27 @@ def _check(x, qweight, scales, zeros, group_size, in_features, bias):
     check_bias(bias, n, x)
 
 
+def validate_int4_packed(qweight, scales, zeros, group_size, in_features, owner):
+    """Content validation of raw int4 tensors, once per tensor version."""
+    shape = (qweight.shape[0], in_features)
+    validate_once((qweight, scales, zeros), ("int4", shape, group_size),
+                  lambda: validate_int4(qweight, scales, zeros, shape, group_size, zeros is None, owner=owner))
+
+
 def int4_linear_packed(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
                        group_size: int, in_features: int, bias: Optional[torch.Tensor] = None, *,
-                       backend: Optional[str] = None) -> torch.Tensor:
+                       backend: Optional[str] = None, validate: bool = True) -> torch.Tensor:
     """:func:`int4_linear` on the raw packed tensors (what a QLinear module holds as buffers).
 
     ``group_size`` is the effective one (``in_features`` for a single group per
-    row); ``zeros=None`` means symmetric (zero point 8).
+    row); ``zeros=None`` means symmetric (zero point 8).  Shapes, dtypes and devices are always
+    checked; ``validate=True`` also checks the contents (finite scales, zero points in [0, 15])
+    once per tensor version, ``validate=False`` trusts them (tensors of a validated
+    :class:`Int4Weight` or module).
     """
     _check(x, qweight, scales, zeros, group_size, in_features, bias)
+    if validate:
+        validate_int4_packed(qweight, scales, zeros, group_size, in_features, "int4_linear_packed")
     m = x.numel() // in_features if in_features else x.numel()
     chosen = dispatch.resolve("int4_linear", x.device, backend, m)
     return _int4_linear(x, qweight, scales, zeros, group_size, in_features, bias, chosen)
@@ -130,4 +151,5 @@ def int4_linear(x: torch.Tensor, weight: Int4Weight, bias: Optional[torch.Tensor
         raise TypeError(f"weight must be an Int4Weight, got {type(weight).__name__} "
                         "(quantize a dense weight with Int4Weight.from_float)")
     return int4_linear_packed(x, weight.qweight, weight.scales, weight.zeros, weight.group_size,
-                              weight.in_features, bias, backend=backend)
+                              weight.in_features, bias, backend=backend,
+                              validate=False)      # validated when the weight was built

@@ -39,8 +39,9 @@ import torch.nn.functional as F
 
 from .. import testing as _testing
 from ..formats.int4 import SYMMETRIC_ZERO, Int4Weight, unpack_int4
+from ..formats._validate import validate_int8
 from ..formats.int8 import Int8Weight
-from ._checks import check_bias, check_x
+from ._checks import as_contiguous, check_bias, check_x, validate_once
 from . import dispatch
 from .act_quant import quantize_rows, resolve_act_bits
 
@@ -61,7 +62,7 @@ def dequantize_int4_fp32(qweight: torch.Tensor, scales: torch.Tensor, zeros: Opt
     """``(code - zero) * scale`` in float32 ``(N, K)`` -- the weight the W4A8 kernel multiplies by
     (its epilogue applies the half-precision group scale in fp32, without rounding the product)."""
     n = qweight.shape[0]
-    q = unpack_int4(qweight, k).to(torch.float32).reshape(n, -1, group_size)
+    q = unpack_int4(qweight, k).to(torch.float32).reshape(n, k // group_size, group_size)
     z = zeros.float() if zeros is not None else torch.full(scales.shape, float(SYMMETRIC_ZERO),
                                                           device=scales.device)
     return ((q - z[..., None]) * scales.float()[..., None]).reshape(n, k)
@@ -69,6 +70,11 @@ def dequantize_int4_fp32(qweight: torch.Tensor, scales: torch.Tensor, zeros: Opt
 
 def _w8_dequant(qweight, wscale):
     return qweight.to(torch.float32) * wscale[:, None]
+
+
+def _empty_k(x, n, bias):
+    y = torch.zeros((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    return y + bias if bias is not None else y
 
 
 def _reference(x, w_fp32, bias, nbits, bits):
@@ -84,9 +90,12 @@ def _reference(x, w_fp32, bias, nbits, bits):
 def _int8_linear(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, bias: Optional[torch.Tensor],
                  nbits: int, bits: Optional[torch.Tensor], backend: str) -> torch.Tensor:
     n = qweight.shape[0]
+    if x.shape[-1] == 0:       # no input features: the product is empty, y = bias (as F.linear)
+        return _empty_k(x, n, bias)
     if backend == "reference":
         return _reference(x, _w8_dequant(qweight, wscale), bias, nbits, bits).contiguous()
     x2 = x.reshape(-1, x.shape[-1])
+    qweight, wscale, bias = (as_contiguous(t) for t in (qweight, wscale, bias))
     out = _testing.alloc_output((x2.shape[0], n), x.dtype, x.device)
     if x2.shape[0] > 0 and n > 0:
         xq, xs = quantize_rows(x2, nbits, bits, backend)
@@ -127,10 +136,13 @@ def _w4a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
                  group_size: int, in_features: int, bias: Optional[torch.Tensor], nbits: int,
                  bits: Optional[torch.Tensor], backend: str) -> torch.Tensor:
     n = qweight.shape[0]
+    if in_features == 0:       # no input features: y = bias (as F.linear)
+        return _empty_k(x, n, bias)
     if backend == "reference":
         w = dequantize_int4_fp32(qweight, scales, zeros, group_size, in_features)
         return _reference(x, w, bias, nbits, bits).contiguous()
     x2 = x.reshape(-1, x.shape[-1])
+    qweight, scales, zeros, bias = (as_contiguous(t) for t in (qweight, scales, zeros, bias))
     out = _testing.alloc_output((x2.shape[0], n), x.dtype, x.device)
     if x2.shape[0] > 0 and n > 0:
         xq, xs = quantize_rows(x2, nbits, bits, backend)
@@ -189,8 +201,13 @@ def _check_k(k):
 def int8_linear_packed(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor,
                        bias: Optional[torch.Tensor] = None, *, act_bits: Union[int, str, torch.Tensor] = 8,
                        frac8: float = 0.25, importance: Optional[torch.Tensor] = None,
-                       backend: Optional[str] = None) -> torch.Tensor:
-    """:func:`int8_linear` on the raw tensors: ``qweight`` (N, K) int8, ``wscale`` (N,) float32."""
+                       backend: Optional[str] = None, validate: bool = True) -> torch.Tensor:
+    """:func:`int8_linear` on the raw tensors: ``qweight`` (N, K) int8, ``wscale`` (N,) float32.
+
+    Shapes, dtypes and devices are always checked; ``validate=True`` also checks the contents
+    (codes in [-127, 127], finite scales) once per tensor version, ``validate=False`` trusts them
+    (tensors of a validated :class:`Int8Weight` or module).
+    """
     if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.int8 or qweight.dim() != 2:
         raise TypeError("qweight must be a 2-D int8 tensor (out_features, in_features)")
     n, k = qweight.shape
@@ -202,11 +219,12 @@ def int8_linear_packed(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Ten
             raise ValueError(f"x is on {x.device} but the weight's {name} is on {t.device}")
     check_bias(bias, n, x)
     _check_k(k)
+    if validate:
+        validate_once((qweight, wscale), ("int8", n, k),
+                      lambda: validate_int8(qweight, wscale, (n, k), owner="int8_linear_packed"))
     nbits, bits = resolve_act_bits(x, act_bits, frac8, importance)
     m = x.numel() // k if k else 0
     chosen = dispatch.resolve("int8_linear", x.device, backend, m)
-    if not qweight.is_contiguous():
-        qweight = qweight.contiguous()
     return _int8_linear(x, qweight, wscale, bias, nbits, bits, chosen)
 
 
@@ -225,7 +243,8 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight, bias: Optional[torch.Tensor
         raise TypeError(f"weight must be an Int8Weight, got {type(weight).__name__} "
                         "(quantize a dense weight with Int8Weight.from_float)")
     return int8_linear_packed(x, weight.qweight, weight.scales, bias, act_bits=act_bits, frac8=frac8,
-                              importance=importance, backend=backend)
+                              importance=importance, backend=backend,
+                              validate=False)      # validated when the weight was built
 
 
 # ---------------------------------------------------------------------- public API: W4A8
@@ -233,15 +252,18 @@ def w4a8_linear_packed(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
                        zeros: Optional[torch.Tensor], group_size: int, in_features: int,
                        bias: Optional[torch.Tensor] = None, *, act_bits: Union[int, str, torch.Tensor] = 8,
                        frac8: float = 0.25, importance: Optional[torch.Tensor] = None,
-                       backend: Optional[str] = None) -> torch.Tensor:
+                       backend: Optional[str] = None, validate: bool = True) -> torch.Tensor:
     """:func:`w4a8_linear` on the raw packed int4 tensors (what a QLinear holds as buffers).
 
     ``group_size`` is the effective one (``in_features`` for one group per
-    row); ``zeros=None`` means symmetric (zero point 8).
+    row); ``zeros=None`` means symmetric (zero point 8).  ``validate`` as in
+    :func:`sparsekit.ops.int4.int4_linear_packed`.
     """
-    from .int4 import _check as _check_int4
+    from .int4 import _check as _check_int4, validate_int4_packed
 
     _check_int4(x, qweight, scales, zeros, group_size, in_features, bias)
+    if validate:
+        validate_int4_packed(qweight, scales, zeros, group_size, in_features, "w4a8_linear_packed")
     if in_features // group_size > 1 and group_size % 32:
         raise ValueError(f"w4a8_linear needs group_size to be a multiple of 32 (or one group per row), "
                          f"got {group_size}")
@@ -266,5 +288,5 @@ def w4a8_linear(x: torch.Tensor, weight: Int4Weight, bias: Optional[torch.Tensor
                         "(quantize a dense weight with Int4Weight.from_float)")
     return w4a8_linear_packed(x, weight.qweight, weight.scales, weight.zeros, weight.group_size,
                               weight.in_features, bias, act_bits=act_bits, frac8=frac8, importance=importance,
-                              backend=backend)
+                              backend=backend, validate=False)      # validated when the weight was built
 

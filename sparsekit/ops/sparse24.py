@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import testing as _testing
+from ..formats._validate import sparse24_columns, sparse24_dense, validate_sparse24
 from ..formats.sparse24 import Sparse24Weight, TensorCache, padded_k
-from ._checks import check_bias, check_x
+from ._checks import as_contiguous, check_bias, check_features, check_x, validate_once
 from . import dispatch
 
 __all__ = ["sparse24_linear", "sparse24_linear_packed"]
@@ -118,8 +119,7 @@ def _kernels(backend: str):
 
 
 def _dense_from(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Tensor:
-    n = values.shape[0]
-    return Sparse24Weight(values, meta, (n, k)).to_dense()
+    return sparse24_dense(values, meta, k)
 
 
 def _as_2d(t: torch.Tensor) -> torch.Tensor:
@@ -137,6 +137,8 @@ def _sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, 
         return F.linear(x, w, bias).contiguous()
     if backend == "dense":
         return F.linear(x, dense_weight_cached(values, meta, in_features), bias).contiguous()
+    # the kernels take row strides only: every weight-side operand with unit inner stride
+    values, meta, bias = as_contiguous(values), as_contiguous(meta), as_contiguous(bias)
     x2 = _as_2d(x)
     out = _testing.alloc_output((x2.shape[0], n), x.dtype, x.device)
     if x2.shape[0] > 0 and n > 0:
@@ -172,6 +174,7 @@ def _sparse24_grad_input(grad: torch.Tensor, values: torch.Tensor, meta: torch.T
         w = _dense_from(values, meta, in_features)
         return (grad @ w).contiguous()
     g2 = _as_2d(grad)
+    values, meta = as_contiguous(values), as_contiguous(meta)
     out = _testing.alloc_output((g2.shape[0], in_features), grad.dtype, grad.device)
     if out.numel():
         if values.shape[0] == 0:
@@ -197,7 +200,8 @@ def _sparse24_grad_values(grad: torch.Tensor, x: torch.Tensor, meta: torch.Tenso
         dw = g2.transpose(0, 1) @ x2
         if kp != in_features:
             dw = F.pad(dw, (0, kp - in_features))
-        return torch.gather(dw, 1, Sparse24Weight.columns_from_meta(meta)).contiguous()
+        return torch.gather(dw, 1, sparse24_columns(meta)).contiguous()
+    meta = as_contiguous(meta)
     out = _testing.alloc_output((n, kp // 2), grad.dtype, grad.device)
     if out.numel():
         if g2.shape[0] == 0:
@@ -240,6 +244,9 @@ _sparse24_linear.register_autograd(_backward, setup_context=_setup_context)
 
 # ---------------------------------------------------------------------- public API
 def _check(x, values, meta, in_features, bias):
+    check_features("in_features", in_features)
+    if not isinstance(values, torch.Tensor) or not isinstance(meta, torch.Tensor):
+        raise TypeError(f"values and meta must be tensors, got {type(values).__name__} and {type(meta).__name__}")
     check_x(x, in_features)
     if not x.is_floating_point():
         raise TypeError(f"x must be floating point, got {x.dtype}")
@@ -251,13 +258,35 @@ def _check(x, values, meta, in_features, bias):
         raise ValueError(f"x is on {x.device} but the weight is on {values.device}")
     if meta.device != values.device or meta.dtype != torch.uint8:
         raise ValueError("meta must be a uint8 tensor on the weight's device")
+    kp = padded_k(in_features)
+    if values.dim() != 2 or values.shape[1] != kp // 2:
+        raise ValueError(f"values must have shape (N, {kp // 2}) for in_features={in_features}, got "
+                         f"{tuple(values.shape)}")
+    if tuple(meta.shape) != (values.shape[0], kp // 8):
+        raise ValueError(f"meta must have shape {(values.shape[0], kp // 8)} for in_features={in_features}, got "
+                         f"{tuple(meta.shape)}")
     check_bias(bias, values.shape[0], x)
 
 
+def _validate_packed(values, meta, in_features):
+    shape = (values.shape[0], in_features)
+    validate_once((meta, values), ("sparse24", in_features),
+                  lambda: validate_sparse24(values, meta, shape, owner="sparse24_linear_packed"))
+
+
 def sparse24_linear_packed(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, in_features: int,
-                           bias: Optional[torch.Tensor] = None, *, backend: Optional[str] = None) -> torch.Tensor:
-    """:func:`sparse24_linear` on the raw ``values``/``meta`` tensors (what modules hold)."""
+                           bias: Optional[torch.Tensor] = None, *, backend: Optional[str] = None,
+                           validate: bool = True) -> torch.Tensor:
+    """:func:`sparse24_linear` on the raw ``values``/``meta`` tensors (what modules hold).
+
+    Shapes, dtypes and devices are always checked.  ``validate=True`` also checks the contents
+    (2:4 codes, finite padding; :func:`sparsekit.formats._validate.validate_sparse24`) once per
+    tensor version: later calls on the same unmodified tensors skip it.  ``validate=False`` trusts
+    the contents -- for tensors that come from a validated :class:`Sparse24Weight` or module.
+    """
     _check(x, values, meta, in_features, bias)
+    if validate:
+        _validate_packed(values, meta, in_features)
     m = x.numel() // in_features if in_features else x.numel()
     n = values.shape[0]
     chosen = dispatch.resolve("sparse24_linear", x.device, backend, m, n=n, k=in_features, dtype=x.dtype)
@@ -289,4 +318,5 @@ def sparse24_linear(x: torch.Tensor, weight: Sparse24Weight, bias: Optional[torc
     if not isinstance(weight, Sparse24Weight):
         raise TypeError(f"weight must be a Sparse24Weight, got {type(weight).__name__} "
                         "(compress a dense weight with Sparse24Weight.from_dense)")
-    return sparse24_linear_packed(x, weight.values, weight.meta, weight.in_features, bias, backend=backend)
+    return sparse24_linear_packed(x, weight.values, weight.meta, weight.in_features, bias, backend=backend,
+                                  validate=False)      # validated when the weight was built

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import testing as _testing
+from ..formats._validate import sparse24_dense, validate_sparse24_int4
 from ..formats.int4 import SCALE_DTYPES, dequantize_int4
-from ..formats.sparse24 import Sparse24Weight
 from ..formats.sparse24_int4 import Sparse24Int4Weight, k_padded16
-from ._checks import check_bias, check_x
+from ._checks import as_contiguous, check_bias, check_features, check_x, validate_once
 from . import dispatch
 
 __all__ = ["sparse24_int4_linear", "sparse24_int4_linear_packed", "dequantize_sparse24_int4"]
@@ -39,7 +39,7 @@ def dequantize_sparse24_int4(qweight, scales, zeros, meta, group_size: int, in_f
     n = qweight.shape[0]
     kc = qweight.shape[1] * 8
     values = dequantize_int4(qweight, scales, zeros, group_size, kc)
-    return Sparse24Weight(values, meta, (n, 2 * kc)).to_dense()[:, :in_features]
+    return sparse24_dense(values, meta, in_features)
 
 
 @torch.library.custom_op("sparsekit::sparse24_int4_linear", mutates_args=())
@@ -48,10 +48,14 @@ def _sp24q_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
                   backend: str) -> torch.Tensor:
     n = qweight.shape[0]
     lead = x.shape[:-1]
+    if in_features == 0:       # no input features: y = bias (as F.linear)
+        y = x.new_zeros((*lead, n))
+        return y + bias if bias is not None else y
     if backend == "reference":
         w = dequantize_sparse24_int4(qweight, scales, zeros, meta, group_size, in_features)
         return F.linear(x, w.to(x.dtype), bias).contiguous()
     x2 = x.reshape(-1, x.shape[-1])
+    qweight, scales, zeros, meta, bias = (as_contiguous(t) for t in (qweight, scales, zeros, meta, bias))
     out = _testing.alloc_output((x2.shape[0], n), x.dtype, x.device)
     if x2.shape[0] > 0 and n > 0:
         _kernels(backend).sparse24_int4_linear(x2, qweight, scales, zeros, meta, group_size, in_features, bias, out)
@@ -90,6 +94,7 @@ _sp24q_linear.register_autograd(_backward, setup_context=_setup_context)
 
 # ---------------------------------------------------------------------- public API
 def _check(x, qweight, scales, zeros, meta, group_size, in_features, bias):
+    check_features("in_features", in_features)
     check_x(x, in_features)
     if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.int32 or qweight.dim() != 2:
         raise TypeError("qweight must be a 2-D int32 tensor (8 packed int4 codes per word)")
@@ -100,7 +105,7 @@ def _check(x, qweight, scales, zeros, meta, group_size, in_features, bias):
                          f"got {tuple(qweight.shape)}")
     if not isinstance(meta, torch.Tensor) or meta.dtype != torch.uint8 or tuple(meta.shape) != (n, kc // 4):
         raise ValueError(f"meta must be a uint8 tensor of shape {(n, kc // 4)}")
-    if not isinstance(group_size, int) or group_size <= 0 or kc % group_size:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or kc % group_size:
         raise ValueError(f"the compressed row ({kc} columns) is not a multiple of group_size={group_size}")
     g = kc // group_size
     if not isinstance(scales, torch.Tensor) or scales.dtype not in SCALE_DTYPES or tuple(scales.shape) != (n, g):
@@ -118,10 +123,21 @@ def _check(x, qweight, scales, zeros, meta, group_size, in_features, bias):
 
 def sparse24_int4_linear_packed(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                                 zeros: Optional[torch.Tensor], meta: torch.Tensor, group_size: int, in_features: int,
-                                bias: Optional[torch.Tensor] = None, *, backend: Optional[str] = None) -> torch.Tensor:
+                                bias: Optional[torch.Tensor] = None, *, backend: Optional[str] = None,
+                                validate: bool = True) -> torch.Tensor:
     """:func:`sparse24_int4_linear` on the raw tensors (what a SparseQLinear holds as buffers);
-    ``group_size`` is the effective one in compressed columns."""
+    ``group_size`` is the effective one in compressed columns.
+
+    Shapes, dtypes and devices are always checked; ``validate=True`` also checks the contents
+    (2:4 codes, finite scales, zero points in [0, 15]) once per tensor version, ``validate=False``
+    trusts them (tensors of a validated :class:`Sparse24Int4Weight` or module).
+    """
     _check(x, qweight, scales, zeros, meta, group_size, in_features, bias)
+    if validate:
+        shape = (qweight.shape[0], in_features)
+        validate_once((meta, qweight, scales, zeros), ("sparse24_int4", shape, group_size),
+                      lambda: validate_sparse24_int4(qweight, scales, zeros, meta, shape, group_size, zeros is None,
+                                                     owner="sparse24_int4_linear_packed"))
     m = x.numel() // in_features if in_features else x.numel()
     chosen = dispatch.resolve(OP, x.device, backend, m)
     return _sp24q_linear(x, qweight, scales, zeros, meta, group_size, in_features, bias, chosen)
@@ -138,4 +154,5 @@ def sparse24_int4_linear(x: torch.Tensor, weight: Sparse24Int4Weight, bias: Opti
         raise TypeError(f"weight must be a Sparse24Int4Weight, got {type(weight).__name__} "
                         "(build one with Sparse24Int4Weight.from_dense)")
     return sparse24_int4_linear_packed(x, weight.qweight, weight.scales, weight.zeros, weight.meta,
-                                       weight.effective_group_size, weight.in_features, bias, backend=backend)
+                                       weight.effective_group_size, weight.in_features, bias, backend=backend,
+                                       validate=False)      # validated when the weight was built

@@ -49,6 +49,7 @@ from ._checks import check_bias
 from . import dispatch
 
 __all__ = ["REUSE", "UPDATE", "SKIP", "TileGates", "triple_gate_conv2d", "triple_gate_map", "compact_gates",
+           "validate_tile_gates",
            "dense_gates", "gate_features", "decide_gates", "pixel_gate", "update_ratio", "conv_output_size",
            "tile_grid", "tile_pixel_counts", "skip_logit_of"]
 
@@ -75,6 +76,14 @@ class TileGates(NamedTuple):
     gate: torch.Tensor
     tiles: torch.Tensor
     counts: torch.Tensor
+
+
+class _BuiltGates(TileGates):
+    """A :class:`TileGates` made by :func:`triple_gate_map`, :func:`compact_gates` or
+    :func:`dense_gates`: consistent by construction, so :func:`triple_gate_conv2d` does not
+    re-check it (a plain ``TileGates(...)`` built by hand is checked)."""
+
+    __slots__ = ()
 
 
 def _kernels(backend: str):
@@ -166,15 +175,55 @@ def _check_gates(gates: TileGates, n: int, th: int, tw: int, device) -> None:
     if not isinstance(g, torch.Tensor) or g.dtype != torch.int8 or tuple(g.shape) != (n, th, tw):
         raise ValueError(f"gate must be an int8 tensor of shape {(n, th, tw)} (N, TH, TW), got "
                          f"{getattr(g, 'dtype', type(g).__name__)} {tuple(getattr(g, 'shape', ()))}")
-    if tiles.dtype != torch.int32 or tuple(tiles.shape) != (n * th * tw,):
-        raise ValueError(f"tiles must be an int32 tensor of shape ({n * th * tw},)")
-    if counts.dtype != torch.int32 or tuple(counts.shape) != (3,):
-        raise ValueError("counts must be an int32 tensor of shape (3,)")
+    if not isinstance(tiles, torch.Tensor) or tiles.dtype != torch.int32 or tuple(tiles.shape) != (n * th * tw,):
+        raise ValueError(f"tiles must be an int32 tensor of shape ({n * th * tw},), got "
+                         f"{getattr(tiles, 'dtype', type(tiles).__name__)} {tuple(getattr(tiles, 'shape', ()))}")
+    if not isinstance(counts, torch.Tensor) or counts.dtype != torch.int32 or tuple(counts.shape) != (3,):
+        raise ValueError(f"counts must be an int32 tensor of shape (3,), got "
+                         f"{getattr(counts, 'dtype', type(counts).__name__)} {tuple(getattr(counts, 'shape', ()))}")
     for name, t in (("gate", g), ("tiles", tiles), ("counts", counts)):
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but x is on {device}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous")
+
+
+def _check_gate_codes(gate: torch.Tensor, name: str = "gate") -> None:
+    if gate.numel() and gate.device.type != "meta":
+        bad = (gate < 0) | (gate > 2)
+        if bool(bad.any()):
+            idx = [int(i) for i in bad.nonzero()[0]]
+            raise ValueError(f"{name}{idx} = {int(gate[tuple(idx)])} is not a gate code: use REUSE=0, UPDATE=1 "
+                             "or SKIP=2")
+
+
+def validate_tile_gates(gates: TileGates, out_hw: tuple, tile: int) -> None:
+    """Check a (hand-built) :class:`TileGates` against its gate map, in one O(T log T) pass with a
+    host sync: codes in {0, 1, 2}; ``0 <= counts[0], counts[1]`` and ``counts[0] + counts[1] <= T``;
+    ``tiles[:counts[0]]`` exactly the UPDATE tile ids and ``tiles[T - counts[1]:]`` exactly the SKIP
+    ids (each once, any order); ``counts[2]`` the UPDATE tiles' output pixels.  ValueError otherwise.
+    :func:`triple_gate_map`, :func:`compact_gates` and :func:`dense_gates` build valid gates."""
+    g, tiles, counts = gates
+    if not all(t.device.type != "meta" for t in (g, tiles, counts)):
+        return
+    ho, wo = out_hw
+    _check_gate_codes(g)
+    t = g.numel()
+    nu, ns, npix = (int(v) for v in counts.tolist())
+    if nu < 0 or ns < 0 or nu + ns > t:
+        raise ValueError(f"counts = [{nu}, {ns}, {npix}] is inconsistent with a list of T={t} tiles: need "
+                         f"0 <= counts[0], 0 <= counts[1] and counts[0] + counts[1] <= {t}")
+    flat = g.reshape(-1)
+    for what, code, part in (("UPDATE", UPDATE, tiles[:nu]), ("SKIP", SKIP, tiles[t - ns:] if ns else tiles[:0])):
+        want = (flat == code).nonzero().reshape(-1)
+        have = part.to(torch.int64)
+        if have.numel() and bool(((have < 0) | (have >= t)).any()):
+            bad = int(have[(have < 0) | (have >= t)][0])
+            raise ValueError(f"tiles holds the {what} tile id {bad}, outside 0..{t - 1} (T = N*TH*TW = {t})")
+        if have.numel() != want.numel() or not torch.equal(torch.sort(have).values, want):
+            raise ValueError(f"the {what} part of tiles ({have.numel()} ids) does not list exactly the {want.numel()} "
+                             f"{what} tiles of the gate map; rebuild the list with compact_gates(gate, ...)")
+    want_pix = int(((g == UPDATE).float() * tile_pixel_counts(ho, wo, tile, g.device)).sum())
+    if npix != want_pix:
+        raise ValueError(f"counts[2] = {npix} must be the number of output pixels in UPDATE tiles, {want_pix}")
 
 
 # --------------------------------------------------------------------------- tile lists
@@ -183,7 +232,7 @@ def dense_gates(n: int, ho: int, wo: int, tile: int, device="cpu") -> TileGates:
     """All-UPDATE gates for an (N, CO, Ho, Wo) output (the first frame after a reset)."""
     th, tw = tile_grid(ho, wo, tile)
     t = n * th * tw
-    return TileGates(torch.full((n, th, tw), UPDATE, dtype=torch.int8, device=device),
+    return _BuiltGates(torch.full((n, th, tw), UPDATE, dtype=torch.int8, device=device),
                      torch.arange(t, dtype=torch.int32, device=device),
                      torch.tensor([t, 0, n * ho * wo], dtype=torch.int32, device=device))
 
@@ -209,11 +258,14 @@ def compact_gates(gate: torch.Tensor, out_hw: tuple, tile: int, *, backend: Opti
     if not isinstance(gate, torch.Tensor) or gate.dtype != torch.int8 or gate.dim() != 3:
         raise ValueError(f"gate must be an int8 tensor of shape (N, TH, TW), got "
                          f"{getattr(gate, 'dtype', type(gate).__name__)} {tuple(getattr(gate, 'shape', ()))}")
-    ho, wo = out_hw
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+        raise ValueError(f"tile must be a positive int, got {tile!r}")
+    ho, wo = _pair(tuple(out_hw) if isinstance(out_hw, (tuple, list)) else out_hw, "out_hw", 1)
     if tile_grid(ho, wo, tile) != tuple(gate.shape[1:]):
         raise ValueError(f"gate must be an int8 tensor of shape (N, {tile_grid(ho, wo, tile)}) for a {ho}x{wo} "
                          f"output and tile {tile}, got {tuple(gate.shape)}")
     gate = gate.contiguous()
+    _check_gate_codes(gate)
     chosen = dispatch.resolve(OP, gate.device, backend, gate.numel())
     if chosen == "reference":
         tiles, counts = _compact_reference(gate, ho, wo, tile)
@@ -221,7 +273,7 @@ def compact_gates(gate: torch.Tensor, out_hw: tuple, tile: int, *, backend: Opti
         tiles = torch.empty(gate.numel(), dtype=torch.int32, device=gate.device)
         counts = torch.empty(3, dtype=torch.int32, device=gate.device)
         _kernels(chosen).compact(gate, tiles, counts, ho, wo, tile)
-    return TileGates(gate, tiles, counts)
+    return _BuiltGates(gate, tiles, counts)
 
 
 # --------------------------------------------------------------------------- gate features (reference)
@@ -240,7 +292,9 @@ def gate_features(x: torch.Tensor, x_prev: torch.Tensor, kernel_size, stride, pa
     ho, wo = conv_output_size(h, w, kernel_size, stride, padding, dilation)
     th, tw = tile_grid(ho, wo, tile)
     with torch.no_grad():
-        d = (x.detach().float() - x_prev.detach().float()).abs().amax(dim=1, keepdim=True)
+        d = (x.detach().float() - x_prev.detach().float()).abs()
+        # a NaN change (NaN or Inf on either frame) counts as an infinite change: UPDATE
+        d = torch.nan_to_num(d, nan=math.inf).amax(dim=1, keepdim=True)
         d = F.pad(d, (pw, pw, ph, ph))
         pix = F.max_pool2d(d, (kh, kw), (sh, sw), dilation=(dh, dw))[:, :, :ho, :wo]
         pix = F.pad(pix, (0, tw * tile - wo, 0, th * tile - ho))
@@ -265,8 +319,9 @@ def gate_features(x: torch.Tensor, x_prev: torch.Tensor, kernel_size, stride, pa
 def decide_gates(change: torch.Tensor, threshold: float, importance: Optional[torch.Tensor] = None,
                  skip_logit: Optional[float] = None, prev_gate: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The hard gate rule shared by every backend: SKIP if ``importance < skip_logit``;
-    else UPDATE if ``change > threshold`` or the tile was SKIP in ``prev_gate``; else REUSE."""
-    code = torch.where(change > threshold, UPDATE, REUSE).to(torch.int8)
+    else UPDATE if ``change > threshold`` (a NaN change counts as UPDATE) or the tile was SKIP in
+    ``prev_gate``; else REUSE."""
+    code = torch.where(~(change <= threshold), UPDATE, REUSE).to(torch.int8)
     if prev_gate is not None:
         code = torch.where(prev_gate == SKIP, torch.full_like(code, UPDATE), code)
     if importance is not None and skip_logit is not None:
@@ -326,8 +381,10 @@ def _conv_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
         new = torch.where(pg == UPDATE, y, torch.where(pg == SKIP, b, out))
         out.copy_(new)
         return
-    _kernels(backend).conv(x, weight, bias, tiles, counts, out, tuple(stride), tuple(padding), tuple(dilation),
-                           tile)
+    bias = bias if bias is None or bias.is_contiguous() else bias.contiguous()   # the kernel reads bias[co]
+    tiles = tiles if tiles.is_contiguous() else tiles.contiguous()
+    _kernels(backend).conv(x, weight, bias, tiles, counts.contiguous(), out, tuple(stride), tuple(padding),
+                           tuple(dilation), tile)
 
 
 @_conv_op.register_fake
@@ -377,12 +434,12 @@ def triple_gate_map(x: torch.Tensor, x_prev: torch.Tensor, kernel_size, stride=1
     chosen = dispatch.resolve(OP, x.device, backend, x.shape[0] * ho * wo)
     g, tiles, counts = _gate_op(x, x_prev, prev_gate, importance_weight, float(importance_bias), list(ks),
                                 list(st), list(pd), list(dl), tile, float(threshold), skip_logit, chosen)
-    return TileGates(g, tiles, counts)
+    return _BuiltGates(g, tiles, counts)
 
 
 def triple_gate_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        gate: Union[TileGates, torch.Tensor], out: torch.Tensor, stride=1, padding=0, dilation=1,
-                       tile: int = 8, *, backend: Optional[str] = None) -> torch.Tensor:
+                       tile: int = 8, *, backend: Optional[str] = None, validate: bool = True) -> torch.Tensor:
     """Gated conv into the persistent buffer ``out``; returns ``out``.
 
     ``x`` (N, C, H, W), ``weight`` (CO, C, KH, KW), ``bias`` (CO,) or None,
@@ -393,6 +450,13 @@ def triple_gate_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     (N, TH, TW) whose tile list is then built here.  UPDATE tiles of ``out``
     get ``conv2d(x, weight, bias)``, SKIP tiles the bias (0 without one),
     REUSE tiles are left as they are.  Inference only (no autograd).
+
+    A :class:`TileGates` built by hand is checked against its gate map
+    (:func:`validate_tile_gates`: codes, tile ids, counts; one host sync);
+    gates returned by :func:`triple_gate_map`, :func:`compact_gates` or
+    :func:`dense_gates` are consistent by construction and not re-checked, nor
+    is anything with ``validate=False``.  The kernels also mask tile ids outside
+    ``0 .. T-1``, so even unchecked gates never write outside ``out``.
     """
     _check_frame(x)
     if not isinstance(weight, torch.Tensor):
@@ -424,6 +488,10 @@ def triple_gate_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
         gate = compact_gates(gate, (ho, wo), tile, backend=chosen)
     elif not isinstance(gate, tuple) or len(gate) != 3:
         raise TypeError(f"gate must be a TileGates or an int8 gate map, got {type(gate).__name__}")
+    else:
+        _check_gates(gate, n, th, tw, x.device)
+        if validate and not isinstance(gate, _BuiltGates):
+            validate_tile_gates(gate, (ho, wo), tile)
     _check_gates(gate, n, th, tw, x.device)
     _conv_op(x, weight, bias, gate.gate, gate.tiles, gate.counts, out, list(st), list(pd), list(dl), tile,
              chosen)
