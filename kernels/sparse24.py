@@ -257,8 +257,13 @@ def sparse24_grad_input(dy: torch.Tensor, values: torch.Tensor, meta: torch.Tens
     G = values.shape[1] // 2
     if _interpreting(dy):
         cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)
+    elif _is_ieee(dy.dtype):
+        # FMA dot, both operand tiles in registers: 8 warps (4 spill 456-2464 B)
+        cfg = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=3)
     elif dy.dtype == torch.float32:
-        cfg = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=3)
+        # TF32: a 32-row tile takes mma.sync on sm_90 too; a 64-row one goes to wgmma, whose tf32 B
+        # operand (the expanded weight tile, stored N-major) triton 3.6 cannot lay out in shared memory
+        cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=3)
     else:
         cfg = dict(BLOCK_M=64 if M <= 64 else 128, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=3)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]))
