@@ -291,13 +291,28 @@ def sparse24_grad_values(dy: torch.Tensor, x: torch.Tensor, meta: torch.Tensor, 
     return out
 
 
-def int8_fwd_config(M: int) -> dict:
-    """Tiles of the int8 forward by M bucket (int8 tensor-core dots need K tiles >= 32)."""
+def int8_fwd_config(M: int, arch: int = 90) -> dict:
+    """Tiles of the int8 forward by M bucket (int8 tensor-core dots need K tiles >= 32).
+
+    ``arch`` is the compute capability as major * 10 + minor.  Before Hopper
+    (mma.sync, both operands through registers) the tiles above M = 16 take
+    BLOCK_K = 64: 128 spills 8-40 B on sm_80; the lost K depth goes to a
+    fourth pipeline stage.
+    """
     if M <= 16:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
     if M <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=4)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+    if arch < 90:
+        cfg.update(BLOCK_K=64, num_stages=4)
+    return cfg
+
+
+def _arch(t: torch.Tensor) -> int:
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return 10 * major + minor
 
 
 _INTERP_INT8 = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2)
@@ -316,7 +331,7 @@ def sparse24_int8_linear(xq: torch.Tensor, x_scale: torch.Tensor, values: torch.
     N = values.shape[0]
     G = values.shape[1] // 2
     if config is None:
-        config = dict(_INTERP_INT8) if _interpreting(xq) else int8_fwd_config(M)
+        config = dict(_INTERP_INT8) if _interpreting(xq) else int8_fwd_config(M, _arch(xq))
     cfg = dict(config)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _sp24_int8_fwd[grid](xq, x_scale, values, meta, w_scale, bias if bias is not None else w_scale, out,
