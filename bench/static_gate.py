@@ -1158,9 +1158,15 @@ def split_known(rows: list, known: dict, version: str):
 def update_known(rows: list, version: str, path: str | None = None) -> str:
     """Record this run in the ledger: every compiled row that breaks the gate is listed for ``version``,
     every compiled row that passes is taken off for ``version`` (entries left with no version go);
-    configs not compiled here keep their entries."""
+    configs not compiled here keep their entries; entries of a family and architecture this run swept
+    whose config no launcher chooses any more are taken off for ``version``."""
     path = path or known_path()
     known = read_known(path)
+    swept = {(r["family"], int(r["arch"])) for r in rows}
+    chosen = {_row_key(r) for r in rows}
+    for k, e in known.items():
+        if (e["family"], e["arch"]) in swept and k not in chosen:
+            e["triton"].discard(version)
     for r in rows:
         if r["status"] == "NOT-COMPILED":
             continue
