@@ -115,12 +115,16 @@ def record(mod, names, launcher, *args, **kwargs):
     return out
 
 
-def gpu_context(num_sms: int = 132):
-    """Make the kernel modules take their GPU branch for meta tensors (launch configs, no interpreter flags)."""
+def gpu_context(num_sms: int = 132, arch: int = 90):
+    """Make the kernel modules take their GPU branch for meta tensors (launch configs, no interpreter flags),
+    on a device of compute capability ``arch`` (major * 10 + minor) with ``num_sms`` SMs."""
     import torch
     from sparsekit.kernels import (block_sparse, draft_attention, int4, int8, sparse24, sparse24_int4,
                                    triple_gate_conv)
-    torch.cuda.get_device_properties = lambda *a, **k: types.SimpleNamespace(multi_processor_count=num_sms)
+    cap = (arch // 10, arch % 10)
+    torch.cuda.get_device_properties = lambda *a, **k: types.SimpleNamespace(
+        multi_processor_count=num_sms, major=cap[0], minor=cap[1])
+    torch.cuda.get_device_capability = lambda *a, **k: cap
     for m in (block_sparse, draft_attention, int4, int8, sparse24, sparse24_int4, triple_gate_conv):
         m._interpreting = lambda t: False
     triple_gate_conv.autotune_enabled = lambda: False
@@ -963,9 +967,10 @@ def _fmt_cfg(kernel, cfg, options):
     return " ".join(items)
 
 
-def collect(family: str) -> list:
-    """The distinct launches of a family: [(kernel, mode, tuned, config, args, fn, a, kw)]."""
-    gpu_context()
+def collect(family: str, arch: int = 90) -> list:
+    """The distinct launches of a family on an sm_``arch`` device: [(kernel, mode, tuned, config, args, fn, a, kw)]
+    (launchers may choose per architecture: each architecture compiles what it would be given)."""
+    gpu_context(arch=arch)
     seen = {}
     for _label, dtype, tf32, launches in SWEEPS[family]():
         tuned = tf32 == "tuned"
@@ -1007,8 +1012,8 @@ def run_family(family: str, archs=ARCHS, sass_pattern: str | None = None, stride
         return run_csrc(archs, sass_pattern, strides, compile_)
     rows = []
     pat = re.compile(sass_pattern) if sass_pattern else None
-    for name, mode, tuned, cfg, ptrs, fn, a, kw in collect(family):
-        for arch in archs:
+    for arch in archs:
+        for name, mode, tuned, cfg, ptrs, fn, a, kw in collect(family, arch):
             row = dict(family=family, kernel=name, src=source_hash(fn), arch=arch, mode=mode, config=cfg, args=ptrs,
                        tuned=int(tuned), expect_tc=int(expects_tc(name, mode)))
             if not compile_ or not sampled(family, name, mode, cfg, ptrs, arch, (strides or {}).get(arch, 1)):
@@ -1153,9 +1158,15 @@ def split_known(rows: list, known: dict, version: str):
 def update_known(rows: list, version: str, path: str | None = None) -> str:
     """Record this run in the ledger: every compiled row that breaks the gate is listed for ``version``,
     every compiled row that passes is taken off for ``version`` (entries left with no version go);
-    configs not compiled here keep their entries."""
+    configs not compiled here keep their entries; entries of a family and architecture this run swept
+    whose config no launcher chooses any more are taken off for ``version``."""
     path = path or known_path()
     known = read_known(path)
+    swept = {(r["family"], int(r["arch"])) for r in rows}
+    chosen = {_row_key(r) for r in rows}
+    for k, e in known.items():
+        if (e["family"], e["arch"]) in swept and k not in chosen:
+            e["triton"].discard(version)
     for r in rows:
         if r["status"] == "NOT-COMPILED":
             continue

@@ -190,6 +190,9 @@ def fwd_config(M: int, N: int, K: int, dtype: torch.dtype, num_sms: int = 132) -
 
     Small M is memory bound: a 16-row tile (the smallest tensor-core M) with a
     long K step, and split-K when the N tiles alone cannot fill the GPU.
+    fp32 without TF32 (IEEE) multiplies on the FMA units, whose dot holds both
+    operand tiles in registers: above M = 16 it takes 64x64 tiles on 8 warps
+    (128x128 on 8 warps and 64x64 on 4 warps spill 0.5-6.6 KB).
     """
     if M <= 16:
         cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
@@ -199,6 +202,8 @@ def fwd_config(M: int, N: int, K: int, dtype: torch.dtype, num_sms: int = 132) -
         cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
     if dtype == torch.float32:
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 32)
+        if _is_ieee(dtype) and M > 16:
+            cfg.update(BLOCK_M=64, BLOCK_N=64, num_warps=8)
     tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
     k_tiles = triton.cdiv(K, cfg["BLOCK_K"])
     split = 1
@@ -252,8 +257,13 @@ def sparse24_grad_input(dy: torch.Tensor, values: torch.Tensor, meta: torch.Tens
     G = values.shape[1] // 2
     if _interpreting(dy):
         cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)
+    elif _is_ieee(dy.dtype):
+        # FMA dot, both operand tiles in registers: 8 warps (4 spill 456-2464 B)
+        cfg = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=8, num_stages=3)
     elif dy.dtype == torch.float32:
-        cfg = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=3)
+        # TF32: a 32-row tile takes mma.sync on sm_90 too; a 64-row one goes to wgmma, whose tf32 B
+        # operand (the expanded weight tile, stored N-major) triton 3.6 cannot lay out in shared memory
+        cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=3)
     else:
         cfg = dict(BLOCK_M=64 if M <= 64 else 128, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=3)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]))
@@ -281,13 +291,28 @@ def sparse24_grad_values(dy: torch.Tensor, x: torch.Tensor, meta: torch.Tensor, 
     return out
 
 
-def int8_fwd_config(M: int) -> dict:
-    """Tiles of the int8 forward by M bucket (int8 tensor-core dots need K tiles >= 32)."""
+def int8_fwd_config(M: int, arch: int = 90) -> dict:
+    """Tiles of the int8 forward by M bucket (int8 tensor-core dots need K tiles >= 32).
+
+    ``arch`` is the compute capability as major * 10 + minor.  Before Hopper
+    (mma.sync, both operands through registers) the tiles above M = 16 take
+    BLOCK_K = 64: 128 spills 8-40 B on sm_80; the lost K depth goes to a
+    fourth pipeline stage.
+    """
     if M <= 16:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
     if M <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=4)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+    if arch < 90:
+        cfg.update(BLOCK_K=64, num_stages=4)
+    return cfg
+
+
+def _arch(t: torch.Tensor) -> int:
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return 10 * major + minor
 
 
 _INTERP_INT8 = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2)
@@ -306,7 +331,7 @@ def sparse24_int8_linear(xq: torch.Tensor, x_scale: torch.Tensor, values: torch.
     N = values.shape[0]
     G = values.shape[1] // 2
     if config is None:
-        config = dict(_INTERP_INT8) if _interpreting(xq) else int8_fwd_config(M)
+        config = dict(_INTERP_INT8) if _interpreting(xq) else int8_fwd_config(M, _arch(xq))
     cfg = dict(config)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _sp24_int8_fwd[grid](xq, x_scale, values, meta, w_scale, bias if bias is not None else w_scale, out,

@@ -76,9 +76,22 @@ def fwd_config(M: int, N: int, K: int, group_size: int, num_sms: int = 132) -> d
 
     The W4A16 heuristics on the compressed K (``K / 2`` columns of codes per
     row), with BLOCK_K counted in dense columns (twice the compressed tile).
+    The dequantized and expanded ``(BLOCK_N, BLOCK_K)`` weight tile lives in
+    registers next to the accumulator, so the tiles are capped where they
+    would spill (triton 3.6, sm_90 and sm_80): M <= 16 takes BLOCK_K = 128
+    (256 spills 56-2664 B), M <= 64 keeps 64x64x128 on 8 warps (4 warps spill
+    8-16 B), larger M takes 128x128x64 with a fourth pipeline stage (BLOCK_K =
+    128 spills 88-368 B).
     """
     cfg = _int4_fwd_config(M, N, max(K // 2, 1), group_size, num_sms)
     cfg["BLOCK_K"] = max(2 * cfg["BLOCK_K"], 32)
+    if M <= 16:
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 128)
+    elif M <= 64:
+        cfg["num_warps"] = 8
+    else:
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 64)
+        cfg["num_stages"] = 4
     return cfg
 
 
