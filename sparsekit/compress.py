@@ -398,14 +398,35 @@ def check_output_path(path, what: str = "save_compressed") -> str:
 
 
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` to a temporary file next to ``path``, then rename it over ``path``."""
-    import tempfile
+    """``write(tmp)`` to a temporary file next to ``path``, then rename it over ``path``.
+
+    The temporary file is created with mode 0o666 (``O_EXCL``), which the
+    kernel reduces by the process umask; that mode is set again after
+    ``write`` (a writer may replace the file: safetensors 0.8's ``save_file``
+    leaves a new one with mode 0o600).  So the result has the mode a plain
+    ``open(path, "w")`` gives (e.g. 0o644 under umask 022), not ``mkstemp``'s
+    0o600, and the process umask is never read or changed.
+    """
+    import secrets
 
     d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    os.close(fd)
+    for _ in range(100):
+        tmp = os.path.join(d, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover - 100 collisions of 48 random bits
+        raise FileExistsError(f"could not create a temporary file next to {path!r}")
+    try:
+        mode = os.fstat(fd).st_mode & 0o777        # 0o666 & ~umask, as the kernel applied it
+    finally:
+        os.close(fd)
     try:
         write(tmp)
+        if os.stat(tmp).st_mode & 0o777 != mode:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -118,6 +118,21 @@ def test_failed_save_keeps_the_old_file(tmp_path):
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["model.safetensors"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002], ids=["umask022", "umask077", "umask002"])
+def test_saved_files_follow_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        wpath, rpath = save_compressed(_mlp(), tmp_path / "model.safetensors", {"k": 1})
+        (tmp_path / "plain").write_text("x")   # what open() gives under this umask
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    assert (tmp_path / "plain").stat().st_mode & 0o777 == want
+    for p in (wpath, rpath):
+        assert os.stat(p).st_mode & 0o777 == want, (p, oct(os.stat(p).st_mode))
+    assert sorted(os.listdir(tmp_path)) == ["model.safetensors", "plain", "report.json"]
+
+
 # ----------------------------------------------------------------------------- what loading trusts
 def test_pickle_is_never_loaded(tmp_path):
     """A torch.save (pickle) checkpoint whose unpickling would run code is rejected without running it."""
