@@ -11,6 +11,7 @@ import glob
 import os
 import re
 import signal
+import threading
 
 import pytest
 
@@ -105,13 +106,17 @@ def test_python_block_runs(block, tmp_path, monkeypatch):
     # the file name and a line offset make a traceback point at the Markdown line
     compiled = compile("\n" * (line - 1) + code, os.path.join(ROOT, path), "exec")
     namespace = {"__name__": "__main__"}
-    old = signal.signal(signal.SIGALRM, _on_alarm)
-    signal.alarm(BLOCK_TIMEOUT_S)
+    # a time limit where SIGALRM can be used (POSIX, the main thread)
+    alarm = hasattr(signal, "SIGALRM") and threading.current_thread() is threading.main_thread()
+    if alarm:
+        old = signal.signal(signal.SIGALRM, _on_alarm)
+        signal.alarm(BLOCK_TIMEOUT_S)
     try:
         exec(compiled, namespace)
     finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
+        if alarm:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
 
 
 def test_extraction_and_no_run_marker():
