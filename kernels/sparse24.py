@@ -30,33 +30,38 @@ from ._common import cast_out, dot_acc, grouped_tile, store_tile
 
 
 @triton.jit
-def _group_codes(m_ptr, offs_n, g_start, stride_mn, N, G, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
-    """(i0, i1): kept positions (0..3) of groups g_start .. g_start+BLOCK_G-1,
-    each (BLOCK_N, BLOCK_G) int32.
+def _group_codes(m_ptr, offs_n, kt, stride_mn, N, KM, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """(i0, i1): kept positions (0..3) of the BLOCK_G groups of K tile ``kt``
+    (groups kt*BLOCK_G ..), each (BLOCK_N, BLOCK_G) int32.
 
-    g_start is even (BLOCK_G is), so each metadata byte (two groups) is loaded
-    once and both nibbles are unpacked.
+    A row's metadata for the tile is one contiguous run of BLOCK_G / 2 bytes
+    (each byte holds two groups; both nibbles are unpacked), bounded by the
+    row length ``KM`` (Kp / 8 bytes): a plain int argument, which the launch
+    specializes as a multiple of 16 when it is one, so the masked load stays
+    a wide (and, in the pipelined loops, asynchronous) access per thread.
     """
-    offs_b = g_start // 2 + tl.arange(0, BLOCK_G // 2)
-    bmask = (offs_n[:, None] < N) & (2 * offs_b[None, :] < G)
+    MBYTES: tl.constexpr = BLOCK_G // 2
+    offs_b = kt * MBYTES + tl.arange(0, MBYTES)
+    bmask = (offs_n[:, None] < N) & (offs_b[None, :] < KM)
     byte = tl.load(m_ptr + offs_n[:, None] * stride_mn + offs_b[None, :], mask=bmask, other=0).to(tl.int32)
     nib = tl.reshape(tl.join(byte & 0xF, byte >> 4), (BLOCK_N, BLOCK_G))
     return nib & 3, nib >> 2
 
 
 @triton.jit
-def _expand_tile(v_ptr, m_ptr, offs_n, g_start, stride_vn, stride_mn, N, G,
+def _expand_tile(v_ptr, m_ptr, offs_n, kt, stride_vn, stride_mn, N, KM,
                  BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
-    """Dense (BLOCK_N, 4*BLOCK_G) tile of W for rows offs_n, groups from g_start.
+    """Dense (BLOCK_N, 4*BLOCK_G) tile of W for rows offs_n, K tile ``kt`` (groups kt*BLOCK_G ..).
 
-    Reads BLOCK_G value pairs per row as one contiguous run, then places each
-    pair at its two decoded positions with two selects per dense element.
+    Reads BLOCK_G value pairs per row as one contiguous run (a row holds
+    Kp / 2 = 4 * KM values), then places each pair at its two decoded
+    positions with two selects per dense element.
     """
-    offs_v = 2 * g_start + tl.arange(0, 2 * BLOCK_G)
-    vmask = (offs_n[:, None] < N) & (offs_v[None, :] < 2 * G)
+    offs_v = kt * (2 * BLOCK_G) + tl.arange(0, 2 * BLOCK_G)
+    vmask = (offs_n[:, None] < N) & (offs_v[None, :] < 4 * KM)
     v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_v[None, :], mask=vmask, other=0.0)
     v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, BLOCK_G, 2)))
-    i0, i1 = _group_codes(m_ptr, offs_n, g_start, stride_mn, N, G, BLOCK_N, BLOCK_G)
+    i0, i1 = _group_codes(m_ptr, offs_n, kt, stride_mn, N, KM, BLOCK_N, BLOCK_G)
     c = tl.arange(0, 4)[None, None, :]
     zero = tl.zeros((BLOCK_N, BLOCK_G, 4), dtype=v0.dtype)
     w3 = tl.where(c == i0[:, :, None], v0[:, :, None], tl.where(c == i1[:, :, None], v1[:, :, None], zero))
@@ -65,7 +70,7 @@ def _expand_tile(v_ptr, m_ptr, offs_n, g_start, stride_vn, stride_mn, N, G,
 
 @triton.jit
 def _sp24_fwd(X, V, MT, B, Y,
-              M, N, K, G,
+              M, N, K, KM,
               stride_xm, stride_xk, stride_vn, stride_mn, stride_ym, stride_yn,
               HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, INTERP_BF16: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -85,14 +90,14 @@ def _sp24_fwd(X, V, MT, B, Y,
         offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w = _expand_tile(V, MT, offs_n, kt * BLOCK_G, stride_vn, stride_mn, N, G, BLOCK_N, BLOCK_G)
+        w = _expand_tile(V, MT, offs_n, kt, stride_vn, stride_mn, N, KM, BLOCK_N, BLOCK_G)
         acc = dot_acc(x, tl.trans(w), acc, IEEE, INTERP_BF16)
     store_tile(acc, Y, B, offs_m, offs_n, M, N, stride_ym, stride_yn, pid_k, HAS_BIAS, SPLIT_K, INTERP_BF16)
 
 
 @triton.jit
 def _sp24_dx(DY, V, MT, DX,
-             M, N, K, G,
+             M, N, K, KM,
              stride_dym, stride_dyn, stride_vn, stride_mn, stride_dxm, stride_dxk,
              IEEE: tl.constexpr, INTERP_BF16: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -106,7 +111,7 @@ def _sp24_dx(DY, V, MT, DX,
         offs_n = n0 + tl.arange(0, BLOCK_N)
         dy = tl.load(DY + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
-        w = _expand_tile(V, MT, offs_n, pid_k * BLOCK_G, stride_vn, stride_mn, N, G, BLOCK_N, BLOCK_G)
+        w = _expand_tile(V, MT, offs_n, pid_k, stride_vn, stride_mn, N, KM, BLOCK_N, BLOCK_G)
         acc = dot_acc(dy, w, acc, IEEE, INTERP_BF16)
     tl.store(DX + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk, cast_out(acc, DX.dtype.element_ty, INTERP_BF16),
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
@@ -114,7 +119,7 @@ def _sp24_dx(DY, V, MT, DX,
 
 @triton.jit
 def _sp24_dvalues(DY, X, MT, DV,
-                  M, N, K, G,
+                  M, N, K, KM,
                   stride_dym, stride_dyn, stride_xm, stride_xk, stride_mn, stride_dvn,
                   IEEE: tl.constexpr, INTERP_BF16: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -132,7 +137,7 @@ def _sp24_dvalues(DY, X, MT, DV,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         acc = dot_acc(dyt, x, acc, IEEE, INTERP_BF16)
     # keep only the stored positions of each group, in values layout
-    i0, i1 = _group_codes(MT, offs_n, pid_k * BLOCK_G, stride_mn, N, G, BLOCK_N, BLOCK_G)
+    i0, i1 = _group_codes(MT, offs_n, pid_k, stride_mn, N, KM, BLOCK_N, BLOCK_G)
     c = tl.arange(0, 4)[None, None, :]
     a3 = tl.reshape(acc, (BLOCK_N, BLOCK_G, 4))
     g0 = tl.sum(tl.where(c == i0[:, :, None], a3, 0.0), axis=2)
@@ -141,12 +146,12 @@ def _sp24_dvalues(DY, X, MT, DV,
     offs_v = 2 * pid_k * BLOCK_G + tl.arange(0, 2 * BLOCK_G)
     gv = tl.reshape(tl.join(g0, g1), (BLOCK_N, 2 * BLOCK_G))
     tl.store(DV + offs_n[:, None] * stride_dvn + offs_v[None, :], cast_out(gv, DV.dtype.element_ty, INTERP_BF16),
-             mask=(offs_n[:, None] < N) & (offs_v[None, :] < 2 * G))
+             mask=(offs_n[:, None] < N) & (offs_v[None, :] < 4 * KM))
 
 
 @triton.jit
 def _sp24_int8_fwd(XQ, XS, V, MT, WS, B, Y,
-                   M, N, K, G,
+                   M, N, K, KM,
                    stride_xm, stride_xk, stride_vn, stride_mn, stride_ym, stride_yn,
                    HAS_BIAS: tl.constexpr, INTERP_BF16: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -163,7 +168,7 @@ def _sp24_int8_fwd(XQ, XS, V, MT, WS, B, Y,
         offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         x = tl.load(XQ + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
-        w = _expand_tile(V, MT, offs_n, kt * BLOCK_G, stride_vn, stride_mn, N, G, BLOCK_N, BLOCK_G)
+        w = _expand_tile(V, MT, offs_n, kt, stride_vn, stride_mn, N, KM, BLOCK_N, BLOCK_G)
         acc = tl.dot(x, tl.trans(w), acc, out_dtype=tl.int32)
     xs = tl.load(XS + offs_m, mask=offs_m < M, other=0.0)
     ws = tl.load(WS + offs_n, mask=offs_n < N, other=0.0)
@@ -230,7 +235,7 @@ def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, K
     """``out[M, N] = x[M, K] @ W^T (+ bias)``; x 2-D (any strides), out preallocated."""
     M = x.shape[0]
     N = values.shape[0]
-    G = values.shape[1] // 2
+    KM = meta.shape[1]                  # metadata bytes per row (Kp / 8)
     if config is None:
         if _interpreting(x):
             config = dict(_INTERP_FWD)
@@ -242,7 +247,7 @@ def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, K
     target = out if split == 1 else torch.zeros(out.shape, dtype=torch.float32, device=out.device)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
     _sp24_fwd[grid](x, values, meta, bias if bias is not None else values, target,
-                    M, N, K, G,
+                    M, N, K, KM,
                     x.stride(0), x.stride(1), values.stride(0), meta.stride(0), target.stride(0), target.stride(1),
                     HAS_BIAS=bias is not None, IEEE=_is_ieee(x.dtype), INTERP_BF16=_interp_bf16(x), SPLIT_K=split, **cfg)
     if split != 1:
@@ -254,7 +259,7 @@ def sparse24_grad_input(dy: torch.Tensor, values: torch.Tensor, meta: torch.Tens
                         out: torch.Tensor) -> torch.Tensor:
     """``out[M, K] = dy[M, N] @ W``."""
     M, N = dy.shape
-    G = values.shape[1] // 2
+    KM = meta.shape[1]                  # metadata bytes per row (Kp / 8)
     if _interpreting(dy):
         cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)
     elif _is_ieee(dy.dtype):
@@ -267,7 +272,7 @@ def sparse24_grad_input(dy: torch.Tensor, values: torch.Tensor, meta: torch.Tens
     else:
         cfg = dict(BLOCK_M=64 if M <= 64 else 128, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=3)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]))
-    _sp24_dx[grid](dy, values, meta, out, M, N, K, G,
+    _sp24_dx[grid](dy, values, meta, out, M, N, K, KM,
                    dy.stride(0), dy.stride(1), values.stride(0), meta.stride(0), out.stride(0), out.stride(1),
                    IEEE=_is_ieee(dy.dtype), INTERP_BF16=_interp_bf16(dy), **cfg)
     return out
@@ -277,15 +282,15 @@ def sparse24_grad_values(dy: torch.Tensor, x: torch.Tensor, meta: torch.Tensor, 
                          out: torch.Tensor) -> torch.Tensor:
     """``out`` (values layout, ``(N, Kp/2)``) = (dy^T @ x) at the stored positions."""
     M, N = dy.shape
-    G = out.shape[1] // 2
+    KM = meta.shape[1]                  # metadata bytes per row (Kp / 8)
     if _interpreting(dy):
         cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32)
     elif dy.dtype == torch.float32:
         cfg = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
     else:
         cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(4 * G, cfg["BLOCK_K"]))
-    _sp24_dvalues[grid](dy, x, meta, out, M, N, K, G,
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(8 * KM, cfg["BLOCK_K"]))
+    _sp24_dvalues[grid](dy, x, meta, out, M, N, K, KM,
                         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), meta.stride(0), out.stride(0),
                         IEEE=_is_ieee(dy.dtype), INTERP_BF16=_interp_bf16(dy), **cfg)
     return out
@@ -329,13 +334,13 @@ def sparse24_int8_linear(xq: torch.Tensor, x_scale: torch.Tensor, values: torch.
     """
     M = xq.shape[0]
     N = values.shape[0]
-    G = values.shape[1] // 2
+    KM = meta.shape[1]                  # metadata bytes per row (Kp / 8)
     if config is None:
         config = dict(_INTERP_INT8) if _interpreting(xq) else int8_fwd_config(M, _arch(xq))
     cfg = dict(config)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _sp24_int8_fwd[grid](xq, x_scale, values, meta, w_scale, bias if bias is not None else w_scale, out,
-                         M, N, K, G,
+                         M, N, K, KM,
                          xq.stride(0), xq.stride(1), values.stride(0), meta.stride(0), out.stride(0), out.stride(1),
                          HAS_BIAS=bias is not None, INTERP_BF16=_interp_bf16(out), **cfg)
     return out

@@ -34,12 +34,12 @@ from .sparse24 import _group_codes
 
 @triton.jit
 def _sp24q_fwd(X, Q, S, Z, MT, B, Y,
-               M, N, K, KC, G, GC, GS,
+               M, N, K, KC, KM, GC, GS,
                stride_xm, stride_xk, stride_qn, stride_sn, stride_zn, stride_mn, stride_ym, stride_yn,
                HAS_BIAS: tl.constexpr, SYMMETRIC: tl.constexpr, IS_BF16: tl.constexpr, INTERP_BF16: tl.constexpr,
                INTERP_BF16_X: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_GROUPS: tl.constexpr,
                SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # K: dense columns of x; KC = Kp / 2 compressed columns; G = Kp / 4 groups of 4; GC scale groups
+    # K: dense columns of x; KC = Kp / 2 compressed columns; KM = Kp / 8 metadata bytes per row; GC scale groups
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = (M + BLOCK_M - 1) // BLOCK_M
@@ -59,7 +59,7 @@ def _sp24q_fwd(X, Q, S, Z, MT, B, Y,
         v = _dequant_tile(Q, S, Z, offs_n, kt * BLOCK_KC, N, KC, GC, GS, stride_qn, stride_sn, stride_zn,
                           SYMMETRIC, IS_BF16, INTERP_BF16, BLOCK_N, BLOCK_KC, TILE_GROUPS)
         v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, BLOCK_G, 2)))
-        i0, i1 = _group_codes(MT, offs_n, kt * BLOCK_G, stride_mn, N, G, BLOCK_N, BLOCK_G)
+        i0, i1 = _group_codes(MT, offs_n, kt, stride_mn, N, KM, BLOCK_N, BLOCK_G)
         c = tl.arange(0, 4)[None, None, :]
         zero = tl.zeros((BLOCK_N, BLOCK_G, 4), dtype=v0.dtype)
         w3 = tl.where(c == i0[:, :, None], v0[:, :, None], tl.where(c == i1[:, :, None], v1[:, :, None], zero))
@@ -130,7 +130,7 @@ def sparse24_int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
     N = qweight.shape[0]
     KC = qweight.shape[1] * 8
     GC = scales.shape[1]
-    G = KC // 2
+    KM = meta.shape[1]                  # metadata bytes per row (KC / 4)
     interp = _interpreting(x)
     if config is None:
         if interp:
@@ -153,7 +153,7 @@ def sparse24_int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
     z = zeros if zeros is not None else scales
     _sp24q_fwd[grid](x, qweight, scales, z, meta, bias if bias is not None else scales, target,
-                     M, N, K, KC, G, GC, group_size,
+                     M, N, K, KC, KM, GC, group_size,
                      x.stride(0), x.stride(1), qweight.stride(0), scales.stride(0), z.stride(0), meta.stride(0),
                      target.stride(0), target.stride(1),
                      HAS_BIAS=bias is not None, SYMMETRIC=zeros is None, IS_BF16=scales.dtype == torch.bfloat16,

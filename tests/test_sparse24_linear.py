@@ -266,3 +266,37 @@ def test_interpreter_bf16_output_rounds_to_nearest():
     y = sparse24_linear(x, s, backend="interpret")
     same = (y == (x.float() @ w.float().T).bfloat16()).float().mean().item()
     assert same > 0.97, f"only {same:.1%} of outputs equal the rounded fp32 result"
+
+
+# ------------------------------------------------------------------ metadata views
+def _sliced_meta(meta: torch.Tensor, offset: int, pad: int = 0) -> torch.Tensor:
+    """The same metadata as a view at ``offset`` bytes into a wider buffer of random bytes (row stride + pad)."""
+    n, kb = meta.shape
+    buf = torch.randint(0, 256, (n, kb + offset + pad), dtype=torch.uint8)
+    buf[:, offset:offset + kb] = meta
+    return buf[:, offset:offset + kb]
+
+
+@pytest.mark.parametrize("k", [96, 100])
+@pytest.mark.parametrize("offset,pad", [(0, 0), (1, 3), (4, 0), (0, 2)])
+def test_metadata_views_bounded_by_row_length(k, offset, pad):
+    # the kernels bound a metadata row by its length (meta.shape[1]), not by the buffer: a view
+    # into a wider buffer of random bytes, at any offset and row stride, gives the same results
+    # in all three kernels (k = 100: the last K tile runs past the row)
+    k_mod = skk.load("sparse24", interpret=True)
+    m, n = 5, 24
+    w, s, x, b = _case(m, n, k, torch.float32)
+    meta = _sliced_meta(s.meta, offset, pad)
+    assert torch.equal(meta, s.meta)
+    out = torch.full((m, n), float("nan"))
+    k_mod.sparse24_linear(x, s.values, meta, k, b, out)
+    assert_close_rel(out, _ref64(x, w, b))
+    dy = torch.randn(m, n)
+    gx = torch.full((m, k), float("nan"))
+    k_mod.sparse24_grad_input(dy, s.values, meta, k, gx)
+    assert_close_rel(gx, dy.double() @ w.double(), what="grad x")
+    gv = torch.full(s.values.shape, float("nan"))
+    k_mod.sparse24_grad_values(dy, x, meta, k, gv)
+    rw = dy.double().T @ x.double()
+    assert_close_rel(gv, torch.gather(F.pad(rw, (0, s.values.shape[1] * 2 - k)), 1, s.dense_columns()),
+                     what="grad values")
