@@ -443,6 +443,28 @@ def _safetensors():
     return st
 
 
+def tensors_to_save(sd: dict, what: str) -> dict:
+    """``sd`` as safetensors can store it: detached CPU tensors, tensors that share storage (and
+    non-contiguous ones) as independent contiguous copies.  TypeError for a non-tensor entry, ValueError
+    for a tensor on the meta device."""
+    seen = set()
+    out = {}
+    for k, t in sd.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}: state_dict entry {k!r} is a {type(t).__name__}, not a tensor "
+                            f"(safetensors stores tensors only)")
+        t = t.detach()
+        if t.device.type == "meta":
+            raise ValueError(f"{what}: {k!r} is on the meta device (no data to save)")
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) if t.numel() else None
+        if key is not None and key in seen or not t.is_contiguous():
+            t = t.clone().contiguous()
+        elif key is not None:
+            seen.add(key)
+        out[k] = t.cpu()
+    return out
+
+
 def save_compressed(model: nn.Module, path, report: Optional[dict] = None) -> tuple:
     """Write ``model.state_dict()`` to ``path`` with safetensors and ``report`` as JSON next to it
     (``<path without .safetensors>.json``, or ``report.json`` when the file is ``model.safetensors``).
@@ -470,23 +492,7 @@ def save_compressed(model: nn.Module, path, report: Optional[dict] = None) -> tu
                              f"give the weights a .safetensors name")
         check_output_path(rpath)
     st = _safetensors()
-
-    sd = model.state_dict()
-    seen = set()
-    out = {}
-    for k, t in sd.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"save_compressed: state_dict entry {k!r} is a {type(t).__name__}, not a tensor "
-                            f"(safetensors stores tensors only)")
-        t = t.detach()
-        if t.device.type == "meta":
-            raise ValueError(f"save_compressed: {k!r} is on the meta device (no data to save)")
-        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) if t.numel() else None
-        if key is not None and key in seen or not t.is_contiguous():
-            t = t.clone().contiguous()
-        elif key is not None:
-            seen.add(key)
-        out[k] = t.cpu()
+    out = tensors_to_save(model.state_dict(), "save_compressed")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     from . import __version__
 
