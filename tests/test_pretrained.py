@@ -331,3 +331,47 @@ def test_inconsistent_files_and_paths(tmp_path):
         sparsekit.save_pretrained(_mlp(), tmp_path / "file")
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         sparsekit.load_pretrained(out, "model")
+
+
+def test_fresh_process_loads_without_compressing(tmp_path):
+    """Another Python process, with every scheme's calibration and building disabled, loads the checkpoint into
+    a meta skeleton and computes the saved model's outputs exactly."""
+    import subprocess
+    import sys
+    import textwrap
+
+    model, out, dtype = _saved_mlp(tmp_path, "2:4+int4")
+    x = torch.randn(6, 64).to(dtype)
+    # a CPU matmul's rounding depends on how its threads split the work: one thread on both sides
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            ref = model(x)
+    finally:
+        torch.set_num_threads(threads)
+    save_file({"x": x}, str(tmp_path / "x.safetensors"))
+    code = textwrap.dedent(f"""
+        import torch
+        from torch import nn
+        from safetensors.torch import load_file, save_file
+        import sparsekit
+        from sparsekit.schemes import registry
+
+        torch.set_num_threads(1)
+
+        def fail(*a, **k):
+            raise AssertionError("compression ran")
+        for s in registry:
+            for name in ("calibrate", "build", "convert"):
+                setattr(type(s), name, fail)
+        with torch.device("meta"):
+            skeleton = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 48, bias=False),
+                                     nn.LayerNorm(48), nn.Linear(48, 32)).to({dtype})
+        sparsekit.load_pretrained({str(out)!r}, skeleton)
+        x = load_file({str(tmp_path / "x.safetensors")!r})["x"]
+        with torch.no_grad():
+            save_file({{"y": skeleton(x)}}, {str(tmp_path / "y.safetensors")!r})
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert torch.equal(load_file(str(tmp_path / "y.safetensors"))["y"], ref)
