@@ -28,6 +28,7 @@ import argparse
 import os
 import platform
 import sys
+import time
 
 # ops whose backends `info` lists (those not registered in this build are skipped)
 KNOWN_OPS = ("sparse24_linear", "sparse24_grad_input", "sparse24_grad_values", "sparse24_int8_linear",
@@ -98,7 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--override", nargs=2, action="append", default=None, metavar=("LAYER", "SPEC"),
                    help="per-layer override (repeatable): LAYER is a module name, re:<regex> or _default; SPEC is "
                         "none, a scheme, SCHEME:key=value,... or :key=value,... (parameters of --scheme)")
-    c.add_argument("--progress", action="store_true", help="show calibration progress bars")
+    shown = c.add_mutually_exclusive_group()
+    shown.add_argument("--progress", action="store_true",
+                       help="show the progress bars even when stderr is not a terminal")
+    shown.add_argument("--quiet", action="store_true", help="no progress bars and no summary line")
     return p
 
 
@@ -298,10 +302,13 @@ def compress_cmd(args, out=None) -> int:
             opts["sparsity"] = args.sparsity
         if args.group_size is not None:
             opts["group_size"] = args.group_size
+        quiet = getattr(args, "quiet", False)
+        bars = not quiet and (getattr(args, "progress", False) or _stderr_is_tty())
+        t0 = time.perf_counter()
         try:
             model, report = compress(wl.model, wl.calib, scheme=args.scheme, method=args.method,
                                      quality_fn=wl.quality_fn, dense_quality=wl.dense_quality,
-                                     progress=args.progress, overrides=getattr(args, "overrides", None), **opts)
+                                     progress=bars, overrides=getattr(args, "overrides", None), **opts)
         except (NotImplementedError, ValueError, TypeError) as e:
             raise UsageError(f"{err} {_one_line(e)}") from None
         report = {"workload": wl.name, "metric": wl.metric, **report}
@@ -310,13 +317,38 @@ def compress_cmd(args, out=None) -> int:
                 wpath, rpath = save_compressed(model, os.path.join(args.out, "model.safetensors"), report)
             except (OSError, ValueError, TypeError) as e:
                 raise UsageError(f"{err} writing --out {args.out!r} failed: {_one_line(e)}") from None
-            report["files"] = [wpath, rpath]
+            # relative to the output directory (its path is "out")
+            report["out"] = args.out
+            report["files"] = [os.path.relpath(f, os.path.abspath(args.out)) for f in (wpath, rpath) if f]
             created = []
     finally:
         _remove_created(created)
+    if not quiet:
+        print(_summary_line(report, time.perf_counter() - t0), file=sys.stderr, flush=True)
     shown = {k: v for k, v in report.items() if k != "layers"}
     print(json.dumps(shown, indent=2, default=str), file=out)
     return 0
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):   # replaced or closed stream
+        return False
+
+
+def _summary_line(report: dict, seconds: float) -> str:
+    """One line for stderr after ``compress``: what was compressed, how long it took, the quality."""
+    parts = [f"sparsekit compress: {report.get('workload')} {report.get('scheme')}/{report.get('method')}: "
+             f"{report.get('num_layers', len(report.get('layers', ())))} layers in {seconds:.1f} s"]
+    if isinstance(report.get("quality"), float):
+        q = f"quality {report['quality']:.4f}"
+        if isinstance(report.get("quality_dense"), float):
+            q += f" (dense {report['quality_dense']:.4f})"
+        parts.append(q)
+    if report.get("out") is not None:
+        parts.append(f"wrote {', '.join(report['files'])} in {report['out']}")
+    return "; ".join(parts)
 
 
 def _one_line(e: BaseException) -> str:

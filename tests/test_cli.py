@@ -231,3 +231,58 @@ def test_user_error_as_a_subprocess(tmp_path):
                            capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 2, r.stderr
         assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0 and match in r.stderr, r.stderr
+
+
+# ----------------------------------------------------------------------------- compress: report paths and progress
+def test_compress_report_files_are_relative_to_the_output_directory(capsys, tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for out in ("rel/out", str(tmp_path / "abs" / "out")):
+        assert cli.main(["compress", "--workload", "digits", "--scheme", "2:4", "--method", "magnitude",
+                         "--out", out, "--quiet"]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert printed["out"] == out
+        assert printed["files"] == ["model.safetensors", "report.json"]
+        assert all(os.path.isfile(os.path.join(out, f)) for f in printed["files"])
+
+
+def _record_progress(monkeypatch):
+    import sparsekit.compress as comp
+
+    seen = []
+    real = comp.compress
+
+    def spy(*a, **kw):
+        seen.append(kw["progress"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(comp, "compress", spy)
+    return seen
+
+
+def test_compress_progress_summary_and_quiet(capsys, tiny, tmp_path, monkeypatch):
+    seen = _record_progress(monkeypatch)
+    argv = ["compress", "--workload", "digits", "--scheme", "2:4", "--method", "magnitude"]
+    # not a terminal (pytest's capture): no bars, one summary line on stderr, the report alone on stdout
+    assert cli.main(argv + ["--out", str(tmp_path / "a")]) == 0
+    cap = capsys.readouterr()
+    json.loads(cap.out)
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1, cap.err
+    assert lines[0].startswith("sparsekit compress: digits 2:4/magnitude: 2 layers in ") and "quality" in lines[0]
+    assert "wrote model.safetensors, report.json in" in lines[0]
+    # --quiet: nothing on stderr
+    assert cli.main(argv + ["--quiet"]) == 0
+    cap = capsys.readouterr()
+    json.loads(cap.out)
+    assert cap.err == ""
+    # a terminal: bars by default; --quiet still silences them
+    monkeypatch.setattr(cli, "_stderr_is_tty", lambda: True)
+    assert cli.main(argv) == 0
+    assert cli.main(argv + ["--quiet"]) == 0
+    capsys.readouterr()
+    # --progress forces the bars without a terminal
+    monkeypatch.setattr(cli, "_stderr_is_tty", lambda: False)
+    assert cli.main(argv + ["--progress"]) == 0
+    capsys.readouterr()
+    assert seen == [False, False, True, False, True]
+    _user_error(capsys, argv + ["--quiet", "--progress"], "not allowed with argument")
