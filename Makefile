@@ -3,6 +3,8 @@
 #   make test           the test suite (CPU: Triton interpreter + reference; GPU tests skip without CUDA)
 #   make test-fast      the inner loop: the suite without the tests marked slow (no install step)
 #   make bench          `sparsekit bench` (GPU: timings into bench/results/<gpu>/; CPU: correctness sweep)
+#   make quality        `sparsekit quality`: the real-model compression quality table (minutes on CPU;
+#                       QUALITY_ARGS="--workloads digits" for the MLP only)
 #   make gpu-check      scripts/gpu_check.sh (the one call on the lent GPU machine; writes to $$OUT);
 #                       DRY_RUN=1: on CPU, print the plan and run every step that needs no GPU
 #   make compile-csrc   scripts/compile_csrc.sh (compile csrc/ sources without installing)
@@ -18,6 +20,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+QUALITY_ARGS ?=
 GATE_ARGS ?=
 
 # The second stack: the GPU machine runs triton 3.6 (NumPy 2.5) while this
@@ -66,7 +69,7 @@ STACK2_TESTS ?= \
 	tests/test_act_quant.py::test_kernel_chunked_rows_noncontiguous_and_transposed
 STACK2_PYTEST_ARGS ?=
 
-.PHONY: install test test-fast bench gpu-check compile-csrc gate-table test-stack2
+.PHONY: install test test-fast bench quality gpu-check compile-csrc gate-table test-stack2
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null \
@@ -90,6 +93,9 @@ test-fast:
 
 bench: install
 	$(PYTHON) -m sparsekit.cli bench $(BENCH_ARGS)
+
+quality: install
+	$(PYTHON) -m sparsekit.cli quality $(QUALITY_ARGS)
 
 DRY_RUN ?=
 gpu-check:

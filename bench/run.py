@@ -18,6 +18,11 @@ Without one: runs each op's CPU correctness sweep (Triton interpreter and
 reference backends against float64 math) instead, prints a table, and exits
 non-zero if any check fails.
 
+Only the ops named by ``--ops`` run (default: all).  ``--quality`` adds the
+real-model compression quality table (``bench/quality.py``, minutes on CPU)
+after the ops; without it the table does not run (``sparsekit quality`` runs
+it on its own).
+
 Exit status: 0 all good; 1 a sparsekit backend (or dense) failed its check;
 2 bad arguments.
 """
@@ -36,6 +41,16 @@ import traceback
 from . import harness
 
 CPU_MESSAGE = "No CUDA device: GPU timings skipped; ran the CPU correctness sweep (Triton interpreter) instead"
+
+
+BENCH_EXAMPLES = """examples:
+  sparsekit bench                                  every op (GPU timings; CPU: correctness sweep)
+  sparsekit bench --ops int4_linear --quick        one op, reduced sweep
+  sparsekit bench --quick --quality                every op, then the quality table (digits only)
+  sparsekit bench --ops sparse24_linear --shapes 4096x4096 --m 1,16,256 --dtype bf16
+  sparsekit bench --ops int4_linear --dry-run-cpu  check the timing path on CPU (not a benchmark)
+  sparsekit bench --plan gpu-check --list          the rows of the GPU check plan
+"""
 
 
 def _known_ops() -> dict:
@@ -83,7 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     ops = sorted(_known_ops())
     p = argparse.ArgumentParser(
         prog="sparsekit bench",
-        description="sparsekit microbenchmarks (GPU timings with peers; CPU correctness sweep without CUDA).")
+        description="sparsekit microbenchmarks: GPU timings of each op with its peers (dense cuBLAS, torch's "
+                    "sparse and low-bit kernels), or, without CUDA, each op's CPU correctness sweep (Triton "
+                    "interpreter and reference backends against float64).  Only the ops given to --ops run; the "
+                    "real-model quality table runs only with --quality.",
+        epilog=BENCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ops", nargs="+", choices=ops, default=ops, metavar="OP",
                    help=f"ops to run (default: all: {', '.join(ops)})")
     p.add_argument("--quick", action="store_true",
@@ -103,8 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ceilings", action="store_true",
                    help="do not measure copy bandwidth / matmul peak (roofline columns stay empty)")
     p.add_argument("--cpu", action="store_true", help="run the CPU correctness sweep even if CUDA is available")
-    p.add_argument("--no-quality", action="store_true",
-                   help="skip the real-model compression quality table printed at the end (bench/quality.py)")
+    q = p.add_mutually_exclusive_group()
+    q.add_argument("--quality", action="store_true",
+                   help="after the op benchmarks, also compute and print the real-model compression quality "
+                        "table (bench/quality.py; minutes on CPU; with --quick only the digits workload); "
+                        "`sparsekit quality` runs the table alone")
+    q.add_argument("--no-quality", action="store_true",
+                   help="do not print the quality table (the default; kept for existing scripts)")
+    p.add_argument("--quiet", action="store_true",
+                   help="with --quality: no progress (bars on a terminal, one line per row otherwise)")
     g = p.add_argument_group("the gpu-check plan (scripts/gpu_check.sh)")
     g.add_argument("--plan", choices=["gpu-check"], help="run the rows that decide each performance target "
                    "(every op's GPU_CHECK selections, most valuable first) instead of --ops")
@@ -137,6 +163,7 @@ def _on_sigterm(signum, frame):  # so `timeout` still leaves the markdown/plot o
 def _run_cpu(args, mods) -> int:
     print(CPU_MESSAGE, flush=True)
     ok_all = True
+    results = []
     for name in args.ops:
         mod = mods[name]
         kw = {}
@@ -148,8 +175,12 @@ def _run_cpu(args, mods) -> int:
         mod.print_cpu_table(rows)
         nfail = sum(r.status != "ok" for r in rows)
         print(f"{name}: {'all passed' if ok else f'{nfail} FAILED'}")
+        results.append(ok)
         ok_all &= ok
-    print("\n" + CPU_MESSAGE)
+    # CPU_MESSAGE is printed once, above; the closing line only sums up
+    nbad = sum(not r for r in results)
+    print(f"\nCPU correctness sweep of {len(results)} op(s): "
+          + ("all passed" if ok_all else f"{nbad} op(s) with failures"))
     return 0 if ok_all else 1
 
 
@@ -640,16 +671,19 @@ def _plan_plots(args, items, by_item, ctx) -> None:
 
 
 def _quality_table(args) -> None:
-    """The real-model quality table (bench/quality.py) after the op benchmarks; --no-quality skips it,
-    --quick keeps only the digits workload (seconds instead of about a minute for MiniLM too)."""
-    if getattr(args, "no_quality", False):
+    """The real-model quality table (bench/quality.py) after the op benchmarks, only with --quality;
+    --quick keeps only the digits workload (seconds instead of minutes for MiniLM too).  Progress:
+    bars on a terminal, one line per row otherwise, none with --quiet."""
+    if not getattr(args, "quality", False):
         return
     try:
         from sparsekit.bench.quality import print_quality_table
     except ImportError:
         from quality import print_quality_table  # run as a script from bench/
     try:
-        print_quality_table(workloads=("digits",) if args.quick else ("digits", "minilm"))
+        quiet = getattr(args, "quiet", False)
+        print_quality_table(workloads=("digits",) if args.quick else ("digits", "minilm"),
+                            progress=not quiet and sys.stderr.isatty(), log=None if quiet else sys.stderr)
     except Exception as e:  # the table is a report: a failure must not mask the benchmarks' exit status
         print(f"quality table failed: {type(e).__name__}: {e}")
 

@@ -1,10 +1,16 @@
 """The ``sparsekit`` command.
 
     sparsekit info               versions, device, backends per op, CUDA extension status
-    sparsekit bench [ARGS...]    microbenchmarks (see ``sparsekit bench --help``)
+    sparsekit bench [ARGS...]    microbenchmarks of the ops given to --ops (see ``sparsekit bench --help``);
+                                 ``--quality`` adds the real-model quality table
+    sparsekit quality [ARGS...]  the real-model quality table alone (see ``sparsekit quality --help``)
     sparsekit compress --workload minilm|digits --scheme 2:4 --method sparsegpt --out DIR [--force]
-                       [--override LAYER SPEC ...]
+                       [--override LAYER SPEC ...] [--quiet | --progress]
                                  compress a bundled workload; writes DIR/model.safetensors, DIR/report.json
+
+Every command's ``--help`` has a description and examples.  ``compress`` prints its report (JSON)
+on stdout, with ``"files"`` relative to ``"out"`` (the output directory), and its progress on
+stderr: bars on a terminal, one summary line otherwise, nothing with ``--quiet``.
 
 ``--scheme`` and ``--method`` take every scheme and method of the registry
 (:mod:`sparsekit.schemes`).  ``--override LAYER SPEC`` (repeatable) is the
@@ -67,16 +73,52 @@ def _join(names) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
+MAIN_EXAMPLES = """examples:
+  sparsekit info                                     versions, device and backends per op
+  sparsekit bench --ops int4_linear --quick          benchmark one op (CPU: its correctness sweep)
+  sparsekit quality --workloads digits               the real-model quality table (digits only)
+  sparsekit compress --workload digits --scheme 2:4 --out out/
+
+`sparsekit COMMAND --help` describes each command.
+"""
+
+INFO_EXAMPLES = """examples:
+  sparsekit info
+  SPARSEKIT_BACKEND=reference sparsekit info         show the effect of a forced backend
+"""
+
+COMPRESS_EXAMPLES = """examples:
+  sparsekit compress --workload minilm --scheme 2:4 --method sparsegpt --out out/
+  sparsekit compress --workload digits --scheme block --sparsity 0.75 --out out/ --force
+  sparsekit compress --workload minilm --scheme int4 --override re:attention none --out out/ --force
+  sparsekit compress --workload digits --scheme int4 --group-size 32 --quiet
+
+The report (JSON) goes to stdout; its "files" are relative to --out.  Progress goes to
+stderr: bars on a terminal, one summary line otherwise, nothing with --quiet.
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="sparsekit", description="sparsekit: kernels for sparse and low-bit neural networks")
+    raw = argparse.RawDescriptionHelpFormatter
+    p = _Parser(prog="sparsekit", description="sparsekit: kernels for sparse and low-bit neural networks.  "
+                                              "Commands: info, bench, quality, compress.",
+                epilog=MAIN_EXAMPLES, formatter_class=raw)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("info", help="print versions, the CUDA device, backends per op and the CUDA extension status")
-    sub.add_parser("bench", help="run the microbenchmarks (CPU correctness sweep without CUDA); "
-                                 "`sparsekit bench --help` for its options", add_help=False)
+    sub.add_parser("info", help="print versions, the CUDA device, backends per op and the CUDA extension status",
+                   description="Print the versions (sparsekit, python, torch, triton), the CUDA device, the CUDA "
+                               "extension status, SPARSEKIT_BACKEND and, per op, the backends available on this "
+                               "device with the one chosen automatically.",
+                   epilog=INFO_EXAMPLES, formatter_class=raw)
+    # `bench` and `quality` hand their arguments to their own parsers (see main); listed here for --help
+    sub.add_parser("bench", help="run the microbenchmarks of the ops given to --ops (CPU correctness sweep "
+                                 "without CUDA); `sparsekit bench --help` for its options", add_help=False)
+    sub.add_parser("quality", help="the real-model compression quality table (each scheme and method on the "
+                                   "bundled workloads); `sparsekit quality --help` for its options", add_help=False)
     c = sub.add_parser("compress", help="compress a bundled workload (minilm or digits) and report its quality",
                        description="Compress a bundled workload and report its quality.  Every argument and the "
                                    "output directory are checked before any work; user errors print one line "
-                                   "and exit with status 2.")
+                                   "and exit with status 2.",
+                       epilog=COMPRESS_EXAMPLES, formatter_class=raw)
     from sparsekit.schemes import registry
 
     defaults = {}
@@ -443,6 +485,15 @@ def main(argv=None) -> int:
         if argv and argv[0] == "bench":
             from sparsekit.bench.run import main as bench_main
             return int(bench_main(argv[1:]) or 0)
+        if argv and argv[0] == "quality":
+            from sparsekit.bench.quality import main as quality_main
+            try:
+                return int(quality_main(argv[1:], prog="sparsekit quality") or 0)
+            except SystemExit as e:   # argparse: --help exits 0 (passed on), bad arguments 2
+                code = e.code if isinstance(e.code, int) else 2
+                if code == 0:
+                    raise
+                return code
         parser = _parser()
         args = parser.parse_args(argv)
         if args.command == "info":
