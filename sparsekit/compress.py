@@ -63,6 +63,7 @@ import torch
 from torch import nn
 
 from .convert import module_bytes
+from .nn._state import upgrade_state_dict
 
 __all__ = ["SCHEMES", "SCHEME_METHODS", "DEFAULT_METHOD", "compress", "save_compressed", "load_compressed",
            "check_output_path", "module_bytes", "evaluation_forwards"]
@@ -643,6 +644,8 @@ def load_compressed(model: nn.Module, path, strict: bool = True) -> nn.Module:
         if isinstance(e, (PermissionError, MemoryError)):
             raise
         raise ValueError(f"load_compressed: {path!r} is not a valid safetensors file: {e}") from e
+    # tensors renamed since the file was written (e.g. a 2:4 layer's ``meta`` -> ``meta_codes``)
+    sd = upgrade_state_dict(model.named_modules(remove_duplicate=False), sd)
     _check_against_model(model, sd, strict, path)
     try:
         model.load_state_dict(sd, strict=strict)

@@ -27,6 +27,7 @@ validates indices and codes).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from typing import Optional
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 from .compress import _atomic_write, _bits, _blocking_file, _fspath, _safetensors, tensors_to_save
+from .nn._state import upgrade_state_dict
 
 __all__ = ["save_pretrained", "load_pretrained", "FORMAT", "FORMAT_VERSION", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -259,6 +261,8 @@ def load_pretrained(out_dir, model: nn.Module, *, device=None, backend: Optional
 
     built = _rebuild(layers, model, device, backend)
     replaced = set(built)
+    # tensors renamed since the checkpoint was written (e.g. a 2:4 layer's ``meta`` -> ``meta_codes``)
+    sd = upgrade_state_dict(itertools.chain(model.named_modules(), built.items()), sd)
 
     # the state the model will expect: the skeleton's outside the replaced layers, the rebuilt modules' inside
     skeleton = model.state_dict(keep_vars=True)

@@ -375,3 +375,25 @@ def test_fresh_process_loads_without_compressing(tmp_path):
     """)
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     assert torch.equal(load_file(str(tmp_path / "y.safetensors"))["y"], ref)
+
+
+@pytest.mark.parametrize("scheme", ["2:4", "2:4+int4"])
+def test_checkpoint_with_the_old_meta_key_loads(tmp_path, scheme):
+    """Checkpoints written when the 2:4 metadata buffer was named ``meta`` load into ``meta_codes``."""
+    model, out, dtype = _saved_mlp(tmp_path, scheme)
+
+    def to_old(sd):
+        for k in [k for k in sd if k.endswith(".meta_codes")]:
+            sd[k[:-len("meta_codes")] + "meta"] = sd.pop(k)
+
+    _rewrite(out, edit_tensors=to_old)
+    assert any(k.endswith(".meta") for k in load_file(str(out / WEIGHTS_NAME)))
+    x = torch.randn(7, 64).to(dtype)
+    with torch.no_grad():
+        ref = model(x)
+    for skeleton in (_mlp(dtype, seed=1), _meta_mlp(dtype)):
+        loaded = sparsekit.load_pretrained(out, skeleton)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), ref)
+        for k, v in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[k], v), k

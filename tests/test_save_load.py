@@ -217,8 +217,8 @@ def test_dtypes(tmp_path):
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     target = sparsify_(_mlp(0), "2:4", progress=False)
     snap = _snapshot(target)
-    save_file({**sd, "0.meta": sd["0.meta"].float()}, str(path))   # metadata codes as floats
-    with pytest.raises(ValueError, match=r"'0.meta' is torch.float32 .* expects torch.uint8"):
+    save_file({**sd, "0.meta_codes": sd["0.meta_codes"].float()}, str(path))   # metadata codes as floats
+    with pytest.raises(ValueError, match=r"'0.meta_codes' is torch.float32 .* expects torch.uint8"):
         load_compressed(target, path)
     _assert_unchanged(target, snap)
     # floating tensors of another float dtype are cast, as load_state_dict does
@@ -294,3 +294,22 @@ def test_meta_model_is_a_clear_error(tmp_path):
         meta = _mlp()
     with pytest.raises(ValueError, match="meta device"):
         load_compressed(meta, path)
+
+
+@pytest.mark.parametrize("kind", ["2:4", "2:4+int4"])
+def test_files_with_the_old_meta_key_load(tmp_path, kind):
+    """Files written when the 2:4 metadata buffer was named ``meta`` load into ``meta_codes``."""
+    model, dtype = _build(kind, 0)
+    path = tmp_path / "old.safetensors"
+    sd = model.state_dict()
+    old = {(k[:-len("meta_codes")] + "meta" if k.endswith(".meta_codes") else k): v.contiguous()
+           for k, v in sd.items()}
+    assert any(k.endswith(".meta") for k in old) and not any(k.endswith("meta_codes") for k in old)
+    save_file(old, str(path))
+    fresh, _ = _build(kind, 1)
+    x = torch.randn(5, 64, dtype=dtype)
+    assert not torch.equal(fresh(x), model(x))
+    assert load_compressed(fresh, path) is fresh
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    for k, v in sd.items():
+        assert torch.equal(fresh.state_dict()[k], v), k

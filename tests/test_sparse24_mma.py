@@ -257,7 +257,7 @@ def test_sparse_linear_act_bits_8():
     dense = mod.to_dense()
     assert rel_err(y, dense(x)) < 2e-2
     sd = mod.state_dict()
-    assert set(sd) == {"values", "w_scale", "meta", "bias"}
+    assert set(sd) == {"values", "w_scale", "meta_codes", "bias"}
     mod2 = SparseLinear(100, 33, act_bits=8)
     mod2.load_state_dict(sd)
     assert torch.equal(mod2(x), y)

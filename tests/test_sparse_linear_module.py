@@ -7,7 +7,7 @@ from torch import nn
 
 import sparsekit
 from sparsekit import Sparse24Config, sparsify_
-from sparsekit.nn import SparseLinear
+from sparsekit.nn import SparseLinear, SparseQLinear
 from sparsekit.prune import is_2to4, mask_2to4
 from sparsekit.testing import assert_close_rel
 
@@ -23,7 +23,7 @@ def _mlp(dtype=torch.float32):
 def test_from_dense_matches_pruned_linear(dtype, backend):
     lin = nn.Linear(37, 23).to(dtype)
     sl = SparseLinear.from_dense(lin, backend=backend)
-    assert sl.values.dtype == dtype and sl.meta.dtype == torch.uint8
+    assert sl.values.dtype == dtype and sl.meta_codes.dtype == torch.uint8 and sl.meta is sl.meta_codes
     pruned = lin.weight.detach() * mask_2to4(lin.weight.detach())
     assert torch.equal(sl.weight, pruned)
     x = torch.randn(4, 3, 37).to(dtype)
@@ -62,8 +62,8 @@ def test_state_dict_round_trip_is_compressed():
     lin = nn.Linear(100, 33)
     sl = SparseLinear.from_dense(lin)
     sd = sl.state_dict()
-    assert set(sd) == {"values", "meta", "bias"}
-    assert sd["values"].shape == (33, 52) and sd["meta"].shape == (33, 13)
+    assert set(sd) == {"values", "meta_codes", "bias"}
+    assert sd["values"].shape == (33, 52) and sd["meta_codes"].shape == (33, 13)
     buf = io.BytesIO()
     torch.save(sd, buf)
     buf.seek(0)
@@ -184,6 +184,62 @@ def test_torch_compile_inductor_cpu():
     x = torch.randn(6, 37)
     compiled = torch.compile(model, fullgraph=True)
     assert_close_rel(compiled(x), model(x).detach(), bound=1e-6)
+
+
+def _packed(case, seed=0):
+    torch.manual_seed(seed)
+    if case == "2:4":
+        return SparseLinear.from_dense(nn.Linear(37, 23), backend="reference"), torch.float32
+    if case == "2:4-int8":
+        return SparseLinear.from_dense(nn.Linear(37, 23), act_bits=8, backend="reference"), torch.float32
+    return SparseQLinear.from_dense(nn.Linear(40, 24), backend="reference"), torch.float16
+
+
+PACKED = ["2:4", "2:4-int8", "2:4+int4"]
+
+
+@pytest.mark.parametrize("case", PACKED)
+def test_torch_export_top_level_and_in_a_sequential(case):
+    mod, dtype = _packed(case)
+    x = torch.randn(4, mod.in_features).to(dtype)
+    for model in (mod, nn.Sequential(nn.Identity(), mod, nn.ReLU())):
+        with torch.no_grad():
+            ep = torch.export.export(model, (x,))
+            assert any(k.endswith("meta_codes") for k in ep.state_dict)
+            exported = ep.module()
+            assert torch.equal(exported(x), model(x))
+            x2 = torch.randn(4, mod.in_features).to(dtype)
+            assert torch.equal(exported(x2), model(x2))
+
+
+@pytest.mark.parametrize("case", PACKED)
+def test_state_dict_with_the_old_meta_key_loads(case):
+    mod, dtype = _packed(case)
+    sd = mod.state_dict()
+    assert "meta_codes" in sd and "meta" not in sd
+    old = {("meta" if k == "meta_codes" else k): v.clone() for k, v in sd.items()}
+    fresh, _ = _packed(case, seed=1)
+    x = torch.randn(5, mod.in_features).to(dtype)
+    assert not torch.equal(fresh(x), mod(x))
+    fresh.validate_state_dict(old)
+    result = fresh.load_state_dict(old, strict=True)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert torch.equal(fresh(x), mod(x)) and torch.equal(fresh.meta_codes, mod.meta_codes)
+    assert "meta" in old and "meta_codes" not in old          # the caller's dict is not changed
+    # inside a model, under a prefix
+    target = nn.Sequential(nn.Identity(), _packed(case, seed=2)[0])
+    target.load_state_dict({f"1.{k}": v for k, v in old.items()})
+    assert torch.equal(target(x), mod(x))
+    # both names: the old one is an unexpected key, and nothing is copied
+    other = _packed(case, seed=3)[0]
+    before = other.meta_codes.clone()
+    with pytest.raises(RuntimeError, match="meta"):
+        other.load_state_dict({**sd, "meta": sd["meta_codes"]})
+    assert torch.equal(other.meta_codes, before)
+    # a bad tensor under the old key is refused, named by the new one
+    bad = dict(old, meta=torch.zeros_like(old["meta"]))
+    with pytest.raises(ValueError, match=r"meta_codes.*i0 < i1"):
+        other.load_state_dict(bad)
 
 
 def test_version():

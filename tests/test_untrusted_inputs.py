@@ -75,7 +75,7 @@ def test_sparse24_rejects_equal_positions_in_every_format():
                 SparseLinear.from_dense(torch.nn.Linear(40, 8), act_bits=8),
                 SparseQLinear.from_dense(torch.nn.Linear(64, 8))):
         sd = _clone_sd(mod)
-        sd["meta"] = _bad_meta(sd["meta"])
+        sd["meta_codes"] = _bad_meta(sd["meta_codes"])
         snap = _snapshot(mod)
         with pytest.raises(ValueError, match=r"i0 < i1"):
             mod.load_state_dict(sd)
@@ -351,7 +351,7 @@ def test_load_keeps_parameter_objects_and_is_all_or_nothing():
     # a bad tensor late in the dict: nothing earlier was copied either
     sd = _clone_sd(b)
     sd["values"] += 1
-    sd["meta"][0, 0] = 0x55
+    sd["meta_codes"][0, 0] = 0x55
     snap = _snapshot(a)
     with pytest.raises(ValueError):
         a.load_state_dict(sd)
@@ -359,8 +359,8 @@ def test_load_keeps_parameter_objects_and_is_all_or_nothing():
     # a missing key under strict loading: also untouched (and still a RuntimeError, as in PyTorch)
     sd = _clone_sd(b)
     sd["values"] += 1
-    del sd["meta"]
-    with pytest.raises(RuntimeError, match="meta"):
+    del sd["meta_codes"]
+    with pytest.raises(RuntimeError, match="meta_codes"):
         a.load_state_dict(sd)
     _assert_untouched(a, snap)
     a.load_state_dict(sd, strict=False)                   # non-strict: the present keys load

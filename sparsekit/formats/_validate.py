@@ -175,29 +175,31 @@ def _check_sparse24_padding(values: torch.Tensor, meta: torch.Tensor, k: int, ow
                          f"zero padding (column {int(cols[r, j])} >= in_features={k}) and must be finite")
 
 
-def validate_sparse24(values, meta, shape, *, contents: bool = True, owner: str = "Sparse24Weight") -> None:
-    """``values`` ``(N, Kp/2)`` float, ``meta`` ``(N, Kp/8)`` uint8 of valid 2:4 codes, padding values finite."""
+def validate_sparse24(values, meta, shape, *, contents: bool = True, owner: str = "Sparse24Weight",
+                      meta_name: str = "meta") -> None:
+    """``values`` ``(N, Kp/2)`` float, ``meta`` ``(N, Kp/8)`` uint8 of valid 2:4 codes, padding values finite.
+    ``meta_name``: the name errors give the metadata (a module's buffer is ``meta_codes``)."""
     n, k = check_shape_pair(shape, owner)
     kp = (k + 7) // 8 * 8
     _tensor(values, owner, "values", floating=True, shape=(n, kp // 2))
-    _tensor(meta, owner, "meta", dtype=torch.uint8, shape=(n, kp // 8))
-    _same_device(owner, values=values, meta=meta)
+    _tensor(meta, owner, meta_name, dtype=torch.uint8, shape=(n, kp // 8))
+    _same_device(owner, **{"values": values, meta_name: meta})
     if contents and has_data(values, meta):
-        _check_meta_codes(meta, owner)
+        _check_meta_codes(meta, owner, meta_name)
         _check_sparse24_padding(values, meta, k, owner)
 
 
 def validate_sparse24_int8(values, meta, scale, shape, *, contents: bool = True,
-                           owner: str = "Sparse24Int8Weight") -> None:
+                           owner: str = "Sparse24Int8Weight", meta_name: str = "meta") -> None:
     """int8 ``values`` in [-127, 127], valid ``meta`` codes, finite float32 ``scale`` ``(N,)``."""
     n, k = check_shape_pair(shape, owner)
     kp = (k + 7) // 8 * 8
     _tensor(values, owner, "values", dtype=torch.int8, shape=(n, kp // 2))
-    _tensor(meta, owner, "meta", dtype=torch.uint8, shape=(n, kp // 8))
+    _tensor(meta, owner, meta_name, dtype=torch.uint8, shape=(n, kp // 8))
     _tensor(scale, owner, "scale", dtype=torch.float32, shape=(n,))
-    _same_device(owner, values=values, meta=meta, scale=scale)
+    _same_device(owner, **{"values": values, meta_name: meta, "scale": scale})
     if contents and has_data(values, meta, scale):
-        _check_meta_codes(meta, owner)
+        _check_meta_codes(meta, owner, meta_name)
         _check_int_range(values, owner, "values", -127, 127)
         _check_finite(scale, owner, "scale")
 
@@ -350,7 +352,7 @@ def validate_int8(qweight, scales, shape, *, contents: bool = True, owner: str =
 
 
 def validate_sparse24_int4(qweight, scales, zeros, meta, shape, group_size, symmetric: bool, *,
-                           contents: bool = True, owner: str = "Sparse24Int4Weight") -> None:
+                           contents: bool = True, owner: str = "Sparse24Int4Weight", meta_name: str = "meta") -> None:
     """2:4 ``meta`` ``(N, KC/4)`` of valid codes plus an int4 weight over the ``KC`` compressed
     columns (``KC = round_up(K, 16) / 2``, ``group_size`` in compressed columns)."""
     n, k = check_shape_pair(shape, owner)
@@ -358,12 +360,12 @@ def validate_sparse24_int4(qweight, scales, zeros, meta, shape, group_size, symm
     gs = _check_group(group_size, kc, owner)
     g = kc // gs if gs else 0
     _tensor(qweight, owner, "qweight", dtype=torch.int32, shape=(n, kc // 8))
-    _tensor(meta, owner, "meta", dtype=torch.uint8, shape=(n, kc // 4))
+    _tensor(meta, owner, meta_name, dtype=torch.uint8, shape=(n, kc // 4))
     _tensor(scales, owner, "scales", dtype=_SCALE_DTYPES, shape=(n, g))
     _check_zeros_arg(zeros, scales, symmetric, owner, (n, g))
-    _same_device(owner, qweight=qweight, scales=scales, zeros=zeros, meta=meta)
+    _same_device(owner, **{"qweight": qweight, "scales": scales, "zeros": zeros, meta_name: meta})
     if contents and has_data(qweight, scales, zeros, meta):
-        _check_meta_codes(meta, owner)
+        _check_meta_codes(meta, owner, meta_name)
         _check_finite(scales, owner, "scales")
         if zeros is not None:
             _check_int_range(zeros, owner, "zeros", 0, 15, integral=True, what=" (int4 zero points)")

@@ -19,11 +19,30 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-__all__ = ["StateDictError", "load_atomic", "check_state_dict"]
+__all__ = ["StateDictError", "load_atomic", "check_state_dict", "rename_legacy_keys", "upgrade_state_dict"]
 
 
 class StateDictError(ValueError, RuntimeError):
     """A state_dict that a sparsekit module refuses to load (nothing was copied)."""
+
+
+def rename_legacy_keys(module: nn.Module, state_dict, prefix: str = "") -> None:
+    """In place: move ``state_dict[prefix + old]`` to ``prefix + new`` for each tensor the module's class
+    renamed (its ``_RENAMED_KEYS``, old name -> new name), when only the old key is present.  Checkpoints
+    written before a rename keep loading; with both keys present the old one stays (and is unexpected)."""
+    for old, new in getattr(type(module), "_RENAMED_KEYS", {}).items():
+        if prefix + old in state_dict and prefix + new not in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
+
+
+def upgrade_state_dict(modules, state_dict) -> dict:
+    """A copy of ``state_dict`` (a whole model's) with the old tensor names of every ``(name, module)``
+    in ``modules`` (e.g. ``model.named_modules()``) renamed as :func:`rename_legacy_keys` does."""
+    out = dict(state_dict)
+    for name, mod in modules:
+        if getattr(type(mod), "_RENAMED_KEYS", None):
+            rename_legacy_keys(mod, out, f"{name}." if name else "")
+    return out
 
 
 def _local_state(module: nn.Module) -> dict:
@@ -145,6 +164,7 @@ def load_atomic(module: nn.Module, state_dict, prefix: str, local_metadata, stri
     key raises here, before anything is copied; a non-strict one keeps the current tensors for the
     missing keys (and validates them together with the incoming ones).  Called other than through
     ``nn.Module.load_state_dict``, missing / unexpected keys are left to the caller's bookkeeping."""
+    rename_legacy_keys(module, state_dict, prefix)
     assign = bool(local_metadata.get("assign_to_params_buffers", False))
     flag = caller_strict()
     cand = check_state_dict(module, state_dict, prefix, bool(flag) if flag is not None else False, assign,

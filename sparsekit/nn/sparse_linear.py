@@ -25,8 +25,11 @@ class SparseLinear(nn.Module):
     """``nn.Linear`` with a compressed 2:4 sparse weight.
 
     Holds ``values`` (a trainable ``nn.Parameter``, ``(out, Kp/2)``), the packed
-    ``meta`` buffer (uint8, ``(out, Kp/8)``) and an optional ``bias``; the
-    state_dict stores exactly these, so saving keeps the compressed size.
+    ``meta_codes`` buffer (uint8, ``(out, Kp/8)``: the 2:4 metadata) and an
+    optional ``bias``; the state_dict stores exactly these, so saving keeps the
+    compressed size.  (The buffer was once named ``meta``, which clashes with
+    ``torch.fx.GraphModule.meta`` under ``torch.export``; state dicts with the old
+    key still load.)
     Build one with :meth:`from_dense`; fine-tuning updates the kept values and
     never changes the mask.  ``load_state_dict`` validates every incoming
     tensor (shapes, 2:4 codes, finite padding; see
@@ -40,6 +43,9 @@ class SparseLinear(nn.Module):
     accumulates in int32; ``dtype`` is the activation/output dtype.  Inference
     only: the int8 layer has no trainable weight.
     """
+
+    # state_dict keys renamed since earlier releases (old -> new); old checkpoints load into the new names
+    _RENAMED_KEYS = {"meta": "meta_codes"}
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, pattern: str = "2:4",
                  device=None, dtype=None, backend: Optional[str] = None, act_bits: Optional[int] = None):
@@ -65,11 +71,17 @@ class SparseLinear(nn.Module):
             self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         else:
             self.values = nn.Parameter(torch.zeros(out_features, kp // 2, **factory))
-        self.register_buffer("meta", torch.full((out_features, kp // 8), _EMPTY_META, dtype=torch.uint8, device=device))
+        self.register_buffer("meta_codes", torch.full((out_features, kp // 8), _EMPTY_META, dtype=torch.uint8,
+                                                      device=device))
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, **factory))
         else:
             self.register_parameter("bias", None)
+
+    @property
+    def meta(self) -> torch.Tensor:
+        """The ``meta_codes`` buffer under its former name (read-only)."""
+        return self.meta_codes
 
     # ----------------------------------------------------------------- builders
     @classmethod
@@ -119,7 +131,7 @@ class SparseLinear(nn.Module):
                 mod.w_scale.copy_(q.scale)
             else:
                 mod.values.copy_(packed.values)
-            mod.meta.copy_(packed.meta)
+            mod.meta_codes.copy_(packed.meta)
             if linear.bias is not None:
                 mod.bias.copy_(linear.bias.detach())
         return mod
@@ -128,17 +140,20 @@ class SparseLinear(nn.Module):
     def _validate_tensors(self, t: dict) -> None:
         shape = (self.out_features, self.in_features)
         if self.act_bits == 8:
-            validate_sparse24_int8(t["values"], t["meta"], t["w_scale"], shape, owner="SparseLinear")
+            validate_sparse24_int8(t["values"], t["meta_codes"], t["w_scale"], shape, owner="SparseLinear",
+                                   meta_name="meta_codes")
         else:
-            validate_sparse24(t["values"], t["meta"], shape, owner="SparseLinear")
+            validate_sparse24(t["values"], t["meta_codes"], shape, owner="SparseLinear", meta_name="meta_codes")
 
     def validate_state_dict(self, state_dict, prefix: str = "", strict: bool = True) -> None:
         """Raise what :meth:`load_state_dict` would raise for ``state_dict``, copying nothing."""
+        state_dict = dict(state_dict)
+        _state.rename_legacy_keys(self, state_dict, prefix)
         self._validate_tensors(_state.check_state_dict(self, state_dict, prefix, strict, False))
 
     def validate(self) -> None:
         """Re-check this module's tensors (e.g. after writing into them in place)."""
-        self._validate_tensors(dict(values=self.values.detach(), meta=self.meta,
+        self._validate_tensors(dict(values=self.values.detach(), meta_codes=self.meta_codes,
                                     w_scale=getattr(self, "w_scale", None)))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -151,8 +166,8 @@ class SparseLinear(nn.Module):
         :class:`Sparse24Weight`, or a :class:`Sparse24Int8Weight` when ``act_bits=8``."""
         shape = (self.out_features, self.in_features)
         if self.act_bits == 8:
-            return Sparse24Int8Weight(self.values, self.meta, self.w_scale, shape)
-        return Sparse24Weight(self.values.detach(), self.meta, shape)
+            return Sparse24Int8Weight(self.values, self.meta_codes, self.w_scale, shape)
+        return Sparse24Weight(self.values.detach(), self.meta_codes, shape)
 
     def _float_dtype(self) -> torch.dtype:
         if self.act_bits == 8:
@@ -180,11 +195,11 @@ class SparseLinear(nn.Module):
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits == 8:
-            return sparse24_int8_linear_packed(x, self.values, self.meta, self.w_scale, self.in_features,
+            return sparse24_int8_linear_packed(x, self.values, self.meta_codes, self.w_scale, self.in_features,
                                                self.bias, backend=self.backend, validate=False)
         # the buffers were validated when built / loaded: no per-call content checks
-        return sparse24_linear_packed(x, self.values, self.meta, self.in_features, self.bias, backend=self.backend,
-                                      validate=False)
+        return sparse24_linear_packed(x, self.values, self.meta_codes, self.in_features, self.bias,
+                                      backend=self.backend, validate=False)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -20,7 +20,8 @@ class SparseQLinear(nn.Module):
 
     Buffers: ``qweight`` ``(out, KC/8)`` int32, ``scales`` and (unless
     symmetric) ``zeros`` ``(out, KC/group_size)`` in the compute dtype,
-    ``meta`` ``(out, KC/4)`` uint8, with ``KC = round_up(in, 16) / 2``
+    ``meta_codes`` ``(out, KC/4)`` uint8 (the 2:4 metadata; once named ``meta``,
+    a key that still loads), with ``KC = round_up(in, 16) / 2``
     compressed columns and ``group_size`` counted in compressed columns.
     ``bias`` stays a parameter in the compute dtype.  Inputs: the compute
     dtype (float16/bfloat16) or float32; the output has the input's dtype.
@@ -28,6 +29,9 @@ class SparseQLinear(nn.Module):
     codes, finite scales, zero points in [0, 15]) and either loads all of them
     or raises and leaves the module untouched.
     """
+
+    # state_dict keys renamed since earlier releases (old -> new); old checkpoints load into the new names
+    _RENAMED_KEYS = {"meta": "meta_codes"}
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: Optional[int] = None,
                  symmetric: bool = False, dtype: torch.dtype = torch.float16, device=None,
@@ -52,11 +56,17 @@ class SparseQLinear(nn.Module):
         else:
             self.register_buffer("zeros", torch.zeros(out_features, g, dtype=dtype, device=device))
         # all-zero groups: positions (0, 1) -> code 0b0100 per nibble
-        self.register_buffer("meta", torch.full((out_features, kc // 4), 0x44, dtype=torch.uint8, device=device))
+        self.register_buffer("meta_codes", torch.full((out_features, kc // 4), 0x44, dtype=torch.uint8,
+                                                      device=device))
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
         else:
             self.register_parameter("bias", None)
+
+    @property
+    def meta(self) -> torch.Tensor:
+        """The ``meta_codes`` buffer under its former name (read-only)."""
+        return self.meta_codes
 
     # ----------------------------------------------------------------- builders
     @classmethod
@@ -70,7 +80,7 @@ class SparseQLinear(nn.Module):
         with torch.no_grad():
             mod.qweight.copy_(weight.qweight)
             mod.scales.copy_(weight.scales)
-            mod.meta.copy_(weight.meta)
+            mod.meta_codes.copy_(weight.meta)
             if weight.zeros is not None:
                 mod.zeros.copy_(weight.zeros)
             if bias is not None:
@@ -100,12 +110,14 @@ class SparseQLinear(nn.Module):
 
     # ----------------------------------------------------------------- state
     def _validate_tensors(self, t: dict) -> None:
-        validate_sparse24_int4(t["qweight"], t["scales"], t.get("zeros"), t["meta"],
+        validate_sparse24_int4(t["qweight"], t["scales"], t.get("zeros"), t["meta_codes"],
                                (self.out_features, self.in_features), self.group_size, self.symmetric,
-                               owner="SparseQLinear")
+                               owner="SparseQLinear", meta_name="meta_codes")
 
     def validate_state_dict(self, state_dict, prefix: str = "", strict: bool = True) -> None:
         """Raise what :meth:`load_state_dict` would raise for ``state_dict``, copying nothing."""
+        state_dict = dict(state_dict)
+        _state.rename_legacy_keys(self, state_dict, prefix)
         self._validate_tensors(_state.check_state_dict(self, state_dict, prefix, strict, False))
 
     def validate(self) -> None:
@@ -119,7 +131,7 @@ class SparseQLinear(nn.Module):
 
     # ----------------------------------------------------------------- views
     def weight_format(self) -> Sparse24Int4Weight:
-        return Sparse24Int4Weight(self.qweight, self.scales, self.zeros, self.meta,
+        return Sparse24Int4Weight(self.qweight, self.scales, self.zeros, self.meta_codes,
                                   (self.out_features, self.in_features), self.group_size, self.symmetric)
 
     @property
@@ -142,8 +154,9 @@ class SparseQLinear(nn.Module):
         if bias is not None and x.dtype != bias.dtype:
             bias = bias.to(x.dtype)
         # the buffers were validated when built / loaded: no per-call content checks
-        return sparse24_int4_linear_packed(x, self.qweight, self.scales, self.zeros, self.meta, self.group_size,
-                                           self.in_features, bias, backend=self.backend, validate=False)
+        return sparse24_int4_linear_packed(x, self.qweight, self.scales, self.zeros, self.meta_codes,
+                                           self.group_size, self.in_features, bias, backend=self.backend,
+                                           validate=False)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -41,8 +41,8 @@ RANK = {"not a backend": 0, "invalid choice": 1, "invalid float": 1, "invalid in
         "unrecognized arguments": 1, "does not apply": 2, "--sparsity applies": 3, "--sparsity must be": 3,
         "--group-size applies": 4, "--group-size must be": 4, "SPARSEKIT_BACKEND": 5, "regular file": 6,
         "--out must be": 6, "--force": 6, "does not divide": 7}
-KEYS = {"2:4": ("values", "meta"), "block": ("blocks", "crow", "col"), "int4": ("qweight", "scales"),
-        "2:4+int4": ("qweight", "meta", "scales")}
+KEYS = {"2:4": ("values", "meta_codes"), "block": ("blocks", "crow", "col"), "int4": ("qweight", "scales"),
+        "2:4+int4": ("qweight", "meta_codes", "scales")}
 
 
 # ----------------------------------------------------------------------------- classifier
