@@ -165,3 +165,100 @@ def test_validation_of_index_arrays():
     # from_blocks rebuilds the transposed index
     r = BlockSparseWeight.from_blocks(s.blocks, s.crow, s.col, s.shape)
     assert torch.equal(r.tblk, s.tblk) and torch.equal(r.to_dense(), s.to_dense())
+
+
+# ----------------------------------------------------------------------------- torch sparse BSR
+def _same(a: BlockSparseWeight, b: BlockSparseWeight):
+    assert a.shape == b.shape and a.block_size == b.block_size and a.dtype == b.dtype
+    for x, y in zip((a.blocks,) + a.index_tensors(), (b.blocks,) + b.index_tensors()):
+        assert x.dtype == y.dtype and torch.equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bs", [(16, 16), (32, 16), (16, 64), (128, 32)])
+@pytest.mark.parametrize("odd", [False, True])
+def test_torch_bsr_round_trip(dtype, bs, odd):
+    torch.manual_seed(0)
+    bm, bk = bs
+    n, k = _shape_for(bs) if odd else (3 * bm, 2 * bk)
+    w = torch.randn(n, k).to(dtype)
+    s = BlockSparseWeight.from_dense_magnitude(w, bs, sparsity=0.5)
+    nb, kb = s.grid
+    if odd:
+        with pytest.raises(ValueError, match=r"not a multiple of block_size .*pad=True"):
+            s.to_torch_bsr()
+    for index_dtype in (torch.int64, torch.int32):
+        t = s.to_torch_bsr(pad=odd, index_dtype=index_dtype)
+        assert t.layout == torch.sparse_bsr and t.dtype == dtype and tuple(t.shape) == (nb * bm, kb * bk)
+        assert t.crow_indices().dtype == index_dtype and t.col_indices().dtype == index_dtype
+        assert tuple(t.values().shape) == (s.nnzb, bm, bk)
+        dense = t.to_dense()                         # torch's own expansion
+        assert torch.equal(dense[:n, :k], s.to_dense())
+        assert not bool(dense[n:].any()) and not bool(dense[:, k:].any())
+        if not odd:
+            assert t.values().data_ptr() == s.blocks.data_ptr()      # no copy
+        back = BlockSparseWeight.from_torch_bsr(t, shape=(n, k) if odd else None)
+        _same(back, s)
+        _check_transposed(back)
+    # torch's own packing of a dense weight
+    wt = torch.zeros(nb * bm, kb * bk, dtype=dtype)
+    wt[:n, :k] = s.to_dense()
+    tb = wt.to_sparse_bsr((bm, bk))
+    got = BlockSparseWeight.from_torch_bsr(tb, shape=(n, k))
+    assert torch.equal(got.to_dense(), s.to_dense())
+    _same(got, s)        # torch keeps the same (non-zero) blocks in the same order
+
+
+def test_torch_bsr_padding_is_zeroed_and_empty_patterns():
+    # finite junk in the padding of the edge blocks (allowed by the format) is not exported
+    w = torch.randn(20, 20)
+    s = BlockSparseWeight.from_dense(w, 16)
+    blocks = s.blocks.clone()
+    blocks[:, 4:, :] = 7.0
+    blocks[:, :, 4:] = 7.0
+    junk = BlockSparseWeight.from_blocks(blocks, s.crow, s.col, (20, 20), 16)
+    t = junk.to_torch_bsr(pad=True)
+    assert torch.equal(t.to_dense()[:20, :20], junk.to_dense())
+    assert not bool(t.to_dense()[20:].any()) and not bool(t.to_dense()[:, 20:].any())
+    assert torch.equal(junk.blocks, blocks)                    # the weight itself is unchanged
+    # no kept blocks, and empty block-rows
+    empty = BlockSparseWeight.from_dense(torch.zeros(32, 48), 16)
+    te = empty.to_torch_bsr()
+    assert te.values().shape == (0, 16, 16) and not bool(te.to_dense().any())
+    _same(BlockSparseWeight.from_torch_bsr(te), empty)
+    holes = torch.zeros(64, 32)
+    holes[16:32, 16:] = 1.0
+    sh = BlockSparseWeight.from_dense(holes, 16)
+    _same(BlockSparseWeight.from_torch_bsr(sh.to_torch_bsr()), sh)
+
+
+def test_from_torch_bsr_errors():
+    w = torch.randn(32, 32)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        BlockSparseWeight.from_torch_bsr(w.numpy())
+    for other in (w, w.to_sparse_csr(), w.to_sparse_bsc((16, 16)), w.to_sparse()):
+        with pytest.raises(ValueError, match=r"layout torch.sparse_bsr, got torch\.(strided|sparse_csr|sparse_bsc|"
+                                             r"sparse_coo)"):
+            BlockSparseWeight.from_torch_bsr(other)
+    for bad in ((8, 8), (16, 8), (32, 2)):
+        with pytest.raises(ValueError, match=r"blocksize \(\d+, \d+\) is not supported.*16, 32, 64, 128"):
+            BlockSparseWeight.from_torch_bsr(w.to_sparse_bsr(bad))
+    with pytest.raises(ValueError, match="without batch or dense dimensions"):
+        BlockSparseWeight.from_torch_bsr(torch.randn(2, 32, 32).to_sparse_bsr((16, 16)))
+    with pytest.raises(TypeError, match="floating point"):
+        BlockSparseWeight.from_torch_bsr(torch.ones(32, 32, dtype=torch.int32).to_sparse_bsr((16, 16)))
+    t = w.to_sparse_bsr((16, 16))
+    with pytest.raises(ValueError, match=r"does not hold a \(10, 32\) weight"):
+        BlockSparseWeight.from_torch_bsr(t, shape=(10, 32))
+    with pytest.raises(ValueError, match=r"does not hold a \(40, 32\) weight"):
+        BlockSparseWeight.from_torch_bsr(t, shape=(40, 32))
+    # unsorted block columns in a row (torch does not check them unless asked): refused with the entry
+    bad = torch.sparse_bsr_tensor(torch.tensor([0, 2, 2]), torch.tensor([1, 0]), torch.randn(2, 16, 16),
+                                  size=(32, 32), check_invariants=False)
+    with pytest.raises(ValueError, match="col"):
+        BlockSparseWeight.from_torch_bsr(bad)
+    s = BlockSparseWeight.from_dense(w, 16)
+    with pytest.raises(ValueError, match="index_dtype"):
+        s.to_torch_bsr(index_dtype=torch.int16)
+    with pytest.raises(TypeError, match="pad"):
+        s.to_torch_bsr(pad=1)

@@ -324,6 +324,75 @@ class BlockSparseWeight:
         """Exact dense ``(N, K)`` weight (zeros outside the kept blocks)."""
         return dense_from_blocks(self.blocks, self.crow, self.col, self.shape)
 
+    # ------------------------------------------------------ torch sparse BSR
+    def to_torch_bsr(self, pad: bool = False, index_dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """This weight as a torch sparse BSR tensor (``torch.sparse_bsr_tensor(crow, col, blocks, size)``).
+
+        torch's BSR needs a size divisible by the block size.  For a weight whose ``(N, K)`` is a multiple
+        of ``(bm, bk)`` the values are ``blocks`` themselves (shared storage).  Otherwise ``pad=True``
+        gives the padded ``(NB * bm, KB * bk)`` tensor, with the padding of the edge blocks zeroed (a
+        copy of ``blocks``); without it a ValueError.  ``index_dtype``: ``torch.int64`` (torch's
+        default) or ``torch.int32`` for ``crow_indices`` / ``col_indices``."""
+        if index_dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"index_dtype must be torch.int32 or torch.int64, got {index_dtype!r}")
+        if not isinstance(pad, bool):
+            raise TypeError(f"pad must be a bool, got {pad!r}")
+        n, k = self.shape
+        bm, bk = self.block_size
+        nb, kb = self.grid
+        blocks = self.blocks
+        if (nb * bm, kb * bk) != (n, k):
+            if not pad:
+                raise ValueError(f"to_torch_bsr: torch's BSR layout needs a size divisible by the block size; "
+                                 f"shape {(n, k)} is not a multiple of block_size {(bm, bk)} (pass pad=True for "
+                                 f"the zero-padded {(nb * bm, kb * bk)} tensor)")
+            blocks = blocks.clone()
+            if blocks.numel():
+                rows = block_rows(self.crow, self.nnzb)
+                if n % bm:
+                    blocks[rows == nb - 1, n % bm:, :] = 0
+                if k % bk:
+                    blocks[self.col == kb - 1, :, k % bk:] = 0
+        return torch.sparse_bsr_tensor(self.crow.to(index_dtype), self.col.to(index_dtype), blocks,
+                                       size=(nb * bm, kb * bk), dtype=blocks.dtype, device=blocks.device,
+                                       check_invariants=False)    # the indices were validated when built
+
+    @classmethod
+    def from_torch_bsr(cls, t: torch.Tensor, shape=None) -> "BlockSparseWeight":
+        """Build from a 2-D torch sparse BSR tensor (values ``(nnzb, bm, bk)``, no batch or dense dims).
+
+        ``shape``: the weight's ``(N, K)`` when ``t`` is its zero-padded form (``t.shape`` must then be
+        ``(ceil(N / bm) * bm, ceil(K / bk) * bk)``); default ``t.shape``.  The blocks are copied only
+        where they must be made contiguous; the indices become int32.  The block sides must be among
+        the format's (16, 32, 64, 128); the indices are checked as :meth:`from_blocks` checks them
+        (``col`` strictly increasing within a block-row, in range)."""
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"from_torch_bsr: t must be a torch.Tensor with layout torch.sparse_bsr, "
+                            f"got {type(t).__name__}")
+        if t.layout != torch.sparse_bsr:
+            raise ValueError(f"from_torch_bsr: t must have layout torch.sparse_bsr, got {t.layout} (convert with "
+                             f"t.to_sparse_bsr(blocksize))")
+        if t.dim() != 2 or t.values().dim() != 3:
+            raise ValueError(f"from_torch_bsr: t must be a 2-D BSR tensor without batch or dense dimensions "
+                             f"(values (nnzb, bm, bk)), got shape {tuple(t.shape)} with values of shape "
+                             f"{tuple(t.values().shape)}")
+        values = t.values()
+        bsz = tuple(int(v) for v in values.shape[1:])
+        if bsz[0] not in BLOCK_SIDES or bsz[1] not in BLOCK_SIDES:
+            raise ValueError(f"from_torch_bsr: blocksize {bsz} is not supported; BlockSparseWeight's block sides "
+                             f"are each one of {BLOCK_SIDES}")
+        if not values.is_floating_point():
+            raise TypeError(f"from_torch_bsr: t must be floating point, got {values.dtype}")
+        from ._validate import check_shape_pair
+
+        full = (int(t.shape[0]), int(t.shape[1]))
+        n, k = check_shape_pair(full if shape is None else shape, "BlockSparseWeight")
+        padded = (-(-n // bsz[0]) * bsz[0], -(-k // bsz[1]) * bsz[1])
+        if padded != full:
+            raise ValueError(f"from_torch_bsr: a {full} BSR tensor with blocksize {bsz} does not hold a {(n, k)} "
+                             f"weight (its padded size is {padded})")
+        return cls.from_blocks(values.contiguous(), t.crow_indices(), t.col_indices(), (n, k), bsz)
+
     def block_mask(self) -> torch.Tensor:
         """Boolean ``(NB, KB)`` grid of the kept blocks."""
         nb, kb = self.grid
