@@ -369,7 +369,9 @@ class _Run:
     def _bar(self, total: int):
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=self.desc, unit="block", disable=not self.progress)
+        # a tick is a whole block (seconds to minutes on a real model): redraw on every one, so each
+        # block's time and memory is shown (tqdm's default 0.1 s redraw interval skips fast ticks)
+        return tqdm(total=total, desc=self.desc, unit="block", disable=not self.progress, mininterval=0, miniters=1)
 
     def _tick(self, bar, t0: float, label: str) -> None:
         dt = time.perf_counter() - t0
