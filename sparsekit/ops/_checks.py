@@ -77,6 +77,19 @@ class _ValidatedCache:
 VALIDATED = _ValidatedCache()
 
 
+def check_sparse24_shapes(values: torch.Tensor, meta: torch.Tensor, in_features: int) -> None:
+    """Packed 2:4 operands against in_features: values (N, Kp / 2), meta (N, Kp / 8), Kp = in_features padded to 8."""
+    from ..formats.sparse24 import padded_k
+
+    kp = padded_k(in_features)
+    if values.dim() != 2 or values.shape[1] != kp // 2:
+        raise ValueError(f"values must have shape (N, {kp // 2}) for in_features={in_features}, got "
+                         f"{tuple(values.shape)}")
+    if tuple(meta.shape) != (values.shape[0], kp // 8):
+        raise ValueError(f"meta must have shape {(values.shape[0], kp // 8)} for in_features={in_features}, got "
+                         f"{tuple(meta.shape)}")
+
+
 def validate_once(tensors: tuple, extra, fn) -> None:
     """Run the validator ``fn()`` unless these exact tensors, unmodified, already passed it with
     the same ``extra`` (shape, group size, ...)."""

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from .. import testing as _testing
 from ..formats._validate import sparse24_columns, sparse24_dense, validate_sparse24
 from ..formats.sparse24 import Sparse24Weight, TensorCache, padded_k
-from ._checks import as_contiguous, check_bias, check_features, check_x, validate_once
+from ._checks import as_contiguous, check_bias, check_features, check_sparse24_shapes, check_x, validate_once
 from . import dispatch
 
 __all__ = ["sparse24_linear", "sparse24_linear_packed"]
@@ -258,13 +258,7 @@ def _check(x, values, meta, in_features, bias):
         raise ValueError(f"x is on {x.device} but the weight is on {values.device}")
     if meta.device != values.device or meta.dtype != torch.uint8:
         raise ValueError("meta must be a uint8 tensor on the weight's device")
-    kp = padded_k(in_features)
-    if values.dim() != 2 or values.shape[1] != kp // 2:
-        raise ValueError(f"values must have shape (N, {kp // 2}) for in_features={in_features}, got "
-                         f"{tuple(values.shape)}")
-    if tuple(meta.shape) != (values.shape[0], kp // 8):
-        raise ValueError(f"meta must have shape {(values.shape[0], kp // 8)} for in_features={in_features}, got "
-                         f"{tuple(meta.shape)}")
+    check_sparse24_shapes(values, meta, in_features)
     check_bias(bias, values.shape[0], x)
 
 

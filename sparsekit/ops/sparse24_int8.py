@@ -30,8 +30,8 @@ from typing import Optional
 import torch
 
 from ..formats._validate import sparse24_dense, validate_sparse24_int8
-from ..formats.sparse24 import Sparse24Int8Weight, TensorCache, padded_k
-from ._checks import as_contiguous, check_bias, check_features, check_x, validate_once
+from ..formats.sparse24 import Sparse24Int8Weight, TensorCache
+from ._checks import as_contiguous, check_bias, check_features, check_sparse24_shapes, check_x, validate_once
 from . import dispatch
 from .act_quant import per_token_quant_reference
 
@@ -139,13 +139,7 @@ def _check(x, values, meta, w_scale, in_features, bias):
         raise TypeError(f"values must be int8, got {values.dtype}")
     if meta.dtype != torch.uint8:
         raise TypeError(f"meta must be uint8, got {meta.dtype}")
-    kp = padded_k(in_features)
-    if values.dim() != 2 or values.shape[1] != kp // 2:
-        raise ValueError(f"values must have shape (N, {kp // 2}) for in_features={in_features}, got "
-                         f"{tuple(values.shape)}")
-    if tuple(meta.shape) != (values.shape[0], kp // 8):
-        raise ValueError(f"meta must have shape {(values.shape[0], kp // 8)} for in_features={in_features}, got "
-                         f"{tuple(meta.shape)}")
+    check_sparse24_shapes(values, meta, in_features)
     if w_scale.dtype != torch.float32 or tuple(w_scale.shape) != (values.shape[0],):
         raise ValueError(f"w_scale must be float32 of shape ({values.shape[0]},), got {w_scale.dtype} "
                          f"{tuple(w_scale.shape)}")
