@@ -337,14 +337,14 @@ def _time_forward(model: nn.Module, calib):
     if dev.type != "cuda":
         return ("not measured: the model is not on a CUDA device (CPU runs use the reference or "
                 "interpreter backends, whose timings say nothing about the kernels)")
-    from .calibration import split_batch
+    from .calibration import model_input
 
     first = next(iter(calib), None) if calib is not None else None
     if first is None:
         return "not measured: no calibration batch to time the forward on"
     import triton.testing
 
-    x = split_batch(first).to(dev)
+    x = model_input(first, model, None, dev)
     with torch.no_grad():
         ms = float(triton.testing.do_bench(lambda: model(x), warmup=25, rep=100, return_mode="median"))
     return ms, f"{torch.cuda.get_device_name(dev)}, input {tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"

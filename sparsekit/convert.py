@@ -205,7 +205,7 @@ def check_calibration(model: nn.Module, calib):
     the wrong number of input features) raises ``ValueError`` naming its shape
     here, not from deep inside a calibration pass.
     """
-    from .calibration import model_device, reiterable, split_batch
+    from .calibration import model_input, reiterable, split_batch
 
     batches = reiterable(calib)
     first = next(iter(batches), None)
@@ -216,7 +216,7 @@ def check_calibration(model: nn.Module, calib):
     try:
         model.eval()
         with torch.no_grad():
-            model(x.to(model_device(model, {})))
+            model(model_input(x, model))
     except Exception as e:  # noqa: BLE001 - whatever the model raises, the batch does not fit it
         raise ValueError(f"calib: the model's forward fails on the first calibration batch (a "
                          f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')} tensor): {type(e).__name__}: "

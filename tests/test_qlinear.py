@@ -101,7 +101,7 @@ def test_qlinear_errors():
     with pytest.raises(ValueError, match="importance only applies"):
         QLinear.from_float(lin, group_size=32, act_bits=8)(torch.randn(2, 64).half(), importance=torch.ones(2))
     with pytest.raises(TypeError, match="computes in"):
-        QLinear.from_float(lin, bits=8, act_bits=8)(torch.randn(2, 64))
+        QLinear.from_float(lin, bits=8, act_bits=8)(torch.randn(2, 64).bfloat16())   # float32 is accepted
     with pytest.raises(ValueError, match="multiple of 8"):
         QLinear(60, 10)
     with pytest.raises(TypeError, match="float16 or bfloat16"):
@@ -111,8 +111,9 @@ def test_qlinear_errors():
     with pytest.raises(ValueError, match="unknown method"):
         QLinear.from_float(lin, method="nope")
     q = QLinear.from_float(nn.Linear(128, 10))  # fp32 linear -> fp16 module (group 128)
+    assert q(torch.randn(2, 128)).dtype == torch.float32    # float32 in, float32 out (cast at the boundary)
     with pytest.raises(TypeError):
-        q(torch.randn(2, 128))
+        q(torch.randn(2, 128).bfloat16())                   # another half dtype than the compute dtype
     with pytest.raises(ValueError, match="does not divide"):
         QLinear.from_float(lin)  # default group 128 does not divide K=64
 

@@ -15,11 +15,11 @@ from .blocks import find_blocks
 from .pipeline import BlockwiseSummary, LayerJob, blockwise, check_blockwise_args
 from .core import _StopForward  # noqa: F401 - the earlier private name
 from .core import (STATS, InputAccumulator, StopForward, accumulate_inputs, first_calls,
-                   forward_groups, hooked, model_device, reiterable, resolve_layers, sequential, split_batch,
+                   forward_groups, hooked, model_device, model_dtype, model_input, reiterable, resolve_layers, sequential, split_batch,
                    zero_stats)
 from .offload import ActivationStore, Placement, current_rss, format_bytes
 
-__all__ = ["resolve_layers", "split_batch", "reiterable", "model_device", "hooked", "first_calls", "forward_groups",
+__all__ = ["resolve_layers", "split_batch", "reiterable", "model_device", "model_dtype", "model_input", "hooked", "first_calls", "forward_groups",
            "InputAccumulator", "zero_stats", "accumulate_inputs", "sequential", "StopForward", "STATS",
            "find_blocks", "blockwise", "check_blockwise_args", "LayerJob", "BlockwiseSummary", "ActivationStore",
            "Placement",

@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-__all__ = ["resolve_layers", "split_batch", "reiterable", "model_device", "hooked", "first_calls", "forward_groups",
+__all__ = ["resolve_layers", "split_batch", "reiterable", "model_device", "model_dtype", "model_input", "hooked", "first_calls", "forward_groups",
            "InputAccumulator", "zero_stats", "accumulate_inputs", "sequential", "StopForward", "STATS"]
 
 # statistics accumulate_inputs can gather: "xtx" (K, K) = X^T X, "sumsq" (K,) = sum_i x_ij^2,
@@ -100,6 +100,33 @@ def model_device(model: nn.Module, layers: Mapping[str, nn.Module]) -> torch.dev
         return next(model.parameters()).device
     except StopIteration:
         return next(iter(layers.values())).weight.device
+
+
+def model_dtype(model: nn.Module, layers: Mapping[str, nn.Module]) -> Optional[torch.dtype]:
+    """The floating-point dtype of the model's inputs: its first floating-point parameter's (else the
+    first layer's weight's); None if it has neither."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    for mod in layers.values():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor) and w.is_floating_point():
+            return w.dtype
+    return None
+
+
+def model_input(batch, model: nn.Module, layers: Mapping[str, nn.Module] = None, dev=None):
+    """The model input of a calibration batch on the model's device; a floating-point input is cast to
+    the model's dtype (:func:`model_dtype`), so float32 batches calibrate a float16/bfloat16 model.
+    Integer inputs (token ids) keep their dtype."""
+    layers = {} if layers is None else layers
+    x = split_batch(batch)
+    x = x.to(dev if dev is not None else model_device(model, layers))
+    if x.is_floating_point():
+        dt = model_dtype(model, layers)
+        if dt is not None and x.dtype != dt:
+            x = x.to(dt)
+    return x
 
 
 @contextlib.contextmanager
@@ -174,7 +201,7 @@ def forward_groups(model: nn.Module, layers: Mapping[str, nn.Module], batch) -> 
     share a group.  ``counts``: calls per layer in that forward (0 for a layer
     that did not run; such layers are in no group).
     """
-    return first_calls(model, layers, lambda: model(split_batch(batch).to(model_device(model, layers))))
+    return first_calls(model, layers, lambda: model(model_input(batch, model, layers)))
 
 
 def _check_stats(stats: Sequence[str]) -> tuple:
@@ -294,7 +321,7 @@ def accumulate_inputs(model: nn.Module, layers: Mapping[str, nn.Linear], calib_l
     num_batches = 0
     with hooked(model, layers, accum.make_hook), torch.no_grad():
         for batch in tqdm(calib_loader, desc=desc, unit="batch", total=total, disable=not progress, leave=False):
-            x = split_batch(batch).to(dev)
+            x = model_input(batch, model, layers, dev)
             accum.new_forward()
             try:
                 model(x)

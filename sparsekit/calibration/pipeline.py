@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from .blocks import find_blocks
-from .core import InputAccumulator, StopForward, first_calls, hooked, reiterable, split_batch, zero_stats
+from .core import (InputAccumulator, StopForward, first_calls, hooked, model_input, reiterable, split_batch,
+                   zero_stats)
 from .offload import ActivationStore, MemoryMeter, Placement, format_bytes
 
 __all__ = ["LayerJob", "Processor", "BlockwiseSummary", "blockwise", "check_blockwise_args"]
@@ -208,7 +209,7 @@ def _model_call(model: nn.Module, batch, index: int, dev):
     """``model(x)`` for a calibration batch; an error of the forward names the batch."""
     x = split_batch(batch)
     try:
-        return model(x.to(dev))
+        return model(model_input(x, model, None, dev))
     except StopForward:
         raise
     except Exception as e:

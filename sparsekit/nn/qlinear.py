@@ -75,9 +75,11 @@ class QLinear(nn.Module):
     ``bits=8`` buffers: ``qweight`` ``(out, in)`` int8 and ``scales`` ``(out,)``
     float32 (per-channel symmetric, :mod:`sparsekit.formats.int8`).  AWQ-quantized
     layers also hold an ``input_scale`` ``(in,)`` that divides the input at run
-    time.  ``bias`` stays a parameter.  Inputs must be in the module's dtype
-    (like ``nn.Linear``); the output is too.  See the module docstring for
-    ``act_bits`` / ``frac8``.
+    time.  ``bias`` stays a parameter.  Inputs: the compute dtype (float16 or
+    bfloat16, chosen at conversion) or float32; the output has the input's
+    dtype (a float32 input is cast to the compute dtype for the kernel and the
+    result back to float32, so a module converted from a float32 model takes
+    and returns float32).  See the module docstring for ``act_bits`` / ``frac8``.
 
     ``load_state_dict`` validates every incoming tensor first (shapes, finite
     scales, zero points integers in [0, 15], int8 codes in [-127, 127], an
@@ -305,11 +307,21 @@ class QLinear(nn.Module):
         """``importance`` (``x.shape[:-1]``, mixed mode only): per-token scores choosing the 8-bit tokens."""
         if importance is not None and self.act_bits != "mixed":
             raise ValueError(f"importance only applies to act_bits='mixed' (this layer has act_bits={self.act_bits!r})")
+        if isinstance(x, torch.Tensor) and x.dtype == torch.float32 and self.dtype != torch.float32:
+            # the dtype rule of every low-bit module: float32 in, float32 out; the kernels run in the
+            # compute dtype (float16/bfloat16, chosen at conversion) and only the boundary is cast
+            if self.input_scale is not None:
+                x = x / self.input_scale.float()
+            return self._forward_compute(x.to(self.dtype), importance).float()
         if self.input_scale is not None:
             x = x / self.input_scale
+        return self._forward_compute(x, importance)
+
+    def _forward_compute(self, x: torch.Tensor, importance: Optional[torch.Tensor]) -> torch.Tensor:
         if self.bits == 8:
             if isinstance(x, torch.Tensor) and x.dtype != self.dtype:
-                raise TypeError(f"QLinear computes in {self.dtype}; got input of dtype {x.dtype}")
+                raise TypeError(f"QLinear computes in {self.dtype}; got input of dtype {x.dtype} (give "
+                                f"{self.dtype} or float32 inputs)")
             return int8_linear_packed(x, self.qweight, self.scales.float(), self.bias, act_bits=self.act_bits,
                                       frac8=self.frac8, importance=importance, backend=self.backend,
                                       validate=False)

@@ -24,6 +24,7 @@ from torch import nn
 
 from .block import (SCORE_METHODS, block_cost, block_grid, block_mask_from_scores, block_scores,
                     check_block_size, expand_block_mask, keep_count)
+from ..calibration import model_input
 from .calibration import collect_layer_stats, model_output, resolve_layers, split_batch
 
 __all__ = [
@@ -107,8 +108,7 @@ def _scores_for(score_fn, name: str, layer: nn.Linear, block_size) -> torch.Tens
 
 @torch.no_grad()
 def _forward_all(model: nn.Module, batches: list) -> list:
-    dev = next(model.parameters()).device
-    return [model_output(model(x.to(dev))).detach().to(torch.float64) for x in batches]
+    return [model_output(model(model_input(x, model))).detach().to(torch.float64) for x in batches]
 
 
 # --------------------------------------------------------------------------- distortion and cost curves

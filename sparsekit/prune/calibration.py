@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Mapping, Union
 import torch
 from torch import nn
 
-from ..calibration import hooked, model_device, resolve_layers, split_batch
+from ..calibration import hooked, model_device, model_input, resolve_layers, split_batch
 
 __all__ = ["OBJECTIVES", "collect_layer_stats", "resolve_layers", "split_batch", "model_output"]
 
@@ -121,7 +121,7 @@ def collect_layer_stats(model: nn.Module, layers: Union[Mapping[str, nn.Linear],
 
             total = len(calib_loader) if hasattr(calib_loader, "__len__") else None
             for batch in tqdm(calib_loader, desc="calibration", unit="batch", total=total, disable=not progress):
-                x = split_batch(batch).to(dev)
+                x = model_input(batch, model, layers, dev)
                 for n in names:
                     records[n].clear()
                 with torch.enable_grad():
