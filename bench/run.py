@@ -50,6 +50,8 @@ BENCH_EXAMPLES = """examples:
   sparsekit bench --ops sparse24_linear --shapes 4096x4096 --m 1,16,256 --dtype bf16
   sparsekit bench --ops int4_linear --dry-run-cpu  check the timing path on CPU (not a benchmark)
   sparsekit bench --plan gpu-check --list          the rows of the GPU check plan
+  sparsekit bench --cpu-speed                      CPU: each scheme's default path vs the dense nn.Linear
+  sparsekit bench --cpu-speed --help               its options (schemes, shapes, M, output directory)
 """
 
 
@@ -122,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ceilings", action="store_true",
                    help="do not measure copy bandwidth / matmul peak (roofline columns stay empty)")
     p.add_argument("--cpu", action="store_true", help="run the CPU correctness sweep even if CUDA is available")
+    p.add_argument("--cpu-speed", action="store_true",
+                   help="time each scheme's default CPU path against the dense nn.Linear it replaced (ratio per "
+                        "scheme, shape and M; bench/cpu_speed.py, `--cpu-speed --help` for its options)")
     q = p.add_mutually_exclusive_group()
     q.add_argument("--quality", action="store_true",
                    help="after the op benchmarks, also compute and print the real-model compression quality "
@@ -265,6 +270,13 @@ def _run_gpu(args, mods) -> int:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--cpu-speed" in argv:
+        # its own runner and options (bench/cpu_speed.py)
+        from .cpu_speed import main as cpu_speed_main
+
+        argv.remove("--cpu-speed")
+        return cpu_speed_main(argv)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -212,7 +212,7 @@ def test_grad_blocks_split_path():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,n,k,bs", [(1, 5, 7, (16, 16)), (3, 37, 70, (16, 32)), (17, 50, 33, (32, 16)),
                                       (5, 70, 140, (64, 16))])
-@pytest.mark.parametrize("backend", ["interpret", "reference"])
+@pytest.mark.parametrize("backend", ["interpret", "dense", "reference"])
 def test_backward_matches_dense_autograd(m, n, k, bs, dtype, backend):
     w, s, x, b = _case(m, n, k, bs, 0.5, dtype, lead=(2,))
     blocks = s.blocks.clone().requires_grad_(True)
@@ -319,8 +319,8 @@ def test_bad_inputs_raise_clear_errors():
 def test_dispatch_default_and_env(monkeypatch):
     from sparsekit.ops import available_backends, resolve
 
-    assert resolve("block_sparse_linear", "cpu") == "reference"
-    assert set(available_backends("block_sparse_linear", "cpu")) == {"interpret", "reference"}
+    assert resolve("block_sparse_linear", "cpu") == "dense"          # the cached expansion; SPARSEKIT_CPU_DENSE=0: reference
+    assert set(available_backends("block_sparse_linear", "cpu")) == {"interpret", "dense", "reference"}
     monkeypatch.setenv("SPARSEKIT_BACKEND", "interpret")
     assert resolve("block_sparse_linear", "cpu") == "interpret"
     w, s, x, b = _case(3, 20, 40, (16, 16), 0.5, torch.float32)

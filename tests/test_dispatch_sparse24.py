@@ -76,9 +76,9 @@ def test_resolve_forcing_extra_backends(monkeypatch):
     assert dispatch.resolve("sparse24_int8_linear", "cpu", "interpret") == "interpret"
     monkeypatch.setenv(dispatch.ENV_VAR, "dense")
     assert dispatch.resolve("sparse24_linear", "cpu", None, 5, n=3, k=8, dtype=torch.float16) == "dense"
-    # CPU auto dispatch stays on the reference whatever the table says
+    # CPU auto dispatch takes the cached dense expansion whatever the table says
     monkeypatch.setenv(dispatch.ENV_VAR, "auto")
-    assert dispatch.resolve("sparse24_linear", "cpu", None, 5, n=3, k=8, dtype=torch.float16) == "reference"
+    assert dispatch.resolve("sparse24_linear", "cpu", None, 5, n=3, k=8, dtype=torch.float16) == "dense"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -56,13 +56,17 @@ def test_half_model_returns_its_dtype_and_rejects_other_half(dtype):
         m(x.to(other))
 
 
-def test_float32_boundary_equals_half_compute():
-    """float32 in/out is exactly the compute-dtype module on the cast input, cast back."""
+def test_float32_boundary_equals_half_compute(monkeypatch):
+    """float32 in/out is exactly the compute-dtype module on the cast input, cast back (CPU's dense path
+    multiplies the float32 input itself: the same within float16 rounding)."""
     m = _mlp(torch.float32)
     sparsekit.quantize_(m, "int4", progress=False)
     x = torch.randn(4, 128)
     q = m[0]
+    dense_path = q(x)
+    monkeypatch.setenv("SPARSEKIT_CPU_DENSE", "0")
     assert torch.equal(q(x), q(x.half()).float())
+    assert _rel(dense_path, q(x)) < 2e-3
 
 
 @pytest.mark.parametrize("method,scheme", [("gptq", "int4"), ("awq", "int4"), ("sparsegpt", "2:4"),

@@ -139,7 +139,7 @@ def test_config_rejects_straddling_tiles():
             kmod.check_config(kmod.fwd_config(m, 4096, 4096, gs), gs, 4096 // gs)
 
 
-@pytest.mark.parametrize("backend", ["interpret", "reference"])
+@pytest.mark.parametrize("backend", ["interpret", "dense", "reference"])
 def test_grad_x_and_bias(backend):
     q, x, b = _case(4, 24, 64, torch.float16, lead=(2,))
     xg = x.clone().requires_grad_(True)
@@ -187,8 +187,8 @@ def test_bad_inputs_raise_clear_errors():
 def test_dispatch():
     from sparsekit.ops import dispatch
 
-    assert dispatch.resolve("int4_linear", "cpu") == "reference"
-    assert dispatch.available_backends("int4_linear", "cpu") == ["interpret", "reference"]
+    assert dispatch.resolve("int4_linear", "cpu") == "dense"
+    assert dispatch.available_backends("int4_linear", "cpu") == ["interpret", "dense", "reference"]
 
 
 # ------------------------------------------------------------------ torch.library

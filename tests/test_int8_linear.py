@@ -236,7 +236,7 @@ def test_activation_quant_error_levels():
 
 
 # ------------------------------------------------------------------ autograd
-@pytest.mark.parametrize("backend", ["interpret", "reference"])
+@pytest.mark.parametrize("backend", ["interpret", "dense", "reference"])
 @pytest.mark.parametrize("which", ["w8a8", "w4a8"])
 def test_grad_x_straight_through_and_bias(backend, which):
     k = 64
@@ -311,9 +311,11 @@ def test_format_and_dispatch():
     assert ((q.dequantize() - w).abs() <= q.scales[:, None] / 2 * (1 + 1e-6)).all()
     z = Int8Weight.from_float(torch.zeros(2, 8))
     assert torch.equal(z.scales, torch.ones(2)) and not z.qweight.any()
-    for op in ("int8_linear", "w4a8_linear", "per_token_quant"):
-        assert dispatch.resolve(op, "cpu") == "reference"
-        assert dispatch.available_backends(op, "cpu") == ["interpret", "reference"]
+    for op in ("int8_linear", "w4a8_linear"):
+        assert dispatch.resolve(op, "cpu") == "dense"
+        assert dispatch.available_backends(op, "cpu") == ["interpret", "dense", "reference"]
+    assert dispatch.resolve("per_token_quant", "cpu") == "reference"
+    assert dispatch.available_backends("per_token_quant", "cpu") == ["interpret", "reference"]
     x = torch.randn(2, 40).half()
     assert torch.equal(int8_linear(x, q), int8_linear(x, q, backend="reference"))
     assert int8_linear(torch.randn(0, 40).half(), q, backend="interpret").shape == (0, 6)

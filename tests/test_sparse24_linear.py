@@ -93,7 +93,7 @@ def test_gpu_tile_configs_are_valid(m):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,n,k", [(1, 5, 7), (3, 17, 37), (17, 33, 100), (40, 65, 129)])
-@pytest.mark.parametrize("backend", ["interpret", "reference"])
+@pytest.mark.parametrize("backend", ["interpret", "dense", "reference"])
 def test_backward_matches_dense_autograd(m, n, k, dtype, backend):
     w, s, x, b = _case(m, n, k, dtype, lead=(2,))
     values = s.values.clone().requires_grad_(True)
@@ -166,7 +166,10 @@ def test_device_mismatch_and_cuda_backend_on_cpu():
 def test_dispatch_default_and_env(monkeypatch):
     from sparsekit.ops import available_backends, resolve
 
+    assert resolve("sparse24_linear", "cpu") == "dense"          # the cached expansion (ops/_dense.py)
+    monkeypatch.setenv("SPARSEKIT_CPU_DENSE", "0")
     assert resolve("sparse24_linear", "cpu") == "reference"
+    monkeypatch.delenv("SPARSEKIT_CPU_DENSE")
     assert "interpret" in available_backends("sparse24_linear", "cpu")
     assert "triton" not in available_backends("sparse24_linear", "cpu")
     monkeypatch.setenv("SPARSEKIT_BACKEND", "interpret")
@@ -177,7 +180,7 @@ def test_dispatch_default_and_env(monkeypatch):
     with pytest.raises(ValueError, match="SPARSEKIT_BACKEND"):
         resolve("sparse24_linear", "cpu")
     monkeypatch.setenv("SPARSEKIT_BACKEND", "auto")
-    assert resolve("sparse24_linear", "cpu") == "reference"
+    assert resolve("sparse24_linear", "cpu") == "dense"
     with pytest.raises(ValueError, match="unknown op"):
         resolve("nope", "cpu")
 

@@ -8,7 +8,8 @@ from torch import nn
 
 from ..formats._validate import validate_block_sparse
 from ..formats.block_sparse import BlockSparseWeight, check_block_size
-from ..ops.block_sparse import block_sparse_linear_packed
+from ..ops._dense import module_fast_path
+from ..ops.block_sparse import block_sparse_linear_packed, dense_forward
 from . import _state
 
 __all__ = ["BlockSparseLinear"]
@@ -173,6 +174,10 @@ class BlockSparseLinear(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if module_fast_path(x, self.backend, self.in_features, (self.blocks.dtype,)) and not (
+                self.blocks.requires_grad and torch.is_grad_enabled()):
+            # CPU: the cached dense expansion, without the op's per-call machinery (ops/_dense.py)
+            return dense_forward(x, self.blocks, self.crow, self.col, self.out_features, self.in_features, self.bias)
         # the buffers were validated when built / loaded: no per-call content checks
         return block_sparse_linear_packed(x, self.blocks, self.crow, self.col, self.tcol_ptr, self.trow, self.tblk,
                                           self.out_features, self.in_features, self.bias, backend=self.backend,

@@ -30,7 +30,8 @@ from ..formats._validate import validate_int4, validate_int8
 from ..formats.int4 import Int4Weight, resolve_group_size
 from ..formats.int8 import Int8Weight
 from ..ops.act_quant import _check_frac8
-from ..ops.int4 import int4_linear_packed
+from ..ops._dense import dense_linear, module_fast_path
+from ..ops.int4 import dense_int4_weight, int4_linear_packed
 from ..ops.int8 import int8_linear_packed, w4a8_linear_packed
 from . import _state
 
@@ -312,6 +313,11 @@ class QLinear(nn.Module):
             # compute dtype (float16/bfloat16, chosen at conversion) and only the boundary is cast
             if self.input_scale is not None:
                 x = x / self.input_scale.float()
+            if self.bits == 4 and self.act_bits is None and module_fast_path(x, self.backend, self.in_features,
+                                                                             (torch.float32,)):
+                # CPU's dense path: the float32 input times the cached dequantized weight, in float32
+                return dense_linear(x, dense_int4_weight(self.qweight, self.scales, self.zeros, self.group_size,
+                                                         self.in_features), self.bias)
             return self._forward_compute(x.to(self.dtype), importance).float()
         if self.input_scale is not None:
             x = x / self.input_scale
@@ -327,6 +333,10 @@ class QLinear(nn.Module):
                                       validate=False)
         # the buffers were validated when built / loaded: no per-call content checks
         if self.act_bits is None:
+            if module_fast_path(x, self.backend, self.in_features, (self.dtype,)):
+                # CPU: the cached dense expansion, without the op's per-call machinery (ops/_dense.py)
+                return dense_linear(x, dense_int4_weight(self.qweight, self.scales, self.zeros, self.group_size,
+                                                         self.in_features), self.bias)
             return int4_linear_packed(x, self.qweight, self.scales, self.zeros, self.group_size, self.in_features,
                                       self.bias, backend=self.backend, validate=False)
         return w4a8_linear_packed(x, self.qweight, self.scales, self.zeros, self.group_size, self.in_features,

@@ -8,7 +8,8 @@ from torch import nn
 
 from ..formats._validate import validate_sparse24, validate_sparse24_int8
 from ..formats.sparse24 import Sparse24Int8Weight, Sparse24Weight, padded_k
-from ..ops.sparse24 import sparse24_linear_packed
+from ..ops._dense import dense_linear, module_fast_path
+from ..ops.sparse24 import cpu_dense_weight, sparse24_linear_packed
 from ..ops.sparse24_int8 import sparse24_int8_linear_packed
 from ..prune.masks import mask_2to4
 from . import _state
@@ -197,6 +198,10 @@ class SparseLinear(nn.Module):
         if self.act_bits == 8:
             return sparse24_int8_linear_packed(x, self.values, self.meta_codes, self.w_scale, self.in_features,
                                                self.bias, backend=self.backend, validate=False)
+        if module_fast_path(x, self.backend, self.in_features, (self.values.dtype,)) and not (
+                self.values.requires_grad and torch.is_grad_enabled()):
+            # CPU: the cached dense expansion, without the op's per-call machinery (ops/_dense.py)
+            return dense_linear(x, cpu_dense_weight(self.values, self.meta_codes, self.in_features), self.bias)
         # the buffers were validated when built / loaded: no per-call content checks
         return sparse24_linear_packed(x, self.values, self.meta_codes, self.in_features, self.bias,
                                       backend=self.backend, validate=False)

@@ -9,7 +9,8 @@ from torch import nn
 from ..formats._validate import validate_sparse24_int4
 from ..formats.int4 import SCALE_DTYPES, resolve_group_size
 from ..formats.sparse24_int4 import Sparse24Int4Weight, compressed_group_size, k_padded16
-from ..ops.sparse24_int4 import sparse24_int4_linear_packed
+from ..ops._dense import dense_linear, module_fast_path
+from ..ops.sparse24_int4 import dense_sparse24_int4_weight, sparse24_int4_linear_packed
 from . import _state
 
 __all__ = ["SparseQLinear"]
@@ -151,6 +152,10 @@ class SparseQLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias
+        if module_fast_path(x, self.backend, self.in_features, (self.compute_dtype, torch.float32)):
+            # CPU: the cached dense expansion, without the op's per-call machinery (ops/_dense.py)
+            return dense_linear(x, dense_sparse24_int4_weight(self.qweight, self.scales, self.zeros, self.meta_codes,
+                                                              self.group_size, self.in_features), bias)
         if bias is not None and x.dtype != bias.dtype:
             bias = bias.to(x.dtype)
         # the buffers were validated when built / loaded: no per-call content checks

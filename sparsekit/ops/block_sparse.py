@@ -30,12 +30,13 @@ from ..formats._validate import validate_block_sparse
 from ..formats.block_sparse import BLOCK_SIDES, BlockSparseWeight, block_rows, dense_from_blocks
 from ._checks import as_contiguous, check_bias, check_features, check_x, validate_once
 from . import dispatch
+from ._dense import cached_weight, cpu_weight, dense_linear
 
 __all__ = ["block_sparse_linear", "block_sparse_linear_packed"]
 
 OP = "block_sparse_linear"
-dispatch.register(OP, ("triton", "interpret", "reference"))
-_BACKWARD_BACKEND = {"triton": "triton", "interpret": "interpret", "reference": "reference"}
+dispatch.register(OP, ("triton", "interpret", "dense", "reference"))
+_BACKWARD_BACKEND = {"triton": "triton", "interpret": "interpret", "reference": "reference", "dense": "reference"}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -67,9 +68,19 @@ def _structural_rows(x2, blocks, crow, col, out_features, in_features):
     return acc.reshape(m, nb * bm)[:, :out_features]
 
 
-def _reference_forward(x, blocks, crow, col, out_features, in_features, bias):
-    w = _dense(blocks, crow, col, out_features, in_features)
-    y = F.linear(x, w, bias)
+def dense_forward(x, blocks, crow, col, out_features, in_features, bias):
+    """The ``dense`` backend's forward (the expansion cached per tensor version; float32 math on CPU)."""
+    return _reference_forward(x, blocks, crow, col, out_features, in_features, bias, cached=True)
+
+
+def _reference_forward(x, blocks, crow, col, out_features, in_features, bias, cached: bool = False):
+    if cached:      # the dense backend: the expansion kept per weight version, float32 math on CPU
+        w = cached_weight(("block", out_features, in_features), (blocks, crow, col),
+                          lambda: cpu_weight(_dense(blocks.detach(), crow, col, out_features, in_features)))
+        y = dense_linear(x, w, bias)
+    else:
+        w = _dense(blocks, crow, col, out_features, in_features)
+        y = F.linear(x, w, bias)
     if x.numel() == 0 or blocks.shape[0] == _full_pattern_blocks(crow, in_features, blocks):
         return y.contiguous()
     x2 = x.reshape(-1, in_features)
@@ -98,8 +109,8 @@ def _block_sparse_linear(x: torch.Tensor, blocks: torch.Tensor, crow: torch.Tens
                          backend: str) -> torch.Tensor:
     n = out_features
     lead = x.shape[:-1]
-    if backend == "reference":
-        return _reference_forward(x, blocks, crow, col, out_features, in_features, bias)
+    if backend in ("reference", "dense"):
+        return _reference_forward(x, blocks, crow, col, out_features, in_features, bias, backend == "dense")
     x2 = _as_2d(x)
     blocks, crow, col, bias = (as_contiguous(t) for t in (blocks, crow, col, bias))
     out = _testing.alloc_output((x2.shape[0], n), x.dtype, x.device)

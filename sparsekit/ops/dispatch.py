@@ -222,6 +222,13 @@ def resolve(op: str, device, backend: Optional[str] = None, m: int = 1, *, n: Op
             raise ValueError(f"op {op!r}: {why} (got tensors on {device})")
         return want
     if device.type != "cuda":
+        # CPU: the cached dense expansion (never slower than the dense layer; see ops/_dense.py) unless
+        # turned off with SPARSEKIT_CPU_DENSE=0, then the reference math
+        if "dense" in impls and device.type == "cpu":
+            from ._dense import cpu_dense_enabled
+
+            if cpu_dense_enabled():
+                return "dense"
         return "reference"
     return select_from_rows(op, dispatch_table(op, device), device, m, n=n, k=k, dtype=dtype)
 

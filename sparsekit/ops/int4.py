@@ -19,16 +19,23 @@ from ..formats._validate import validate_int4
 from ..formats.int4 import SCALE_DTYPES, Int4Weight, dequantize_int4
 from ._checks import as_contiguous, check_bias, check_features, check_x, validate_once
 from . import dispatch
+from ._dense import cached_weight, cpu_weight, dense_linear
 
 __all__ = ["int4_linear", "int4_linear_packed"]
 
-dispatch.register("int4_linear", ("triton", "interpret", "reference"))
+dispatch.register("int4_linear", ("triton", "interpret", "dense", "reference"))
 
 
 def _kernels(backend: str):
     from .. import kernels  # sparsekit.kernels
 
     return kernels.load("int4", interpret=(backend == "interpret"))
+
+
+def dense_int4_weight(qweight, scales, zeros, group_size: int, in_features: int) -> torch.Tensor:
+    """The ``dense`` backend's dequantized weight (float32 on CPU), cached per tensor version."""
+    return cached_weight(("int4", group_size, in_features), (qweight, scales, zeros),
+                         lambda: cpu_weight(dequantize_int4(qweight, scales, zeros, group_size, in_features)))
 
 
 @torch.library.custom_op("sparsekit::int4_linear", mutates_args=())
@@ -42,6 +49,8 @@ def _int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     if backend == "reference":
         w = dequantize_int4(qweight, scales, zeros, group_size, in_features)
         return F.linear(x, w, bias).contiguous()
+    if backend == "dense":
+        return dense_linear(x, dense_int4_weight(qweight, scales, zeros, group_size, in_features), bias)
     x2 = x.reshape(-1, x.shape[-1])
     qweight, scales, zeros, bias = (as_contiguous(t) for t in (qweight, scales, zeros, bias))
     out = _testing.alloc_output((x2.shape[0], n), x.dtype, x.device)

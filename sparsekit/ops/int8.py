@@ -43,12 +43,13 @@ from ..formats._validate import validate_int8
 from ..formats.int8 import Int8Weight
 from ._checks import as_contiguous, check_bias, check_x, validate_once
 from . import dispatch
+from ._dense import cached_weight
 from .act_quant import quantize_rows, resolve_act_bits
 
 __all__ = ["int8_linear", "int8_linear_packed", "w4a8_linear", "w4a8_linear_packed", "dequantize_int4_fp32"]
 
-dispatch.register("int8_linear", ("triton", "interpret", "reference"))
-dispatch.register("w4a8_linear", ("triton", "interpret", "reference"))
+dispatch.register("int8_linear", ("triton", "interpret", "dense", "reference"))
+dispatch.register("w4a8_linear", ("triton", "interpret", "dense", "reference"))
 
 
 def _kernels(backend: str):
@@ -94,6 +95,9 @@ def _int8_linear(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, b
         return _empty_k(x, n, bias)
     if backend == "reference":
         return _reference(x, _w8_dequant(qweight, wscale), bias, nbits, bits).contiguous()
+    if backend == "dense":
+        w = cached_weight(("w8",), (qweight, wscale), lambda: _w8_dequant(qweight, wscale).contiguous())
+        return _reference(x, w, bias, nbits, bits).contiguous()
     x2 = x.reshape(-1, x.shape[-1])
     qweight, wscale, bias = (as_contiguous(t) for t in (qweight, wscale, bias))
     out = _testing.alloc_output((x2.shape[0], n), x.dtype, x.device)
@@ -138,8 +142,11 @@ def _w4a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     n = qweight.shape[0]
     if in_features == 0:       # no input features: y = bias (as F.linear)
         return _empty_k(x, n, bias)
-    if backend == "reference":
-        w = dequantize_int4_fp32(qweight, scales, zeros, group_size, in_features)
+    if backend in ("reference", "dense"):
+        def make():
+            return dequantize_int4_fp32(qweight, scales, zeros, group_size, in_features).contiguous()
+        w = make() if backend == "reference" else cached_weight(("w4", group_size, in_features),
+                                                                (qweight, scales, zeros), make)
         return _reference(x, w, bias, nbits, bits).contiguous()
     x2 = x.reshape(-1, x.shape[-1])
     qweight, scales, zeros, bias = (as_contiguous(t) for t in (qweight, scales, zeros, bias))

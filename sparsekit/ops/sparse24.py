@@ -38,6 +38,7 @@ from ..formats._validate import sparse24_columns, sparse24_dense, validate_spars
 from ..formats.sparse24 import Sparse24Weight, TensorCache, padded_k
 from ._checks import as_contiguous, check_bias, check_features, check_sparse24_shapes, check_x, validate_once
 from . import dispatch
+from ._dense import cached_weight, cpu_weight, dense_linear
 
 __all__ = ["sparse24_linear", "sparse24_linear_packed"]
 
@@ -122,6 +123,11 @@ def _dense_from(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Tenso
     return sparse24_dense(values, meta, k)
 
 
+def cpu_dense_weight(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``dense`` backend's expansion (float32 on CPU), cached per (values, meta) version."""
+    return cached_weight(("sp24", k), (values, meta), lambda: cpu_weight(_dense_from(values.detach(), meta, k)))
+
+
 def _as_2d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
@@ -136,6 +142,8 @@ def _sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, 
         w = _dense_from(values, meta, in_features)
         return F.linear(x, w, bias).contiguous()
     if backend == "dense":
+        if x.device.type == "cpu":
+            return dense_linear(x, cpu_dense_weight(values, meta, in_features), bias)
         return F.linear(x, dense_weight_cached(values, meta, in_features), bias).contiguous()
     # the kernels take row strides only: every weight-side operand with unit inner stride
     values, meta, bias = as_contiguous(values), as_contiguous(meta), as_contiguous(bias)

@@ -21,11 +21,12 @@ from ..formats.int4 import SCALE_DTYPES, dequantize_int4
 from ..formats.sparse24_int4 import Sparse24Int4Weight, k_padded16
 from ._checks import as_contiguous, check_bias, check_features, check_x, validate_once
 from . import dispatch
+from ._dense import cached_weight, cpu_weight, dense_linear
 
 __all__ = ["sparse24_int4_linear", "sparse24_int4_linear_packed", "dequantize_sparse24_int4"]
 
 OP = "sparse24_int4_linear"
-dispatch.register(OP, ("triton", "interpret", "reference"))
+dispatch.register(OP, ("triton", "interpret", "dense", "reference"))
 
 
 def _kernels(backend: str):
@@ -42,6 +43,13 @@ def dequantize_sparse24_int4(qweight, scales, zeros, meta, group_size: int, in_f
     return sparse24_dense(values, meta, in_features)
 
 
+def dense_sparse24_int4_weight(qweight, scales, zeros, meta, group_size: int, in_features: int) -> torch.Tensor:
+    """The ``dense`` backend's dequantized 2:4 weight (float32 on CPU), cached per tensor version."""
+    return cached_weight(("sp24q", group_size, in_features), (qweight, scales, zeros, meta),
+                         lambda: cpu_weight(dequantize_sparse24_int4(qweight, scales, zeros, meta, group_size,
+                                                                     in_features)))
+
+
 @torch.library.custom_op("sparsekit::sparse24_int4_linear", mutates_args=())
 def _sp24q_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
                   meta: torch.Tensor, group_size: int, in_features: int, bias: Optional[torch.Tensor],
@@ -54,6 +62,9 @@ def _sp24q_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     if backend == "reference":
         w = dequantize_sparse24_int4(qweight, scales, zeros, meta, group_size, in_features)
         return F.linear(x, w.to(x.dtype), bias).contiguous()
+    if backend == "dense":
+        return dense_linear(x, dense_sparse24_int4_weight(qweight, scales, zeros, meta, group_size, in_features),
+                            bias)
     x2 = x.reshape(-1, x.shape[-1])
     qweight, scales, zeros, meta, bias = (as_contiguous(t) for t in (qweight, scales, zeros, meta, bias))
     out = _testing.alloc_output((x2.shape[0], n), x.dtype, x.device)

@@ -30,9 +30,10 @@ from typing import Optional
 import torch
 
 from ..formats._validate import sparse24_dense, validate_sparse24_int8
-from ..formats.sparse24 import Sparse24Int8Weight, TensorCache
+from ..formats.sparse24 import Sparse24Int8Weight
 from ._checks import as_contiguous, check_bias, check_features, check_sparse24_shapes, check_x, validate_once
 from . import dispatch
+from ._dense import cached_weight
 from .act_quant import per_token_quant_reference
 
 __all__ = ["sparse24_int8_linear", "sparse24_int8_linear_packed", "OP"]
@@ -48,7 +49,6 @@ def _cuda_accepts(m, n, k, dtype) -> bool:
 
 dispatch.register(OP, ("cuda", "triton", "interpret", "dense", "reference"), accepts={"cuda": _cuda_accepts})
 
-_DENSE = TensorCache()
 
 
 def _int_dense(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Tensor:
@@ -56,8 +56,7 @@ def _int_dense(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Tensor
 
 
 def _dense_f32(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Tensor:
-    return _DENSE.get(values, (values._version, meta._version, id(meta), k),
-                      lambda: _int_dense(values, meta, k).float().contiguous())
+    return cached_weight(("sp24i8", k), (values, meta), lambda: _int_dense(values, meta, k).float().contiguous())
 
 
 @torch.library.custom_op("sparsekit::sparse24_int8_linear", mutates_args=())

@@ -1,0 +1,174 @@
+"""CPU speed of every compressed linear against the ``nn.Linear`` it replaced (``sparsekit bench --cpu-speed``).
+
+For each scheme, layer shape ``N x K`` and batch ``M``: a float32 ``nn.Linear``
+and the module its scheme converts it to (``sparsify_`` / ``quantize_`` with
+the scheme's defaults, no calibration) run the same input under
+``torch.no_grad``, alternating, in one process; each side's time is the
+median over rounds of the mean of a few calls.  ``ratio = dense / compressed``
+(>= 1.0: the compressed layer is at least as fast).  The default CPU path is
+what automatic dispatch picks (``dense``: the expansion cached per weight
+version, see ``sparsekit/ops/_dense.py``); ``--backend reference`` times the
+per-call expansion instead.  Writes ``cpu_speed.csv`` and ``cpu_speed.md`` to
+``--out`` (default ``bench/results/cpu/``).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+SCHEMES = ("2:4", "block", "int4", "w8a8", "w4a8", "2:4+int4", "2:4+int8")
+SHAPES = ((512, 512), (2048, 2048), (4096, 4096))
+MS = (1, 16, 256)
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_OUT = os.path.join(HERE, "results", "cpu")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def convert(scheme: str, linear: nn.Linear) -> nn.Module:
+    """``linear``'s compressed module under ``scheme``'s default config (no calibration)."""
+    import sparsekit
+    from sparsekit.schemes import get_scheme
+
+    s = get_scheme(scheme)
+    holder = nn.Sequential(linear)
+    (sparsekit.sparsify_ if s.sparse else sparsekit.quantize_)(holder, scheme, progress=False)
+    return holder[0]
+
+
+def _time(fn, calls: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls
+
+
+def measure(dense: nn.Module, comp: nn.Module, x: torch.Tensor, rounds: int, budget_s: float) -> tuple:
+    """(dense seconds, compressed seconds) per call: medians over alternating rounds."""
+    with torch.no_grad():
+        for _ in range(2):                       # warm-up (and the cached expansion on the first call)
+            dense(x)
+            comp(x)
+        t1 = max(_time(lambda: dense(x), 1), 1e-6)
+        calls = max(1, min(50, int(budget_s / rounds / 2 / t1)))
+        td, tc = [], []
+        for _ in range(rounds):
+            td.append(_time(lambda: dense(x), calls))
+            tc.append(_time(lambda: comp(x), calls))
+    return statistics.median(td), statistics.median(tc)
+
+
+def run(schemes=SCHEMES, shapes=SHAPES, ms=MS, rounds: int = 7, budget_s: float = 1.0, backend=None,
+        progress=print) -> list:
+    from sparsekit.ops import dispatch
+
+    rows = []
+    for n, k in shapes:
+        torch.manual_seed(0)
+        base = nn.Linear(k, n)
+        for scheme in schemes:
+            lin = nn.Linear(k, n)
+            lin.load_state_dict(base.state_dict())
+            comp = convert(scheme, lin)
+            if backend is not None:
+                comp.backend = backend
+            op = getattr(__import__("sparsekit.schemes", fromlist=["get_scheme"]).get_scheme(scheme), "kernels")[0]
+            for m in ms:
+                x = torch.randn(m, k)
+                chosen = dispatch.resolve(op, "cpu", backend, m)
+                td, tc = measure(base, comp, x, rounds, budget_s)
+                row = {"scheme": scheme, "op": op, "backend": chosen, "N": n, "K": k, "M": m, "dtype": "fp32",
+                       "dense_ms": round(td * 1e3, 4), "compressed_ms": round(tc * 1e3, 4),
+                       "ratio": round(td / tc, 3)}
+                rows.append(row)
+                if progress:
+                    progress(f"{scheme:9s} {n}x{k} M={m:<4d} {chosen:9s} dense {row['dense_ms']:9.3f} ms  "
+                             f"compressed {row['compressed_ms']:9.3f} ms  ratio {row['ratio']:.2f}")
+    return rows
+
+
+def write(rows: list, out: str, header: dict) -> tuple:
+    os.makedirs(out, exist_ok=True)
+    csv_path = os.path.join(out, "cpu_speed.csv")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    md_path = os.path.join(out, "cpu_speed.md")
+    lines = ["# CPU: compressed linear vs the dense nn.Linear it replaced", "",
+             "Generated by `sparsekit bench --cpu-speed` (bench/cpu_speed.py).  ratio = dense time / compressed "
+             "time, measured side by side in one run (>= 1.0: not slower).", ""]
+    lines += [f"- {k}: {v}" for k, v in header.items()]
+    lines += ["", "| scheme | backend | N x K | M | dense ms | compressed ms | ratio |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['scheme']} | {r['backend']} | {r['N']}x{r['K']} | {r['M']} | {r['dense_ms']} | "
+                     f"{r['compressed_ms']} | {r['ratio']:.2f} |")
+    worst = min(rows, key=lambda r: r["ratio"])
+    lines += ["", f"Lowest ratio: {worst['ratio']:.2f} ({worst['scheme']}, {worst['N']}x{worst['K']}, M={worst['M']})."]
+    with open(md_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sparsekit bench --cpu-speed", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--schemes", nargs="+", default=list(SCHEMES), help="schemes to time (default: all)")
+    p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="NxK list, comma separated")
+    p.add_argument("--m", default=",".join(str(m) for m in MS), help="batch sizes M, comma separated")
+    p.add_argument("--rounds", type=int, default=7, help="alternating rounds per case (median)")
+    p.add_argument("--budget-s", type=float, default=1.0, help="seconds of calls per case and side, roughly")
+    p.add_argument("--backend", default=None, help="force a backend (e.g. reference) instead of the CPU default")
+    p.add_argument("--out", default=DEFAULT_OUT, help="output directory (default bench/results/cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+        ms = [int(v) for v in args.m.split(",")]
+    except ValueError:
+        print(f"sparsekit bench --cpu-speed: error: bad --shapes {args.shapes!r} or --m {args.m!r}", file=sys.stderr)
+        return 2
+    rows = run(args.schemes, shapes, ms, args.rounds, args.budget_s, args.backend)
+    header = {"CPU": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "commit": _commit(), "date": datetime.date.today().isoformat(),
+              "backend": args.backend or "automatic (CPU: dense unless SPARSEKIT_CPU_DENSE=0)"}
+    csv_path, md_path = write(rows, args.out, header)
+    print(f"wrote {csv_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

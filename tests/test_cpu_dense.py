@@ -1,0 +1,169 @@
+"""The ``dense`` backend (sparsekit/ops/_dense.py): CPU's default for every compressed linear.
+
+The packed weight is expanded once per weight version and cached; the matmul
+runs in float32 on CPU.  These tests check it against the float64 math of the
+packed weight on odd shapes and every dtype, that in-place updates and new
+tensors are seen, that freed weights leave the cache, and the opt-out.
+"""
+import dataclasses
+import gc
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekit
+from sparsekit.ops import _dense, dispatch
+from sparsekit.schemes import get_scheme
+from sparsekit.testing import assert_close_rel
+
+SCHEMES = ["2:4", "block", "int4", "w8a8", "w4a8", "2:4+int4", "2:4+int8"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+HALF_ONLY = {"int4", "w8a8", "w4a8", "2:4+int4"}      # compute dtype float16/bfloat16 (float32 in/out allowed)
+
+
+def _model(scheme, dtype, k=200, n=72, seed=0):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(k, n), nn.GELU(), nn.Linear(n, 40)).to(dtype)
+    cfg = get_scheme(scheme).default_config()
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    if "block_size" in fields:
+        cfg = dataclasses.replace(cfg, block_size=(16, 16))
+    if "group_size" in fields and scheme != "2:4+int4":
+        cfg = dataclasses.replace(cfg, group_size=None)          # the largest of 128/64/32 dividing K
+    (sparsekit.sparsify_ if get_scheme(scheme).sparse else sparsekit.quantize_)(m, cfg, progress=False)
+    return m
+
+
+def _with(monkeypatch, on: bool):
+    monkeypatch.setenv(_dense.CPU_DENSE_ENV, "1" if on else "0")
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 7])
+def test_dense_backend_equals_reference(scheme, dtype, m, monkeypatch):
+    model = _model(scheme, dtype, k=200 if scheme not in HALF_ONLY else 192)
+    x = torch.randn(m, 3, model[0].in_features, dtype=dtype)
+    _with(monkeypatch, False)
+    with torch.no_grad():
+        ref = model(x)
+    _with(monkeypatch, True)
+    with torch.no_grad():
+        y = model(x)
+        y2 = model(x)
+    assert y.dtype == ref.dtype == dtype and y.shape == ref.shape
+    # the same weights; only the accumulation (float32 on CPU) and the output rounding differ (in the
+    # compute dtype: float16 for a float32 model's low-bit layers)
+    compute = torch.float16 if scheme in HALF_ONLY and dtype == torch.float32 else dtype
+    assert_close_rel(y, ref, compute)
+    assert torch.equal(y, y2)
+
+
+def test_expansion_is_cached_and_follows_updates(monkeypatch):
+    _with(monkeypatch, True)
+    _dense.clear_dense_cache()
+    model = _model("2:4", torch.float32)
+    x = torch.randn(4, 200)
+    with torch.no_grad():
+        model(x)
+    n0 = len(_dense._CACHE)
+    assert n0 == 2                                     # one expansion per layer
+    with torch.no_grad():
+        model(x)
+    assert len(_dense._CACHE) == n0
+    # an in-place update (an optimizer step, copy_) is seen on the next call
+    lin = model[0]
+    with torch.no_grad():
+        lin.values.mul_(2.0)
+        y = model(x)
+    _with(monkeypatch, False)
+    with torch.no_grad():
+        ref = model(x)
+    assert_close_rel(y, ref, torch.float32)
+
+
+def test_state_dict_load_and_new_tensors_are_seen(monkeypatch):
+    _with(monkeypatch, True)
+    a, b = _model("int4", torch.float16, k=192, seed=0), _model("int4", torch.float16, k=192, seed=1)
+    x = torch.randn(3, 192, dtype=torch.float16)
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+        a.load_state_dict(b.state_dict())
+        assert torch.equal(a(x), yb)
+        assert not torch.equal(ya, yb)
+
+
+def test_freed_weights_leave_the_cache(monkeypatch):
+    _with(monkeypatch, True)
+    _dense.clear_dense_cache()
+    model = _model("block", torch.float32)
+    with torch.no_grad():
+        model(torch.randn(2, 200))
+    assert len(_dense._CACHE) == 2
+    del model
+    gc.collect()
+    assert len(_dense._CACHE) == 0
+
+
+def test_training_through_the_dense_backend(monkeypatch):
+    """Gradients of the trainable packed parts (2:4 values, kept blocks) equal the reference backend's."""
+    for scheme, attr in (("2:4", "values"), ("block", "blocks")):
+        grads = {}
+        for on in (True, False):
+            _with(monkeypatch, on)
+            model = _model(scheme, torch.float32)
+            x = torch.randn(5, 200)
+            model(x).square().sum().backward()
+            grads[on] = getattr(model[0], attr).grad.clone()
+        assert_close_rel(grads[True], grads[False], torch.float32)
+
+
+def test_inference_tensors_are_not_cached(monkeypatch):
+    _with(monkeypatch, True)
+    _dense.clear_dense_cache()
+    with torch.inference_mode():
+        model = _model("2:4", torch.float32)
+        x = torch.randn(2, 200)
+        y = model(x)
+    assert len(_dense._CACHE) == 0
+    _with(monkeypatch, False)
+    with torch.inference_mode():
+        assert_close_rel(y, model(x), torch.float32)
+
+
+def test_opt_out_and_bad_values(monkeypatch):
+    monkeypatch.setenv(_dense.CPU_DENSE_ENV, "0")
+    assert dispatch.resolve("int4_linear", "cpu") == "reference"
+    monkeypatch.setenv(_dense.CPU_DENSE_ENV, "maybe")
+    with pytest.raises(ValueError, match="SPARSEKIT_CPU_DENSE"):
+        dispatch.resolve("int4_linear", "cpu")
+    monkeypatch.delenv(_dense.CPU_DENSE_ENV)
+    try:
+        _dense.set_cpu_dense(False)
+        assert dispatch.resolve("sparse24_linear", "cpu") == "reference"
+        assert len(_dense._CACHE) == 0
+        _dense.set_cpu_dense(True)
+        assert dispatch.resolve("sparse24_linear", "cpu") == "dense"
+        with pytest.raises(TypeError):
+            _dense.set_cpu_dense("yes")
+    finally:
+        _dense.set_cpu_dense(None)
+    # forcing a backend still wins over the CPU default
+    assert dispatch.resolve("block_sparse_linear", "cpu", "reference") == "reference"
+    assert dispatch.resolve("block_sparse_linear", "cpu", "dense") == "dense"
+
+
+def test_cpu_speed_benchmark_writes_every_case(tmp_path):
+    """`sparsekit bench --cpu-speed` runs end to end (timings are not asserted: a benchmark, not a test)."""
+    import csv
+
+    from sparsekit.cli import main
+
+    rc = main(["bench", "--cpu-speed", "--schemes", "2:4", "int4", "--shapes", "64x128", "--m", "1,3",
+               "--rounds", "1", "--budget-s", "0.01", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = list(csv.DictReader(open(tmp_path / "cpu_speed.csv")))
+    assert [(r["scheme"], r["M"]) for r in rows] == [("2:4", "1"), ("2:4", "3"), ("int4", "1"), ("int4", "3")]
+    assert all(r["backend"] == "dense" and float(r["ratio"]) > 0 for r in rows)
+    assert "ratio" in (tmp_path / "cpu_speed.md").read_text()
