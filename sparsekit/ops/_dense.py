@@ -89,9 +89,13 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor])
     if x.device.type == "cpu":
         if x.dtype == torch.float32 and w.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32):
             return F.linear(x, w, bias)
-        y = F.linear(x if x.dtype == torch.float32 else x.float(), w if w.dtype == torch.float32 else w.float(),
-                     None if bias is None else bias.float())
-        return (y if x.dtype == torch.float32 else y.to(x.dtype)).contiguous()
+        if bias is not None and bias.dtype != torch.float32:
+            if torch.is_grad_enabled() and bias.requires_grad:
+                bias = bias.float()                     # differentiable
+            else:
+                bias = cached_weight(("bias32",), (bias,), lambda: bias.float())
+        y = F.linear(x if x.dtype == torch.float32 else x.float(), w if w.dtype == torch.float32 else w.float(), bias)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
     return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype)).contiguous()
 
 
