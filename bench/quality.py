@@ -47,13 +47,11 @@ def parse_config(text: str) -> tuple:
 
 
 def _load(wname: str, minilm_calib: int):
-    from sparsekit.workloads import digits_workload, minilm_workload
+    from sparsekit.workloads import load_workload
 
-    if wname == "minilm":
-        return minilm_workload(num_calib=minilm_calib)
-    if wname == "digits":
-        return digits_workload()
-    raise ValueError(f"unknown workload {wname!r}; known: {DEFAULT_WORKLOADS}")
+    if wname not in DEFAULT_WORKLOADS:
+        raise ValueError(f"unknown workload {wname!r}; known: {DEFAULT_WORKLOADS}")
+    return load_workload(wname, num_calib=minilm_calib if wname == "minilm" else None)
 
 
 def quality_table(workloads=DEFAULT_WORKLOADS, configs=DEFAULT_CONFIGS, minilm_calib: int = 16,
@@ -77,7 +75,8 @@ def quality_table(workloads=DEFAULT_WORKLOADS, configs=DEFAULT_CONFIGS, minilm_c
             t0 = time.perf_counter()
             _, rep = compress(wl.model, wl.calib, scheme=scheme, method=method, quality_fn=wl.quality_fn,
                               dense_quality=dense_q, progress=progress)
-            row = {"workload": wname, "metric": wl.metric, "scheme": scheme, "method": method,
+            row = {"workload": wname, "metric": wl.metric, "calib": wl.extra["calib_size"], "scheme": scheme,
+                   "method": method,
                    "quality": rep["quality"], "dense_quality": dense_q, "ratio": rep["ratio"],
                    "model_ratio": rep["compressed_bytes"] / rep["dense_bytes"],
                    "seconds": time.perf_counter() - t0}
@@ -88,11 +87,13 @@ def quality_table(workloads=DEFAULT_WORKLOADS, configs=DEFAULT_CONFIGS, minilm_c
 
 
 def format_table(rows) -> str:
-    lines = ["| workload | metric | scheme | method | quality | dense quality | layer bytes ratio | model bytes ratio |",
-             "|---|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| workload | metric | calibration samples | scheme | method | quality | dense quality | "
+             "layer bytes ratio | model bytes ratio |",
+             "|---|---|---:|---|---|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['workload']} | {r['metric']} | {r['scheme']} | {r['method']} | {r['quality']:.4f} | "
-                     f"{r['dense_quality']:.4f} | {r['ratio']:.3f} | {r['model_ratio']:.3f} |")
+        lines.append(f"| {r['workload']} | {r['metric']} | {r['calib']} | {r['scheme']} | {r['method']} | "
+                     f"{float(r['quality']):.4f} | {float(r['dense_quality']):.4f} | {float(r['ratio']):.3f} | "
+                     f"{float(r['model_ratio']):.3f} |")
     return "\n".join(lines)
 
 
@@ -135,6 +136,9 @@ def main(argv=None, prog: str = "python -m sparsekit.bench.quality") -> int:
                         + " ".join(f"{s}/{m}" for s, m in DEFAULT_CONFIGS) + ")")
     p.add_argument("--quiet", action="store_true",
                    help="no progress (default: bars on a terminal, one line per row otherwise, on stderr)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="also write quality.csv and quality.md there (bench/results/cpu/ holds the committed run "
+                        "the README's table is generated from: python -m sparsekit.bench.readme_tables --write)")
     args = p.parse_args(argv)
     configs = DEFAULT_CONFIGS
     if args.configs:
@@ -142,9 +146,49 @@ def main(argv=None, prog: str = "python -m sparsekit.bench.quality") -> int:
             configs = check_configs([parse_config(c) for c in args.configs])
         except ValueError as e:
             p.error(str(e))
-    print_quality_table(workloads=tuple(args.workloads), minilm_calib=args.minilm_calib, configs=configs,
-                        progress=not args.quiet and sys.stderr.isatty(), log=None if args.quiet else sys.stderr)
+    rows = print_quality_table(workloads=tuple(args.workloads), minilm_calib=args.minilm_calib, configs=configs,
+                               progress=not args.quiet and sys.stderr.isatty(),
+                               log=None if args.quiet else sys.stderr)
+    if args.out is not None and rows:
+        for path in write_results(rows, args.out):
+            print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+FIELDS = ("workload", "metric", "calib", "scheme", "method", "quality", "dense_quality", "ratio", "model_ratio",
+          "seconds")
+
+
+def write_results(rows, out_dir: str) -> tuple:
+    """``quality.csv`` (one row per (workload, scheme, method), with the calibration size) and ``quality.md``."""
+    import csv
+    import datetime
+    import os
+    import platform
+
+    import torch
+
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path = os.path.join(out_dir, "quality.csv")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(FIELDS))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{r[k]:.6f}" if isinstance(r[k], float) else r[k]) for k in FIELDS})
+    md_path = os.path.join(out_dir, "quality.md")
+    with open(md_path, "w") as f:
+        f.write("# Real-model compression quality (CPU, one-shot)\n\n"
+                f"Generated by `sparsekit quality --out` on {datetime.date.today().isoformat()} "
+                f"(torch {torch.__version__}, {platform.machine()}).\n\n" + format_table(rows) + "\n")
+    return csv_path, md_path
+
+
+def read_results(path: str) -> list:
+    """The rows of a ``quality.csv`` written by :func:`write_results`."""
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 if __name__ == "__main__":

@@ -132,6 +132,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None,
                    help="directory for model.safetensors and report.json (created if missing)")
     c.add_argument("--force", action="store_true", help="overwrite model.safetensors / report.json in --out")
+    c.add_argument("--calib-size", type=int, default=None, metavar="N",
+                   help="calibration samples (MiniLM: sentences, 1..48, default 16; digits: training images, "
+                        "1..1347, default 384) -- the quality table's defaults, so both give the same number; "
+                        "recorded in the report as calib_size")
     c.add_argument("--sparsity", type=float, default=None,
                    help=f"{_join(registry.with_field('sparsity'))} only: fraction of blocks dropped, in [0, 1] "
                         f"(default 0.5)")
@@ -336,7 +340,7 @@ def compress_cmd(args, out=None) -> int:
 
         err = "sparsekit compress: error:"
         try:
-            wl = workloads.load_workload(args.workload)
+            wl = workloads.load_workload(args.workload, num_calib=getattr(args, "calib_size", None))
         except (ImportError, OSError, ValueError) as e:
             raise UsageError(f"{err} cannot load workload {args.workload!r}: {_one_line(e)}") from None
         opts = {}
@@ -353,7 +357,7 @@ def compress_cmd(args, out=None) -> int:
                                      progress=bars, overrides=getattr(args, "overrides", None), **opts)
         except (NotImplementedError, ValueError, TypeError) as e:
             raise UsageError(f"{err} {_one_line(e)}") from None
-        report = {"workload": wl.name, "metric": wl.metric, **report}
+        report = {"workload": wl.name, "metric": wl.metric, "calib_size": wl.extra.get("calib_size"), **report}
         if args.out is not None:
             try:
                 wpath, rpath = save_compressed(model, os.path.join(args.out, "model.safetensors"), report)

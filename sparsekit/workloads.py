@@ -22,7 +22,7 @@ from typing import Callable, List, Optional
 import torch
 from torch import nn
 
-__all__ = ["Workload", "WORKLOADS", "SENTENCES", "MiniLMEmbedder", "minilm_model_dir", "minilm_workload",
+__all__ = ["Workload", "WORKLOADS", "DEFAULT_CALIB", "CALIB_LIMITS", "SENTENCES", "MiniLMEmbedder", "minilm_model_dir", "minilm_workload",
            "digits_data", "train_digits_mlp", "digits_workload", "load_workload"]
 
 
@@ -300,9 +300,21 @@ def digits_workload(seed: int = 0, epochs: int = 20, num_calib: int = 384, calib
 
 
 WORKLOADS = {"minilm": minilm_workload, "digits": digits_workload}
+# calibration samples used by `sparsekit compress` and the quality table unless told otherwise (MiniLM:
+# sentences, digits: training images): one default, so both report the same number for the same run
+DEFAULT_CALIB = {"minilm": 16, "digits": 384}
+CALIB_LIMITS = {"minilm": (1, NUM_CALIB_SENTENCES), "digits": (1, 1347)}   # digits: its 75% training split
 
 
-def load_workload(name: str, **kwargs) -> Workload:
+def load_workload(name: str, num_calib: Optional[int] = None, **kwargs) -> Workload:
+    """Workload ``name`` calibrated on ``num_calib`` samples (default :data:`DEFAULT_CALIB`); the number is
+    kept in ``workload.extra["calib_size"]``."""
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; known: {sorted(WORKLOADS)}")
-    return WORKLOADS[name](**kwargs)
+    n = DEFAULT_CALIB[name] if num_calib is None else num_calib
+    lo, hi = CALIB_LIMITS[name]
+    if isinstance(n, bool) or not isinstance(n, int) or not lo <= n <= hi:
+        raise ValueError(f"the {name} workload calibrates on {lo}..{hi} samples, got {n!r}")
+    wl = WORKLOADS[name](num_calib=n, **kwargs)
+    wl.extra["calib_size"] = n
+    return wl
