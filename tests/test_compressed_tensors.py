@@ -395,6 +395,35 @@ def test_preset_config_group(tmp_path):
     assert torch.equal(loaded[2].weight_format().dequantize(), q.weight_format().dequantize())
 
 
+@pytest.mark.parametrize("class_target", ["Linear", "re:.*"])
+def test_target_precedence_and_ignore(tmp_path, class_target):
+    """compressed-tensors' rules: ``ignore`` wins, an exact name beats a regex or class target, and matched
+    modules that are not Linear (ReLU under ``re:.*``) are left alone."""
+    def mlp():
+        return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16), nn.Linear(16, 8)).half()
+
+    model = mlp()
+    model[0] = QLinear.from_float(model[0], bits=4, group_size=32)
+    model[2] = QLinear.from_float(model[2], bits=8, act_bits=8)
+    save_compressed_tensors(model, tmp_path)
+    cfg = json.load(open(tmp_path / "config.json"))
+    q = cfg["quantization_config"]
+    g4, g8 = (next(g for g in q["config_groups"].values() if g["format"] == f) for f in
+              ("pack-quantized", "int-quantized"))
+    g4["targets"], g8["targets"] = [class_target], ["2"]
+    q["config_groups"], q["ignore"] = {"a": g4, "b": g8}, ["re:^3$"]
+    json.dump(cfg, open(tmp_path / "config.json", "w"))
+    loaded = load_compressed_tensors(tmp_path, mlp())
+    assert (loaded[0].bits, loaded[2].bits) == (4, 8) and type(loaded[3]) is nn.Linear
+    x = torch.randn(3, 64).half()
+    assert torch.equal(loaded(x), model(x))
+    emb = nn.Sequential(nn.Embedding(10, 64), nn.Linear(64, 32).half())
+    q["config_groups"] = {"a": dict(g4, targets=["re:.*"])}
+    q["ignore"] = []
+    with pytest.raises(ValueError, match="layer '0' .Embedding"):
+        load_compressed_tensors((dict(), q), emb)
+
+
 # ------------------------------------------------------------------ bad input
 def _int4_tensors(gs=32, sym=False, n=16, k=64):
     iw = Int4Weight.from_float(torch.randn(n, k), group_size=gs, symmetric=sym)
@@ -475,6 +504,19 @@ def test_checkpoint_mismatch_errors(tmp_path):
         load_compressed_tensors(d, nn.Sequential(nn.Linear(64, 32).half(), nn.Linear(32, 8).half()))
     with pytest.raises(ValueError, match="not a directory"):
         load_compressed_tensors(str(tmp_path / "nope"), nn.Sequential(nn.Linear(64, 32)))
+
+
+def test_missing_package_names_the_extra(monkeypatch, tmp_path):
+    import sys
+
+    from sparsekit.interop import compressed_tensors as interop_ct
+
+    monkeypatch.setitem(sys.modules, "compressed_tensors", None)
+    with pytest.raises(ImportError, match=r"sparsekit\[interop\]"):
+        interop_ct._require_ct()
+    d = _cfg_with(tmp_path, lambda q: q.update(config_groups={"W4A16": ["Linear"]}))
+    with pytest.raises(ImportError, match=r"sparsekit\[interop\]"):
+        load_compressed_tensors(d, nn.Sequential(nn.Linear(64, 32).half()))
 
 
 def test_save_errors(tmp_path):
