@@ -343,6 +343,11 @@ def test_save_then_ct_decompress_and_round_trip(tmp_path):
     assert cfg["model_type"] == "tiny"
     qc = QuantizationConfig.model_validate(cfg["quantization_config"])   # compressed-tensors accepts the block
     assert qc.format == "mixed-precision" and qc.ignore == ["head"]
+    # and so does transformers' loader config, as compressed-tensors builds its compressor from it
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.CompressedTensorsConfig.from_dict(cfg["quantization_config"])
+    assert ModelCompressor.from_compression_config(hf).quantization_config.config_groups.keys() == \
+        qc.config_groups.keys()
     # compressed-tensors' matcher resolves the targets to exactly the QLinear layers
     skeleton = _tiny()
     targets = [t for s in qc.config_groups.values() for t in s.targets]
@@ -494,6 +499,23 @@ def test_config_errors(tmp_path, mutate, match):
     with pytest.raises(ValueError, match=match):
         load_compressed_tensors(d, skel)
     assert type(skel[0]) is nn.Linear          # untouched
+
+
+def test_symmetric_zero_point_tensor(tmp_path):
+    """An all-zero unpacked zero point next to a symmetric scheme (kept by some writers) is accepted; any
+    other is rejected by name."""
+    model = nn.Sequential(QLinear.from_float(nn.Linear(64, 32).half(), bits=8, act_bits=8))
+    save_compressed_tensors(model, tmp_path)
+    from safetensors.torch import load_file
+
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    cfg = json.load(open(tmp_path / "config.json"))
+    sd["0.weight_zero_point"] = torch.zeros(32, 1, dtype=torch.int8)
+    loaded = load_compressed_tensors((sd, cfg), nn.Sequential(nn.Linear(64, 32).half()))
+    assert torch.equal(loaded[0].qweight, model[0].qweight)
+    sd["0.weight_zero_point"][3] = 1
+    with pytest.raises(ValueError, match="layer '0'.*weight_zero_point"):
+        load_compressed_tensors((sd, cfg), nn.Sequential(nn.Linear(64, 32).half()))
 
 
 def test_checkpoint_mismatch_errors(tmp_path):

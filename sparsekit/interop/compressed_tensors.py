@@ -500,7 +500,15 @@ def _read_tensors(source) -> tuple:
 
 def _layer_weight(name: str, spec: dict, sd: Mapping, dtype, int8_min: str):
     p = name + "."
+    extra = []
     try:
+        zp = sd.get(p + "weight_zero_point")
+        if spec["symmetric"] and zp is not None:
+            # some writers keep an all-zero (unpacked) zero point for symmetric schemes: accept only that
+            if zp.is_floating_point() or zp.dtype == torch.int32 or bool((zp != 0).any()):
+                raise ValueError(f"tensor {p + 'weight_zero_point'!r} is present for a symmetric scheme and is not "
+                                 "an all-zero unpacked zero point")
+            extra.append(p + "weight_zero_point")
         if spec["bits"] == 4:
             keys = ["weight_packed", "weight_scale", "weight_shape"] + ([] if spec["symmetric"]
                                                                          else ["weight_zero_point"])
@@ -519,7 +527,7 @@ def _layer_weight(name: str, spec: dict, sd: Mapping, dtype, int8_min: str):
             used = ["weight", "weight_scale"]
     except (ValueError, TypeError) as e:
         raise type(e)(f"layer {name!r}: {e}") from e
-    return w, [p + k for k in used]
+    return w, [p + k for k in used] + extra
 
 
 def load_compressed_tensors(source, model: nn.Module, config: Optional[Mapping] = None, *,
