@@ -59,7 +59,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn
