@@ -167,6 +167,20 @@ def test_int8_import_matches_ct_bit_for_bit(n, k, dtype):
     assert torch.equal(back["weight_scale"].to(dtype), sd["weight_scale"])
 
 
+def test_int8_tensor_strategy_import():
+    gen = torch.Generator().manual_seed(SEED + 14)
+    w = _no_min_code_weight(24, 40, torch.float16, gen)
+    w[:, 20] = w.abs().max() * 1.1                       # the tensor-wide absmax is positive too
+    args = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="tensor")
+    scheme = QuantizationScheme(targets=["Linear"], weights=args, input_activations=QuantizationArgs(**A8_ARGS))
+    scale, zp = calculate_qparams(w.amin().reshape(1), w.amax().reshape(1), args)
+    sd = IntQuantizationCompressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zp}, scheme)
+    ref = IntQuantizationCompressor.decompress(sd, scheme)["weight"]
+    assert sd["weight_scale"].numel() == 1
+    iw = int8_from_ct(sd["weight"], sd["weight_scale"])
+    assert torch.equal(iw.dequantize(torch.float16), ref)
+
+
 def test_int8_export_decompresses_bit_for_bit():
     gen = torch.Generator().manual_seed(SEED + 11)
     iw = Int8Weight.from_float(torch.randn(70, 130, generator=gen))

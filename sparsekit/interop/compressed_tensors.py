@@ -47,8 +47,8 @@ strategies, int4 ``tensor`` strategy, activation reordering with a
 non-trivial ``weight_g_idx`` (``actorder: group``), static or asymmetric
 activation quantization, output activations, ``scale_dtype`` settings, and an
 int8 code of -128: compressed-tensors' symmetric int8 grid is [-128, 127] with
-``scale = absmax / 127.5``, so its own quantizer emits -128 in about half the rows,
-while :class:`~sparsekit.formats.Int8Weight` holds [-127, 127].  Such a layer
+``scale = absmax / 127.5``, so its own quantizer emits -128 in many rows (those whose
+largest-magnitude weight is negative, depending on the rounding of the scale), while :class:`~sparsekit.formats.Int8Weight` holds [-127, 127].  Such a layer
 loads only with ``int8_min="clip"`` (-128 becomes -127: those weights move by one
 scale step, the rest stay bit exact).
 """
