@@ -4,4 +4,3 @@
   quantization method (``AutoModel*.from_pretrained`` rebuilds the compressed layers) and
   :func:`~sparsekit.integrations.transformers.save_pretrained`.  Install with ``pip install 'sparsekit[hf]'``.
 """
-__all__ = ["transformers"]
