@@ -166,6 +166,13 @@ def test_in_process_load_save_round_trip_and_base_model(tmp_path):
     assert torch.equal(_out(AutoModelForCausalLM.from_pretrained(tmp_path / "c")), _out(model))
 
 
+def test_sharded_checkpoint(tmp_path):
+    model, _ = compress(_model("llama", torch.float32), None, "block", "magnitude", speed="off")
+    skt.save_pretrained(model, tmp_path, max_shard_size="40KB")
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 1
+    assert torch.equal(_out(AutoModelForCausalLM.from_pretrained(tmp_path)), _out(model))
+
+
 def test_base_model_checkpoint_loads_into_a_model_with_a_head(tmp_path):
     from transformers import AutoModelForMaskedLM
 

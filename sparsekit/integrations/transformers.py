@@ -314,7 +314,11 @@ class SparsekitHfQuantizer(HfQuantizer):
                     names.add(owner[len(prefix) + 1:])
             for n in names:
                 by_owner.setdefault(n, set()).add(leaf)
+        seen = set()
         for path, mod in built.items():
+            if id(mod) in seen:     # a shared module's tensors are saved once, under its first path
+                continue
+            seen.add(id(mod))
             have = by_owner.get(path, set())
             want = set(mod.state_dict())
             if want - have:
