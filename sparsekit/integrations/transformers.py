@@ -34,7 +34,6 @@ except ImportError as _e:  # pragma: no cover - exercised in a process without t
     raise ImportError("sparsekit.integrations.transformers needs Hugging Face transformers; install the extra: "
                       "pip install 'sparsekit[hf]'") from _e
 
-import torch
 from torch import nn
 
 from ..pretrained import FORMAT_VERSION
