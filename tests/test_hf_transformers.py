@@ -323,8 +323,21 @@ def test_corrupt_packed_tensor(saved_llama, tmp_path):
 
 
 def test_dtype_that_contradicts_the_compressed_layers(saved_llama):
-    with pytest.raises(ValueError, match=r"compute in \['float32'\].*dtype=torch.float16"):
+    with pytest.raises(ValueError, match=r"\(SparseLinear, saved in float32\) takes float32 inputs; loading the "
+                                         r"model with dtype=torch.float16"):
         AutoModelForCausalLM.from_pretrained(saved_llama, dtype=torch.float16)
+
+
+def test_float32_model_with_half_int4_layers(tmp_path):
+    # QLinear computes in float16 inside a float32 model, taking and returning float32 (README "dtype rules")
+    model, _ = compress(_model("llama", torch.float32), None, "int4", "rtn", speed="off")
+    assert {d["params"]["dtype"] for d in describe_model(model).values()} == {"float16"}
+    out = _save(model, tmp_path / "f32")
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert loaded.dtype == torch.float32 and loaded.model.layers[0].mlp.up_proj.qweight.dtype == torch.int32
+    assert torch.equal(_out(loaded), _out(model))
+    with pytest.raises(ValueError, match=r"takes float16 or float32 inputs.*dtype=torch.bfloat16"):
+        AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
 
 
 def test_bad_config_fields_and_save_arguments():

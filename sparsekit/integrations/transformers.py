@@ -190,20 +190,26 @@ class SparsekitHfQuantizer(HfQuantizer):
         if isinstance(device_map, dict) and ("disk" in device_map.values()):
             raise ValueError("sparsekit checkpoints cannot be offloaded to disk; give a device_map without 'disk'")
 
-    def _layer_dtypes(self) -> set:
-        out = set()
-        for desc in self.quantization_config.layers.values():
-            d = (desc.get("params") or {}).get("dtype") if isinstance(desc, dict) else None
-            if isinstance(d, str):
-                out.add(d)
-        return out
+    # modules that take float32 inputs besides their compute dtype (README "dtype rules")
+    _CASTING_MODULES = ("QLinear", "SparseQLinear")
 
     def update_dtype(self, dtype):
-        layer_dtypes = self._layer_dtypes()
-        if dtype is not None and layer_dtypes and str(dtype).replace("torch.", "") not in layer_dtypes:
-            raise ValueError(f"the sparsekit layers of this checkpoint compute in {sorted(layer_dtypes)}; loading "
-                             f"with dtype={dtype} would change them: load with dtype='auto' or "
-                             f"{', '.join('torch.' + d for d in sorted(layer_dtypes))}")
+        """The compressed layers keep their saved dtype; ``dtype`` (the rest of the model) must be one every
+        layer takes as input: its own dtype, or also float32 for QLinear / SparseQLinear."""
+        if dtype is None:
+            return dtype
+        want = str(dtype).replace("torch.", "")
+        for name, desc in self.quantization_config.layers.items():
+            params = desc.get("params") if isinstance(desc, dict) else None
+            have = params.get("dtype") if isinstance(params, dict) else None
+            if not isinstance(have, str):
+                continue
+            module = desc.get("module")
+            takes = (have, "float32") if module in self._CASTING_MODULES else (have,)
+            if want not in takes:
+                raise ValueError(f"layer {name!r} ({module}, saved in {have}) takes {' or '.join(takes)} inputs; "
+                                 f"loading the model with dtype={dtype} would feed it {want}: load with "
+                                 f"dtype='auto' (the saved dtype) or {' / '.join('torch.' + t for t in takes)}")
         return dtype
 
     # ------------------------------------------------------------------ paths
