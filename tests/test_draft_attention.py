@@ -1,6 +1,7 @@
 """DraftAttention: layout/permutation, draft block masks, the block-sparse flash kernel (interpreter on CPU,
 compiled on GPU) against dense attention with the same mask, the modules, and a video-like input built
 from a real image."""
+import importlib
 import math
 
 import pytest
@@ -585,3 +586,42 @@ def test_bench_cpu_sweep_and_dry_run():
     assert by["reference"].rel_err < 1e-5 and by["dense"].speedup_vs_dense == 1.0
     assert "% of dense" in by["draft_overhead"].note
     assert bd._geometry((48, 80)) == (21, 48, 80, 0) and bd._geometry((2, 3, 4)) == (2, 3, 4, 0)
+
+
+# ------------------------------------------------------------------ guidance: stats and the unstructured-input warning
+def test_stats_tell_structured_from_random_inputs():
+    da = importlib.import_module("sparsekit.ops.draft_attention")
+
+    q, k, v, geo = _video_qkv()
+    out, st = draft_attention(q, k, v, **geo, pool=(4, 4), sparsity=0.75, backend="reference", return_stats=True)
+    assert abs(st["kept_fraction"] - 0.25) < 0.03 and st["kept_fraction_per_head"].shape == (1, 2)
+    assert st["draft_dropped_mass"] < 0.05 and st["draft_entropy"] < 0.7       # real video tokens
+    g = torch.Generator().manual_seed(0)
+    qr, kr, vr = (torch.randn(q.shape, generator=g) for _ in range(3))
+    out_r, mask_r, st_r = draft_attention(qr, kr, vr, **geo, pool=(4, 4), sparsity=0.75, backend="reference",
+                                          return_mask=True, return_stats=True)
+    assert st_r["draft_entropy"] > da.UNIFORM_DRAFT_ENTROPY and st_r["draft_dropped_mass"] > 0.6
+    assert mask_r.dtype == torch.bool and out_r.shape == q.shape
+    # the proxy orders the errors as dense attention does
+    err = lambda o, a, b, c: float((o.double() - _sdpa64(a, b, c).double()).norm() / _sdpa64(a, b, c).double().norm())  # noqa: E731
+    assert err(out, q, k, v) < 0.2 < 0.9 < err(out_r, qr, kr, vr)
+
+
+def test_unstructured_input_warns_once(monkeypatch):
+    import warnings
+
+    da = importlib.import_module("sparsekit.ops.draft_attention")
+
+    q, k, v, geo = _video_qkv()
+    monkeypatch.setattr(da, "_STRUCTURE_CHECKED", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                       # structured inputs: no warning
+        draft_attention(q, k, v, **geo, pool=(4, 4), sparsity=0.75, backend="reference")
+    g = torch.Generator().manual_seed(1)
+    qr, kr, vr = (torch.randn(q.shape, generator=g) for _ in range(3))
+    monkeypatch.setattr(da, "_STRUCTURE_CHECKED", False)
+    with pytest.warns(RuntimeWarning, match="nearly uniform"):
+        draft_attention(qr, kr, vr, **geo, pool=(4, 4), sparsity=0.75, backend="reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                       # once per process
+        draft_attention(qr, kr, vr, **geo, pool=(4, 4), sparsity=0.75, backend="reference")
