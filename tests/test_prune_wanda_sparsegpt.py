@@ -357,3 +357,37 @@ def test_digits_sparsegpt_converts_to_sparse_linear(digits_results):
     with torch.no_grad():
         out, ref = sparse(xte), model(xte)
     assert float((out - ref).norm() / ref.norm()) < 1e-5
+
+
+def _layer(seed, n=128, k=256, rows=512):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(rows, k, generator=g) * torch.rand(k, generator=g) * 3
+    return torch.randn(n, k, generator=g), 2 * X.T @ X / rows, X
+
+
+def test_sparsegpt_unstructured_block_selection_is_the_originals_rule():
+    """selection="block": one threshold per block over every row (the original's rule); the layer's
+    sparsity is the requested one while the per-row counts vary; selection="row" keeps exact per-row
+    counts and, on these layers, a reconstruction error no larger."""
+    for seed in range(3):
+        W, H, X = _layer(seed)
+        Wr, mr = sparsegpt_prune(W, H, "unstructured", 0.5, block_size=64, selection="row")
+        Wb, mb = sparsegpt_prune(W, H, "unstructured", 0.5, block_size=64, selection="block")
+        assert ((~mr).sum(1) == 128).all()
+        per_block = (~mb).reshape(128, 4, 64).sum(dim=(0, 2))
+        assert (per_block == int(128 * 64 * 0.5)).all()           # the count is per block, over all rows
+        assert len(set((~mb).sum(1).tolist())) > 1                # rows differ
+        err = lambda Wp: float(((W - Wp) @ X.T).norm() / (W @ X.T).norm())  # noqa: E731
+        assert err(Wr) <= err(Wb) * 1.001
+    with pytest.raises(ValueError, match="selection"):
+        sparsegpt_prune(W, H, "unstructured", 0.5, selection="global")
+
+
+def test_sparsegpt_row_ranks_equal_a_double_sort():
+    """The one-sort rank (scatter of the order) gives the mask the double sort gave."""
+    g = torch.Generator().manual_seed(5)
+    sal = torch.randint(0, 5, (16, 40), generator=g).float()          # many ties
+    order = torch.sort(sal, dim=1, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(40).expand_as(order))
+    assert torch.equal(rank, torch.sort(order, dim=1).indices)
