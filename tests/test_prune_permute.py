@@ -238,3 +238,18 @@ def test_bad_inputs():
     with pytest.raises(ValueError):
         apply_permutations_(model2, [("0", "2")], scores={"2": torch.rand(3, 8)})
     assert torch.equal(model[0].weight.detach(), w0)  # nothing modified on failure
+
+
+def test_default_is_a_time_budget_not_a_round_cap():
+    import inspect
+
+    from sparsekit.prune import permute
+
+    sig = inspect.signature(search_permutation)
+    assert sig.parameters["iterations"].default is None
+    assert sig.parameters["time_limit"].default == permute.DEFAULT_TIME_LIMIT > 0
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(32, 512, generator=g) * torch.rand(512, generator=g)
+    capped = kept_magnitude(w, search_permutation(w, iterations=3))
+    full = kept_magnitude(w, search_permutation(w))                  # runs to a local optimum
+    assert full >= capped

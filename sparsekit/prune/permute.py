@@ -194,23 +194,31 @@ def _groups_to_perm(groups: torch.Tensor, k: int) -> torch.Tensor:
     return flat[flat < k].clone()
 
 
-def search_permutation(weight: torch.Tensor, scores: torch.Tensor | None = None, iterations: int = 1000,
-                       seed: int = 0, time_limit: float | None = None) -> torch.Tensor:
+DEFAULT_TIME_LIMIT = 30.0
+
+
+def search_permutation(weight: torch.Tensor, scores: torch.Tensor | None = None, iterations: int | None = None,
+                       seed: int = 0, time_limit: float | None = DEFAULT_TIME_LIMIT) -> torch.Tensor:
     """Input-channel permutation (LongTensor of length ``in_features``) that
     raises the magnitude (or ``scores`` mass) kept by the 2:4 mask of
     ``weight[:, perm]``.
 
-    ``iterations`` caps the number of swap rounds (each round tries all 16
-    channel swaps for ``~G/2`` disjoint pairs of the ``G`` groups); the search
-    also stops at a local optimum or after ``time_limit`` seconds.  The result
-    depends only on the inputs and ``seed`` (for a given device), and never
+    The search runs until a local optimum (a full sweep of rounds without an
+    improving swap), bounded by a time budget: ``time_limit`` seconds (default
+    30; None: no limit) and, optionally, ``iterations`` swap rounds (each
+    round tries all 16 channel swaps for ``~G/2`` disjoint pairs of the ``G``
+    groups; default None: no cap -- a round cap stopped wide layers early,
+    e.g. 384 x 1536 before converging).  A search that converges within its
+    budget depends only on the inputs and ``seed`` (for a given device); one
+    cut short by ``time_limit`` also depends on the machine's speed.  It never
     keeps less than the identity order (the identity is returned on a tie).
     """
     s = _score_matrix(weight, scores)
-    if isinstance(iterations, bool) or not isinstance(iterations, int):
-        raise TypeError(f"iterations must be an int, got {type(iterations).__name__}")
-    if iterations < 0:
-        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    if iterations is not None:
+        if isinstance(iterations, bool) or not isinstance(iterations, int):
+            raise TypeError(f"iterations must be an int or None, got {type(iterations).__name__}")
+        if iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {iterations}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     if time_limit is not None:
@@ -260,7 +268,8 @@ def search_permutation(weight: torch.Tensor, scores: torch.Tensor | None = None,
             labels = torch.randperm(n_groups, generator=gen).tolist()
             improved_in_sweep = False
             for rnd in _round_robin(labels):
-                if rounds_done >= iterations or (deadline is not None and time.monotonic() > deadline):
+                if (iterations is not None and rounds_done >= iterations) or (
+                        deadline is not None and time.monotonic() > deadline):
                     stop = True
                     break
                 rounds_done += 1
