@@ -74,6 +74,10 @@ CPU_QUICK_CASES = [(2, 7, 10, 5, "leading", (4, 4))]
 CPU_SPARSITIES = (0.0, 0.75)
 CPU_QUICK_SPARSITIES = (0.75,)
 CPU_HEADS, CPU_HEAD_DIM = 2, 64
+# head dims on a padded tile (Latte/DiT 72, Allegro 96): the CPU sweep checks them; on a GPU,
+# run_gpu(head_dim=(HEAD_DIM,) + EXTRA_HEAD_DIMS) times them next to the tuned 128
+EXTRA_HEAD_DIMS = (72, 96)
+CPU_HEAD_DIMS = (CPU_HEAD_DIM,) + EXTRA_HEAD_DIMS
 CPU_QUICK_SHAPES = [(1, 8, 8, 0)]  # the dry run of the timing path (pool 4x4 there)
 CPU_QUICK_MS = [1]
 CPU_DTYPES = ("fp32", "fp16", "bf16")
@@ -104,17 +108,28 @@ def plan_rows(entry: str = "run_gpu", shapes=GEOMETRIES, ms=MS, dtypes=DEFAULT_D
     """The (op, case, dtype, backends) rows ``run_gpu(**kwargs)`` produces on a GPU, in order."""
     order = ["sdpa_flash", "dense", "triton", "triton_kernel", "reference", "draft_overhead", "flex"]
     bks = [b for b in order if b in backends]
-    heads, d = heads or HEADS, head_dim or HEAD_DIM
+    heads = heads or HEADS
     rows = []
-    for dname in dtypes:
-        for shape in shapes:
-            fr, hh, ww, text = _geometry(shape)
-            s = text + fr * hh * ww
-            for b in ms:
-                for sp in sparsities:
-                    rows.append(dict(op=OP, case=format_case(S=s, H=heads, D=d, sparsity=sp, frames=fr, height=hh,
-                                                             width=ww, text=text, B=b), dtype=dname, backends=bks))
+    for d in _head_dims(head_dim, HEAD_DIM):
+        for dname in dtypes:
+            for shape in shapes:
+                fr, hh, ww, text = _geometry(shape)
+                s = text + fr * hh * ww
+                for b in ms:
+                    for sp in sparsities:
+                        rows.append(dict(op=OP, case=format_case(S=s, H=heads, D=d, sparsity=sp, frames=fr,
+                                                                 height=hh, width=ww, text=text, B=b),
+                                         dtype=dname, backends=bks))
     return rows
+
+
+def _head_dims(head_dim, default: int) -> tuple:
+    """``head_dim``: None (``default``), an int, or a sequence of head dims (e.g. ``(128,) + EXTRA_HEAD_DIMS``)."""
+    if head_dim is None:
+        return (default,)
+    if isinstance(head_dim, int):
+        return (head_dim,)
+    return tuple(int(d) for d in head_dim)
 
 
 def _ops():
@@ -210,119 +225,120 @@ def run_gpu(shapes: Iterable = GEOMETRIES, ms: Iterable[int] = MS, dtypes: Itera
     timer = timer or harness.time_rotating
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     heads = heads or (HEADS if on_gpu else CPU_HEADS)
-    d = head_dim or (HEAD_DIM if on_gpu else CPU_HEAD_DIM)
+    dims = _head_dims(head_dim, HEAD_DIM if on_gpu else CPU_HEAD_DIM)
     pool = pool or (POOL if on_gpu else (4, 4))
     sparsities = tuple(sparsities or (SPARSITIES if on_gpu else (0.75,)))
     own_kernel = "triton" if on_gpu else "interpret"
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     all_rows: list[Row] = []
-    for dname in dtypes:
-        dtype = DTYPES[dname]
-        it = torch.empty((), dtype=dtype).element_size()
-        for shape in shapes:
-            fr, hh, ww, text = _geometry(shape)
-            layout = ops.draft_layout(fr, hh, ww, pool, text, device=device)
-            s = layout.seq_len
-            for b in ms:
-                set_bytes = 4 * b * heads * s * d * it
-                n_sets = harness.n_rotating_sets(set_bytes) if on_gpu else 1
-                # (B, S, H, D) buffers viewed as (B, H, S, D): the layout a DiT hands to attention
-                sets = [tuple(torch.randn(b, s, heads, d, device=device, dtype=torch.float32, generator=gen)
-                              .to(dtype).transpose(1, 2) for _ in range(3)) for _ in range(n_sets)]
-                scale = d ** -0.5
-                rows_idx = torch.randperm(s, generator=gen, device=device)[:N_CHECK_ROWS]
-                q0, k0, v0 = sets[0]
-                ref_dense = sampled_reference(q0, k0, v0, None, rows_idx, scale)
-                for sp in sparsities:
-                    case = format_case(S=s, H=heads, D=d, sparsity=sp, frames=fr, height=hh, width=ww, text=text, B=b)
-                    masks = [ops.draft_block_mask(q, k, layout, sp) for (q, k, _) in sets]
-                    density = masks[0].float().mean().item()
-                    tb = layout.token_block
+    for d in dims:
+        for dname in dtypes:
+            dtype = DTYPES[dname]
+            it = torch.empty((), dtype=dtype).element_size()
+            for shape in shapes:
+                fr, hh, ww, text = _geometry(shape)
+                layout = ops.draft_layout(fr, hh, ww, pool, text, device=device)
+                s = layout.seq_len
+                for b in ms:
+                    set_bytes = 4 * b * heads * s * d * it
+                    n_sets = harness.n_rotating_sets(set_bytes) if on_gpu else 1
+                    # (B, S, H, D) buffers viewed as (B, H, S, D): the layout a DiT hands to attention
+                    sets = [tuple(torch.randn(b, s, heads, d, device=device, dtype=torch.float32, generator=gen)
+                                  .to(dtype).transpose(1, 2) for _ in range(3)) for _ in range(n_sets)]
+                    scale = d ** -0.5
+                    rows_idx = torch.randperm(s, generator=gen, device=device)[:N_CHECK_ROWS]
+                    q0, k0, v0 = sets[0]
+                    ref_dense = sampled_reference(q0, k0, v0, None, rows_idx, scale)
+                    for sp in sparsities:
+                        case = format_case(S=s, H=heads, D=d, sparsity=sp, frames=fr, height=hh, width=ww, text=text, B=b)
+                        masks = [ops.draft_block_mask(q, k, layout, sp) for (q, k, _) in sets]
+                        density = masks[0].float().mean().item()
+                        tb = layout.token_block
 
-                    def tmask(r, _m=masks[0]):
-                        return _m.index_select(-2, tb[r]).index_select(-1, tb)
-                    ref_sparse = sampled_reference(q0, k0, v0, tmask, rows_idx, scale)
-                    group: list[Row] = []
-                    fns: dict = {}
-                    if "sdpa_flash" in backends:
-                        fns["sdpa_flash"] = (lambda q, k, v, m: _sdpa_flash(q, k, v), True)
-                    if "dense" in backends:
-                        fns["dense"] = (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v), True)
-                    if "triton" in backends or (not on_gpu and "interpret" in backends):
-                        fns[own_kernel] = (lambda q, k, v, m, _be=own_kernel: ops.draft_attention(
-                            q, k, v, frames=fr, height=hh, width=ww, sparsity=sp, pool=pool, text_tokens=text,
-                            backend=_be), False)
-                    if "triton_kernel" in backends and on_gpu:
-                        fns["triton_kernel"] = (lambda q, k, v, m: ops.block_sparse_attention(
-                            q, k, v, m, layout, backend="triton"), False)
-                    if "reference" in backends:
-                        fns["reference"] = (lambda q, k, v, m: ops.block_sparse_attention(
-                            q, k, v, m, layout, backend="reference"), False)
-                    if "draft_overhead" in backends:
-                        fns["draft_overhead"] = (lambda q, k, v, m: ops._kv_index(
-                            ops.draft_block_mask(q, k, layout, sp)), None)
-                    if "flex" in backends:
-                        fns["flex"] = (None, False)
-                    for name, (fn, dense_ref) in fns.items():
-                        dens = 1.0 if dense_ref else density
-                        row = Row(op=OP, case=case, backend=name, dtype=dname, n_sets=n_sets,
-                                  flops=attention_flops(s, heads, d, b, dens), bytes=4 * b * heads * s * d * it, **ctx)
-                        args = [(q, k, v, m) for (q, k, v), m in zip(sets, masks)]
-                        try:
-                            if name == "flex":
-                                ffn = _flex_fn(layout, masks[0])
-                                perm = [tuple(layout.permute(t) for t in (q, k, v)) for (q, k, v) in sets]
-                                args = [(*p, None) for p in perm]
-                                fn = (lambda qp, kp, vp, m, _f=ffn: _f(qp, kp, vp))
-                                out = layout.unpermute(fn(*args[0]))
-                            else:
-                                out = fn(*args[0])
-                            sync()
-                            if name == "draft_overhead":
+                        def tmask(r, _m=masks[0]):
+                            return _m.index_select(-2, tb[r]).index_select(-1, tb)
+                        ref_sparse = sampled_reference(q0, k0, v0, tmask, rows_idx, scale)
+                        group: list[Row] = []
+                        fns: dict = {}
+                        if "sdpa_flash" in backends:
+                            fns["sdpa_flash"] = (lambda q, k, v, m: _sdpa_flash(q, k, v), True)
+                        if "dense" in backends:
+                            fns["dense"] = (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v), True)
+                        if "triton" in backends or (not on_gpu and "interpret" in backends):
+                            fns[own_kernel] = (lambda q, k, v, m, _be=own_kernel: ops.draft_attention(
+                                q, k, v, frames=fr, height=hh, width=ww, sparsity=sp, pool=pool, text_tokens=text,
+                                backend=_be), False)
+                        if "triton_kernel" in backends and on_gpu:
+                            fns["triton_kernel"] = (lambda q, k, v, m: ops.block_sparse_attention(
+                                q, k, v, m, layout, backend="triton"), False)
+                        if "reference" in backends:
+                            fns["reference"] = (lambda q, k, v, m: ops.block_sparse_attention(
+                                q, k, v, m, layout, backend="reference"), False)
+                        if "draft_overhead" in backends:
+                            fns["draft_overhead"] = (lambda q, k, v, m: ops._kv_index(
+                                ops.draft_block_mask(q, k, layout, sp)), None)
+                        if "flex" in backends:
+                            fns["flex"] = (None, False)
+                        for name, (fn, dense_ref) in fns.items():
+                            dens = 1.0 if dense_ref else density
+                            row = Row(op=OP, case=case, backend=name, dtype=dname, n_sets=n_sets,
+                                      flops=attention_flops(s, heads, d, b, dens), bytes=4 * b * heads * s * d * it, **ctx)
+                            args = [(q, k, v, m) for (q, k, v), m in zip(sets, masks)]
+                            try:
+                                if name == "flex":
+                                    ffn = _flex_fn(layout, masks[0])
+                                    perm = [tuple(layout.permute(t) for t in (q, k, v)) for (q, k, v) in sets]
+                                    args = [(*p, None) for p in perm]
+                                    fn = (lambda qp, kp, vp, m, _f=ffn: _f(qp, kp, vp))
+                                    out = layout.unpermute(fn(*args[0]))
+                                else:
+                                    out = fn(*args[0])
+                                sync()
+                                if name == "draft_overhead":
+                                    row.flops = row.bytes = None
+                                    row.note = "pool + draft softmax + mask selection + kernel index"
+                                else:
+                                    if tuple(out.shape) != tuple(q0.shape):
+                                        raise ValueError(f"output shape {tuple(out.shape)} != {tuple(q0.shape)}")
+                                    ref = ref_dense if dense_ref else ref_sparse
+                                    row.rel_err = harness.rel_err(out[:, :, rows_idx].float(), ref)
+                                    tol = GPU_TOL[dname] if on_gpu else CPU_TOL[dname]
+                                    if not row.rel_err < tol:
+                                        peer = name in harness.PEER_BACKENDS
+                                        row.status = "skip" if peer else "fail"
+                                        row.note = f"rel_err {row.rel_err:.3g} >= {tol:g} on {N_CHECK_ROWS} rows: not timed"
+                                        group.append(row)
+                                        log(f"[{OP}] {case} {dname} {name}: {row.status}: {row.note}")
+                                        continue
+                                del out
+                            except Exception as e:
+                                peer = name in harness.PEER_BACKENDS
+                                row.status = "skip" if peer else "fail"
+                                row.note = ("could not run: " if peer else "error: ") + _short(e)
                                 row.flops = row.bytes = None
-                                row.note = "pool + draft softmax + mask selection + kernel index"
-                            else:
-                                if tuple(out.shape) != tuple(q0.shape):
-                                    raise ValueError(f"output shape {tuple(out.shape)} != {tuple(q0.shape)}")
-                                ref = ref_dense if dense_ref else ref_sparse
-                                row.rel_err = harness.rel_err(out[:, :, rows_idx].float(), ref)
-                                tol = GPU_TOL[dname] if on_gpu else CPU_TOL[dname]
-                                if not row.rel_err < tol:
-                                    peer = name in harness.PEER_BACKENDS
-                                    row.status = "skip" if peer else "fail"
-                                    row.note = f"rel_err {row.rel_err:.3g} >= {tol:g} on {N_CHECK_ROWS} rows: not timed"
-                                    group.append(row)
-                                    log(f"[{OP}] {case} {dname} {name}: {row.status}: {row.note}")
-                                    continue
-                            del out
-                        except Exception as e:
-                            peer = name in harness.PEER_BACKENDS
-                            row.status = "skip" if peer else "fail"
-                            row.note = ("could not run: " if peer else "error: ") + _short(e)
-                            row.flops = row.bytes = None
+                                group.append(row)
+                                log(f"[{OP}] {case} {dname} {name}: {row.status}: {row.note}")
+                                continue
+                            try:
+                                row.p20_ms, row.p50_ms, row.p80_ms = timer(fn, args, warmup_ms=warmup_ms, rep_ms=rep_ms)
+                            except Exception as e:
+                                row.status, row.note = "fail", "timing error: " + _short(e)
+                            if name == "flex":
+                                row.note = "q/k/v pre-permuted to patch order (reorder not timed)"
+                            harness.fill_throughput(row, ceilings)
                             group.append(row)
-                            log(f"[{OP}] {case} {dname} {name}: {row.status}: {row.note}")
-                            continue
-                        try:
-                            row.p20_ms, row.p50_ms, row.p80_ms = timer(fn, args, warmup_ms=warmup_ms, rep_ms=rep_ms)
-                        except Exception as e:
-                            row.status, row.note = "fail", "timing error: " + _short(e)
-                        if name == "flex":
-                            row.note = "q/k/v pre-permuted to patch order (reorder not timed)"
-                        harness.fill_throughput(row, ceilings)
-                        group.append(row)
-                    _ratios(group)
-                    for r in group:
-                        if r.status == "ok":
-                            log(f"[{OP}] {r.case:>60} {r.dtype} {r.backend:>14}: p50 {r.p50_ms:9.4f} ms  "
-                                f"x flash {r.speedup_vs_dense or float('nan'):6.2f}  {r.note}")
-                    if on_rows is not None:
-                        on_rows(group)
-                    all_rows.extend(group)
-                del sets
-                if on_gpu:
-                    torch.cuda.empty_cache()
+                        _ratios(group)
+                        for r in group:
+                            if r.status == "ok":
+                                log(f"[{OP}] {r.case:>60} {r.dtype} {r.backend:>14}: p50 {r.p50_ms:9.4f} ms  "
+                                    f"x flash {r.speedup_vs_dense or float('nan'):6.2f}  {r.note}")
+                        if on_rows is not None:
+                            on_rows(group)
+                        all_rows.extend(group)
+                    del sets
+                    if on_gpu:
+                        torch.cuda.empty_cache()
     return all_rows
 
 
@@ -358,40 +374,41 @@ def cpu_sweep(quick: bool = False, dtypes: Sequence[str] = CPU_DTYPES,
     for (fr, hh, ww, text, pos, pool) in cases:
         layout = ops.draft_layout(fr, hh, ww, pool, text, pos)
         s = layout.seq_len
-        for dname in dtypes:
-            if dname not in DTYPES:
-                continue
-            dtype = DTYPES[dname]
-            q, k, v = (torch.randn(2, CPU_HEADS, s, CPU_HEAD_DIM, generator=gen).to(dtype) for _ in range(3))
-            for sp in sparsities:
-                case = format_case(S=s, H=CPU_HEADS, D=CPU_HEAD_DIM, sparsity=sp, frames=fr, height=hh, width=ww,
-                                   text=text, pos=pos, pool=f"{pool[0]}x{pool[1]}", B=2)
-                mask = ops.draft_block_mask(q, k, layout, sp)
-                ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
-                                                     attn_mask=layout.token_mask(mask))
-                for name in backends:
-                    row = Row(op=OP, case=case, backend=name, dtype=dname, **ctx)
-                    try:
-                        kw = dict(frames=fr, height=hh, width=ww, sparsity=sp, pool=pool, text_tokens=text,
-                                  text_position=pos, return_mask=True)
-                        if name == "sparsekit_auto":
-                            row.chosen_backend = dispatch.resolve(OP, q.device, None, s)
-                            out, m = ops.draft_attention(q, k, v, **kw)
-                        else:
-                            out, m = ops.draft_attention(q, k, v, **kw, backend=name)
-                        if not torch.equal(m, mask):
-                            raise ValueError("the op chose a different block mask than draft_block_mask")
-                        if tuple(out.shape) != tuple(q.shape) or out.dtype != dtype:
-                            raise ValueError(f"output {tuple(out.shape)} {out.dtype} != {tuple(q.shape)} {dtype}")
-                        row.rel_err = harness.rel_err(out, ref)
-                        finite = bool(torch.isfinite(out).all())
-                        tol = CPU_TOL[dname]
-                        row.status = "ok" if finite and row.rel_err < tol else "fail"
-                        row.note = f"tol {tol:g}; block density {mask.float().mean().item():.2f}" + \
-                            ("" if finite else "; non-finite output")
-                    except Exception as e:
-                        row.status, row.note = "fail", "error: " + _short(e)
-                    rows.append(row)
+        for hd in (CPU_HEAD_DIMS if not quick else (CPU_HEAD_DIM,)):
+            for dname in dtypes:
+                if dname not in DTYPES:
+                    continue
+                dtype = DTYPES[dname]
+                q, k, v = (torch.randn(2, CPU_HEADS, s, hd, generator=gen).to(dtype) for _ in range(3))
+                for sp in sparsities:
+                    case = format_case(S=s, H=CPU_HEADS, D=hd, sparsity=sp, frames=fr, height=hh, width=ww,
+                                       text=text, pos=pos, pool=f"{pool[0]}x{pool[1]}", B=2)
+                    mask = ops.draft_block_mask(q, k, layout, sp)
+                    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                                         attn_mask=layout.token_mask(mask))
+                    for name in backends:
+                        row = Row(op=OP, case=case, backend=name, dtype=dname, **ctx)
+                        try:
+                            kw = dict(frames=fr, height=hh, width=ww, sparsity=sp, pool=pool, text_tokens=text,
+                                      text_position=pos, return_mask=True)
+                            if name == "sparsekit_auto":
+                                row.chosen_backend = dispatch.resolve(OP, q.device, None, s)
+                                out, m = ops.draft_attention(q, k, v, **kw)
+                            else:
+                                out, m = ops.draft_attention(q, k, v, **kw, backend=name)
+                            if not torch.equal(m, mask):
+                                raise ValueError("the op chose a different block mask than draft_block_mask")
+                            if tuple(out.shape) != tuple(q.shape) or out.dtype != dtype:
+                                raise ValueError(f"output {tuple(out.shape)} {out.dtype} != {tuple(q.shape)} {dtype}")
+                            row.rel_err = harness.rel_err(out, ref)
+                            finite = bool(torch.isfinite(out).all())
+                            tol = CPU_TOL[dname]
+                            row.status = "ok" if finite and row.rel_err < tol else "fail"
+                            row.note = f"tol {tol:g}; block density {mask.float().mean().item():.2f}" + \
+                                ("" if finite else "; non-finite output")
+                        except Exception as e:
+                            row.status, row.note = "fail", "error: " + _short(e)
+                        rows.append(row)
     return rows, all(r.status == "ok" for r in rows)
 
 

@@ -335,7 +335,7 @@ def sweep_draft_attention():
     for dt in (torch.float16, torch.bfloat16, torch.float32):
         for tf32 in _tf32_modes(dt):
             _set_tf32(tf32)
-            for d in k.HEAD_DIMS:
+            for d in k.HEAD_DIMS + (72, 96):          # tuned dims, and two on a padded tile
                 for block_t in (64, 128):
                     nb = S // block_t
                     for even in (True, False):

@@ -46,7 +46,24 @@ import torch
 import triton
 import triton.language as tl
 
-HEAD_DIMS = (64, 128, 256)
+HEAD_DIMS = (64, 128, 256)          # the tuned head dims (tile width = head dim)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+
+
+def check_head_dim(d: int) -> None:
+    """Any multiple of 8 in [16, 256]: other dims than 16/32/64/128/256 run on the next power-of-two tile
+    width with the extra columns masked (no copies of q/k/v)."""
+    if not (MIN_HEAD_DIM <= d <= MAX_HEAD_DIM and d % 8 == 0):
+        raise ValueError(f"head dim {d} is not supported: it must be a multiple of 8 in "
+                         f"[{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]")
+
+
+def tile_dim(d: int) -> int:
+    """The kernel's tile width for head dim ``d``: the next power of two (at least 16)."""
+    t = 16
+    while t < d:
+        t *= 2
+    return t
 LOG2E = 1.4426950408889634
 
 
@@ -57,12 +74,14 @@ def _bsa_fwd(Q, K, V, O, SLOT, KV_IDX, KV_CNT, ROW_ORDER,
              svb, svh, svs, svd, sob, soh, sos, sod,
              sib, sih, sir,
              HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             EVEN: tl.constexpr, IEEE: tl.constexpr, INTERP_BF16: tl.constexpr):
+             EVEN: tl.constexpr, IEEE: tl.constexpr, INTERP_BF16: tl.constexpr, D_TILE: tl.constexpr):
     # program (rank of the query block, sub-tile of BLOCK_M rows; batch*head).  The
     # query blocks of a head run in ROW_ORDER (most kept key blocks first), so
     # the long rows start early instead of forming a tail.
     SUB_M: tl.constexpr = BLOCK_T // BLOCK_M
     SUB_N: tl.constexpr = BLOCK_T // BLOCK_N
+    # D_TILE > HEAD_DIM: the columns past the head dim are masked (zeros in q/k/v, not stored)
+    DPAD: tl.constexpr = D_TILE != HEAD_DIM
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     sm = pid % SUB_M
@@ -71,12 +90,15 @@ def _bsa_fwd(Q, K, V, O, SLOT, KV_IDX, KV_CNT, ROW_ORDER,
     row0 = bh.to(tl.int64) * NB                       # ROW_ORDER / KV_CNT are contiguous (B, H, NB)
     qb = tl.load(ROW_ORDER + row0 + pid // SUB_M)
 
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, D_TILE)
+    d_ok = offs_d < HEAD_DIM
     slots_m = qb * BLOCK_T + sm * BLOCK_M + tl.arange(0, BLOCK_M)
     tok_m = tl.load(SLOT + slots_m)
     q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
     q_ptrs = q_base + tok_m.to(tl.int64)[:, None] * sqs + offs_d[None, :] * sqd
-    if EVEN:
+    if DPAD:
+        q = tl.load(q_ptrs, mask=(tok_m >= 0)[:, None] & d_ok[None, :], other=0.0)
+    elif EVEN:
         q = tl.load(q_ptrs)
     else:
         q = tl.load(q_ptrs, mask=(tok_m >= 0)[:, None], other=0.0)
@@ -90,7 +112,7 @@ def _bsa_fwd(Q, K, V, O, SLOT, KV_IDX, KV_CNT, ROW_ORDER,
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    acc = tl.zeros((BLOCK_M, D_TILE), tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
     # one flat loop over (kept block, BLOCK_N sub-tile) so the loads pipeline
     for it in range(0, cnt * SUB_N):
@@ -100,7 +122,9 @@ def _bsa_fwd(Q, K, V, O, SLOT, KV_IDX, KV_CNT, ROW_ORDER,
         tn = tok_n.to(tl.int64)
         k_ptrs = k_base + tn[None, :] * sks + offs_d[:, None] * skd
         v_ptrs = v_base + tn[:, None] * svs + offs_d[None, :] * svd
-        if EVEN:
+        if DPAD:
+            kt = tl.load(k_ptrs, mask=(tok_n >= 0)[None, :] & d_ok[:, None], other=0.0)
+        elif EVEN:
             kt = tl.load(k_ptrs)
         else:
             kt = tl.load(k_ptrs, mask=(tok_n >= 0)[None, :], other=0.0)
@@ -117,7 +141,9 @@ def _bsa_fwd(Q, K, V, O, SLOT, KV_IDX, KV_CNT, ROW_ORDER,
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if EVEN:
+        if DPAD:
+            v = tl.load(v_ptrs, mask=(tok_n >= 0)[:, None] & d_ok[None, :], other=0.0)
+        elif EVEN:
             v = tl.load(v_ptrs)
         else:
             v = tl.load(v_ptrs, mask=(tok_n >= 0)[:, None], other=0.0)
@@ -143,7 +169,9 @@ def _bsa_fwd(Q, K, V, O, SLOT, KV_IDX, KV_CNT, ROW_ORDER,
         res = out.to(O.dtype.element_ty)
     o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + tok_m.to(tl.int64)[:, None] * sos \
         + offs_d[None, :] * sod
-    if EVEN:
+    if DPAD:
+        tl.store(o_ptrs, res, mask=(tok_m >= 0)[:, None] & d_ok[None, :])
+    elif EVEN:
         tl.store(o_ptrs, res)
     else:
         tl.store(o_ptrs, res, mask=(tok_m >= 0)[:, None])
@@ -218,11 +246,11 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
     """
     B, H, S, D = q.shape
     nb = slot_token.numel() // block_t
-    if D not in HEAD_DIMS:
-        raise ValueError(f"head dim {D} not supported by the kernel; supported: {HEAD_DIMS}")
+    check_head_dim(D)
+    dt = tile_dim(D)
     interp = _interpreting(q)
     if config is None:
-        config = dict(_INTERP_CFG) if interp else fwd_config(D, block_t, q.dtype)
+        config = dict(_INTERP_CFG) if interp else fwd_config(dt, block_t, q.dtype)
     cfg = dict(config)
     if interp:
         for key in _LAUNCH_ONLY:
@@ -239,5 +267,5 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
                    *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                    kv_idx.stride(0), kv_idx.stride(1), kv_idx.stride(2),
                    HEAD_DIM=D, BLOCK_T=block_t, EVEN=bool(even), IEEE=_is_ieee(q.dtype),
-                   INTERP_BF16=interp and q.dtype == torch.bfloat16, **cfg)
+                   INTERP_BF16=interp and q.dtype == torch.bfloat16, D_TILE=dt, **cfg)
     return out

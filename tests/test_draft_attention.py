@@ -377,8 +377,9 @@ def test_bad_inputs_raise_clear_errors():
     kw = dict(**GEO, text_tokens=5)
     with pytest.raises(ValueError, match="does not match the geometry"):
         draft_attention(q, k, v, **dict(kw, width=11))
-    with pytest.raises(ValueError, match="head dim 48"):
-        draft_attention(*_qkv(1, 2, S, 48, torch.float16), **kw)
+    for bad in (44, 8, 264):                            # not a multiple of 8, or outside [16, 256]
+        with pytest.raises(ValueError, match=f"head dim {bad}"):
+            draft_attention(*_qkv(1, 2, S, bad, torch.float16), **kw)
     with pytest.raises(ValueError, match=r"\(B, H, S, D\)"):
         draft_attention(q[0], k[0], v[0], **kw)
     with pytest.raises(TypeError, match="share a dtype"):
@@ -625,3 +626,23 @@ def test_unstructured_input_warns_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")                       # once per process
         draft_attention(qr, kr, vr, **geo, pool=(4, 4), sparsity=0.75, backend="reference")
+
+
+
+# ------------------------------------------------------------------ any head dim (multiple of 8 in [16, 256])
+@pytest.mark.parametrize("d", [32, 72, 80, 96, 160])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_any_head_dim(d, dtype):
+    """Head dims outside 64/128/256 run on the next power-of-two tile width with masked columns: at
+    sparsity 0 the op equals SDPA, at 50% the masked dense attention with the same block mask."""
+    geo = dict(frames=2, height=3, width=5, pool=(2, 4), text_tokens=3)      # odd resolution, partial patches
+    S = 3 + 2 * 3 * 5
+    g = torch.Generator().manual_seed(d)
+    q, k, v = (torch.randn(1, 2, S, d, generator=g).to(dtype) for _ in range(3))
+    for backend in ("interpret", "reference"):
+        out = draft_attention(q, k, v, **geo, sparsity=0.0, backend=backend)
+        assert out.shape == q.shape and out.dtype == dtype
+        assert_close_rel(out, _sdpa64(q, k, v))
+        out, mask = draft_attention(q, k, v, **geo, sparsity=0.5, backend=backend, return_mask=True)
+        L = draft_layout(2, 3, 5, (2, 4), 3)
+        assert_close_rel(out, _sdpa64(q, k, v, L.token_mask(mask)))

@@ -351,8 +351,9 @@ def _check_qkv(q, k, v, layout: Optional[DraftLayout] = None):
         raise ValueError(f"q, k, v must have the same shape (self-attention, equal head dims), got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     d = q.shape[-1]
-    if d not in HEAD_DIMS:
-        raise ValueError(f"head dim {d} is not supported; supported: {HEAD_DIMS}")
+    if not (16 <= d <= 256 and d % 8 == 0):
+        raise ValueError(f"head dim {d} is not supported: it must be a multiple of 8 in [16, 256] (the kernel's "
+                         f"tuned dims are {HEAD_DIMS}; others run on the next power-of-two tile width, masked)")
     if layout is not None and q.shape[2] != layout.seq_len:
         raise ValueError(
             f"sequence length {q.shape[2]} does not match the geometry: text_tokens={layout.text_tokens} + "
@@ -422,7 +423,7 @@ def draft_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, frames
     """Draft-guided block-sparse attention, a drop-in for ``F.scaled_dot_product_attention(q, k, v)``.
 
     q, k, v ``(B, H, S, D)`` with ``S = text_tokens + frames * height * width``
-    (text leading unless ``text_position="trailing"``), D in 64/128/256,
+    (text leading unless ``text_position="trailing"``), D any multiple of 8 in [16, 256],
     fp16/bf16/fp32.  ``sparsity``: fraction of video-video blocks dropped
     (``mode`` picks how, see :func:`draft_block_mask`).  ``sparsity=0`` is dense
     attention.  ``return_mask=True`` also returns the block mask, ``return_stats=True`` a dict
