@@ -189,7 +189,8 @@ def _is_ieee(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
 
 
-def fwd_config(head_dim: int, block_t: int, dtype: torch.dtype, ieee: bool | None = None) -> dict:
+def fwd_config(head_dim: int, block_t: int, dtype: torch.dtype, ieee: bool | None = None,
+               padded: bool = False) -> dict:
     """Tile configuration for the GPU.
 
     BLOCK_M query rows per program (a divisor of the block, so a 128-token
@@ -211,6 +212,13 @@ def fwd_config(head_dim: int, block_t: int, dtype: torch.dtype, ieee: bool | Non
         bm, bn, warps, stages = 128, 64, 8, 3
     else:
         bm, bn, warps, stages = 64, 32, 8, 2
+    if padded:
+        # a head dim below its tile width (e.g. 72 on 128): the column masks cost registers; half the key
+        # step (half precision) or twice the warps (fp32 FMAs) keeps the tile spill-free
+        if dtype == torch.float32 and ieee:
+            warps = 8
+        elif dtype != torch.float32:
+            bn = min(bn, 32)
     bm = min(bm, block_t)
     bn = min(bn, block_t)
     return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
@@ -250,7 +258,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
     dt = tile_dim(D)
     interp = _interpreting(q)
     if config is None:
-        config = dict(_INTERP_CFG) if interp else fwd_config(dt, block_t, q.dtype)
+        config = dict(_INTERP_CFG) if interp else fwd_config(dt, block_t, q.dtype, padded=dt != D)
     cfg = dict(config)
     if interp:
         for key in _LAUNCH_ONLY:
