@@ -190,7 +190,7 @@ def _is_ieee(dtype: torch.dtype) -> bool:
 
 
 def fwd_config(head_dim: int, block_t: int, dtype: torch.dtype, ieee: bool | None = None,
-               padded: bool = False) -> dict:
+               real_dim: int | None = None) -> dict:
     """Tile configuration for the GPU.
 
     BLOCK_M query rows per program (a divisor of the block, so a 128-token
@@ -212,11 +212,12 @@ def fwd_config(head_dim: int, block_t: int, dtype: torch.dtype, ieee: bool | Non
         bm, bn, warps, stages = 128, 64, 8, 3
     else:
         bm, bn, warps, stages = 64, 32, 8, 2
-    if padded:
-        # a head dim below its tile width (e.g. 72 on 128): the column masks cost registers; half the key
-        # step (half precision) or twice the warps (fp32 FMAs) keeps the tile spill-free
+    if real_dim is not None and real_dim < head_dim:
+        # a head dim below its tile width (e.g. 72 or 96 on 128): the column masks cost registers; half
+        # the key step (half precision) keeps the tile spill-free, and fp32 FMA tiles padded by 48
+        # columns or more take twice the warps (static gate, triton 3.6: 72 spills on 4 warps, 96 on 8)
         if dtype == torch.float32 and ieee:
-            warps = 8
+            warps = 8 if head_dim - real_dim >= 48 else warps
         elif dtype != torch.float32:
             bn = min(bn, 32)
     bm = min(bm, block_t)
@@ -258,7 +259,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
     dt = tile_dim(D)
     interp = _interpreting(q)
     if config is None:
-        config = dict(_INTERP_CFG) if interp else fwd_config(dt, block_t, q.dtype, padded=dt != D)
+        config = dict(_INTERP_CFG) if interp else fwd_config(dt, block_t, q.dtype, real_dim=D)
     cfg = dict(config)
     if interp:
         for key in _LAUNCH_ONLY:
