@@ -35,6 +35,19 @@ Storage (:class:`Int4Weight`):
   or ``None`` for symmetric weights (zero = 8).
 
 Bytes per weight: 0.5 + (2 or 4) / group_size.
+
+Input permutation (act-order with dynamic groups, GPTQ's ``desc_act=True``):
+groups need not be consecutive input features.  Such a weight is described by
+``g_idx`` (the group of every input feature) and stored with its columns
+permuted so that every group is contiguous again: ``perm`` (int64 ``(K,)``, a
+permutation of ``range(K)``) lists the original columns in packed order
+(packed column ``i`` is original column ``perm[i]``; ``perm`` is a stable
+argsort of ``g_idx``), and ``qweight`` / ``scales`` / ``zeros`` are the
+ordinary layout above for the permuted weight.  A layer computes
+``y = x[..., perm] @ W_packed^T``: the kernels are unchanged and only the
+input is gathered once per call.  :meth:`Int4Weight.dequantize`,
+:meth:`Int4Weight.unpack` and :attr:`Int4Weight.g_idx` speak of the original
+column order; ``perm`` is None when the groups are consecutive.
 """
 from __future__ import annotations
 
@@ -43,8 +56,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["Int4Weight", "rtn_quantize", "pack_int4", "unpack_int4", "dequantize_int4",
-           "ALLOWED_GROUP_SIZES", "SYMMETRIC_ZERO"]
+__all__ = ["Int4Weight", "rtn_quantize", "pack_int4", "unpack_int4", "dequantize_int4", "check_perm",
+           "perm_from_g_idx", "ALLOWED_GROUP_SIZES", "SYMMETRIC_ZERO"]
 
 ALLOWED_GROUP_SIZES = (32, 64, 128, -1)
 SYMMETRIC_ZERO = 8
@@ -69,6 +82,69 @@ def resolve_group_size(group_size: int, k: int) -> int:
 def _check_k8(k: int) -> None:
     if k % 8 != 0:
         raise ValueError(f"in_features K={k} must be a multiple of 8 to pack 8 int4 codes per int32 word")
+
+
+def check_perm(perm, k: int, name: str = "perm") -> torch.Tensor:
+    """``perm`` as a contiguous int64 ``(k,)`` tensor; TypeError / ValueError unless it is a permutation
+    of ``range(k)`` (contents are not checked on the meta device)."""
+    if not isinstance(perm, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (int64, a permutation of range({k})), got "
+                        f"{type(perm).__name__}")
+    if perm.is_floating_point() or perm.is_complex() or perm.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer indices (int64), got {perm.dtype}")
+    if tuple(perm.shape) != (k,):
+        raise ValueError(f"{name} must have shape ({k},) (one index per input feature), got {tuple(perm.shape)}")
+    p = perm.detach().to(torch.int64).contiguous()
+    if k and p.device.type != "meta":
+        lo, hi = int(p.min()), int(p.max())
+        if lo < 0 or hi >= k:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{name} must be a permutation of range({k}); it holds the index {bad}")
+        counts = torch.bincount(p, minlength=k)
+        if bool((counts != 1).any()):
+            i = int((counts != 1).nonzero()[0])
+            raise ValueError(f"{name} must be a permutation of range({k}); index {i} appears {int(counts[i])} "
+                             "times")
+    return p
+
+
+def perm_from_g_idx(g_idx, group_size: int, k: Optional[int] = None) -> Optional[torch.Tensor]:
+    """The packed column order of a per-column group index: stable argsort of ``g_idx`` (int64 ``(K,)``),
+    or None when the groups are already consecutive (``g_idx == arange(K) // group_size``).
+
+    Every group ``0 .. K / group_size - 1`` must have exactly ``group_size`` members (ValueError)."""
+    if not isinstance(g_idx, torch.Tensor):
+        raise TypeError(f"g_idx must be a torch.Tensor of group indices (K,), got {type(g_idx).__name__}")
+    if g_idx.is_floating_point() or g_idx.is_complex() or g_idx.dtype == torch.bool:
+        raise TypeError(f"g_idx must hold integer group indices, got {g_idx.dtype}")
+    if g_idx.dim() != 1 or (k is not None and g_idx.shape[0] != k):
+        raise ValueError(f"g_idx must have shape ({k if k is not None else 'K'},) (one group index per input "
+                         f"feature), got {tuple(g_idx.shape)}")
+    k = g_idx.shape[0]
+    gs = resolve_group_size(group_size, k)
+    ng = k // gs
+    gi = g_idx.detach().to(torch.int64)
+    if k:
+        lo, hi = int(gi.min()), int(gi.max())
+        if lo < 0 or hi >= ng:
+            raise ValueError(f"g_idx holds the group index {lo if lo < 0 else hi}; with K={k} and group_size={gs} "
+                             f"groups are 0..{ng - 1}")
+        counts = torch.bincount(gi, minlength=ng)
+        if bool((counts != gs).any()):
+            g = int((counts != gs).nonzero()[0])
+            raise ValueError(f"g_idx: every group must have exactly group_size={gs} members; group {g} has "
+                             f"{int(counts[g])}")
+    if bool((gi == torch.arange(k, device=gi.device) // gs).all()):
+        return None
+    return torch.argsort(gi, stable=True)
+
+
+def _g_idx_of(perm: Optional[torch.Tensor], k: int, gs: int, device) -> torch.Tensor:
+    if perm is None:
+        return torch.arange(k, device=device) // gs
+    rank = torch.empty_like(perm)
+    rank[perm] = torch.arange(k, device=perm.device)
+    return rank // gs
 
 
 def rtn_quantize(w: torch.Tensor, group_size: int = 128, symmetric: bool = False):
@@ -139,7 +215,13 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional
 
 @dataclass
 class Int4Weight:
-    """Packed group-wise int4 weight; see the module docstring for the exact layout."""
+    """Packed group-wise int4 weight; see the module docstring for the exact layout.
+
+    ``perm`` (optional, int64 ``(K,)``): the input permutation of an act-order
+    weight with non-consecutive groups (packed column ``i`` is original column
+    ``perm[i]``); build such weights with :meth:`from_g_idx` or
+    :meth:`from_quantized` (``perm=``).
+    """
 
     qweight: torch.Tensor
     scales: torch.Tensor
@@ -147,6 +229,7 @@ class Int4Weight:
     shape: tuple
     group_size: int
     symmetric: bool = False
+    perm: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         from ._validate import as_contiguous, check_shape_pair
@@ -157,15 +240,18 @@ class Int4Weight:
         self.symmetric = bool(self.symmetric)
         self.validate(check_values=False)
         self.qweight, self.scales, self.zeros = (as_contiguous(t) for t in (self.qweight, self.scales, self.zeros))
+        if self.perm is not None:
+            self.perm = check_perm(self.perm, self.shape[1]).to(self.qweight.device)
         self.validate()
 
     @classmethod
-    def _trusted(cls, qweight, scales, zeros, shape, group_size, symmetric) -> "Int4Weight":
+    def _trusted(cls, qweight, scales, zeros, shape, group_size, symmetric, perm=None) -> "Int4Weight":
         from ._validate import as_contiguous
 
         out = cls.__new__(cls)
         out.qweight, out.scales, out.zeros = (as_contiguous(t) for t in (qweight, scales, zeros))
         out.shape, out.group_size, out.symmetric = tuple(int(v) for v in shape), group_size, bool(symmetric)
+        out.perm = perm
         out.validate(check_values=False)
         return out
 
@@ -196,6 +282,12 @@ class Int4Weight:
         return self.scales.dtype
 
     @property
+    def g_idx(self) -> torch.Tensor:
+        """int64 ``(K,)``: the group of every original input feature (``arange(K) // group_size`` without
+        a permutation)."""
+        return _g_idx_of(self.perm, self.in_features, self.group_size, self.qweight.device)
+
+    @property
     def device(self) -> torch.device:
         return self.qweight.device
 
@@ -203,22 +295,32 @@ class Int4Weight:
         total = self.qweight.numel() * 4 + self.scales.numel() * self.scales.element_size()
         if self.zeros is not None:
             total += self.zeros.numel() * self.zeros.element_size()
+        if self.perm is not None:
+            total += self.perm.numel() * self.perm.element_size()
         return total
 
     def to(self, device) -> "Int4Weight":
         """A copy on ``device`` (dtypes unchanged)."""
         zeros = self.zeros.to(device) if self.zeros is not None else None
+        perm = self.perm.to(device) if self.perm is not None else None
         return Int4Weight._trusted(self.qweight.to(device), self.scales.to(device), zeros, self.shape,
-                                   self.group_size, self.symmetric)
+                                   self.group_size, self.symmetric, perm)
 
     # ------------------------------------------------------------- conversion
     @classmethod
     def from_quantized(cls, q: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-                       group_size: int, symmetric: bool, dtype: torch.dtype = torch.float16) -> "Int4Weight":
+                       group_size: int, symmetric: bool, dtype: torch.dtype = torch.float16,
+                       perm: Optional[torch.Tensor] = None) -> "Int4Weight":
         """Pack given integer codes ``q`` ``(N, K)`` in [0, 15] with ``scales``/``zeros`` ``(N, G)``.
 
         ``scales`` and ``zeros`` are cast to ``dtype`` (float16 or bfloat16).
         Symmetric weights take ``zeros=None`` (or all-8 zeros, which are dropped).
+        ``perm`` (optional, a permutation of ``range(K)``): groups are
+        consecutive in that order, i.e. group ``g`` holds the original columns
+        ``perm[g * group_size:(g + 1) * group_size]`` (what
+        :func:`sparsekit.quant.gptq_quantize` returns with act-order and
+        dynamic groups); ``q`` is in the original column order either way.
+        A ``perm`` that keeps every group consecutive is dropped.
         """
         if not isinstance(q, torch.Tensor):
             raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
@@ -234,6 +336,12 @@ class Int4Weight:
         g = k // gs
         if q.numel() and q.device.type != "meta" and (int(q.min()) < 0 or int(q.max()) > 15):
             raise ValueError(f"q holds codes outside [0, 15] (min {int(q.min())}, max {int(q.max())})")
+        if perm is not None:
+            perm = check_perm(perm, k).to(q.device)
+            if bool((_g_idx_of(perm, k, gs, q.device) == torch.arange(k, device=q.device) // gs).all()):
+                perm = None                  # every group is already consecutive: no permutation needed
+            else:
+                q = q.index_select(1, perm)
         if not isinstance(scales, torch.Tensor) or tuple(scales.shape) != (n, g):
             raise ValueError(f"scales must be a tensor of shape {(n, g)} (N, K // group_size), "
                              f"got {tuple(scales.shape) if isinstance(scales, torch.Tensor) else type(scales).__name__}")
@@ -250,7 +358,34 @@ class Int4Weight:
         elif zeros is None:
             raise ValueError("an asymmetric weight needs zeros (use symmetric=True for a fixed zero of 8)")
         return cls(pack_int4(q), scales.to(device=q.device, dtype=dtype).contiguous(),
-                   None if zeros is None else zeros.contiguous(), (n, k), gs, bool(symmetric))
+                   None if zeros is None else zeros.contiguous(), (n, k), gs, bool(symmetric), perm)
+
+    @classmethod
+    def from_g_idx(cls, q: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                   g_idx: torch.Tensor, group_size: int, symmetric: bool = False,
+                   dtype: torch.dtype = torch.float16) -> "Int4Weight":
+        """Pack codes whose groups are given per input feature, as GPTQ checkpoints with
+        ``desc_act=True`` store them.
+
+        ``q``: integer codes ``(N, K)`` in [0, 15] in the original column order;
+        ``scales`` / ``zeros``: ``(N, G)``, column ``g`` the parameters of group
+        ``g`` (``G = K / group_size``; ``zeros=None`` when ``symmetric``);
+        ``g_idx``: integer ``(K,)``, the group of every column, so that
+        ``w_hat[:, c] = (q[:, c] - zeros[:, g_idx[c]]) * scales[:, g_idx[c]]``.
+        Every group must have exactly ``group_size`` members (ValueError
+        otherwise).  The columns are stored in the order ``perm = stable
+        argsort(g_idx)`` (None when ``g_idx`` is already ``arange(K) //
+        group_size``), see the module doc; :meth:`dequantize` returns the
+        weight in the original column order.
+        """
+        if not isinstance(q, torch.Tensor) or q.dim() != 2:
+            raise ValueError(f"q must be a 2-D tensor (out_features, in_features), got "
+                             f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
+        k = q.shape[1]
+        _check_k8(k)
+        gs = resolve_group_size(group_size, k)
+        perm = perm_from_g_idx(g_idx.to(q.device) if isinstance(g_idx, torch.Tensor) else g_idx, gs, k)
+        return cls.from_quantized(q, scales, zeros, gs, symmetric, dtype=dtype, perm=perm)
 
     @classmethod
     def from_float(cls, w: torch.Tensor, group_size: int = 128, symmetric: bool = False,
@@ -268,8 +403,9 @@ class Int4Weight:
         return cls.from_quantized(q, scales, None if symmetric else zeros, group_size, symmetric, dtype)
 
     def unpack(self) -> torch.Tensor:
-        """``(N, K)`` uint8 codes in [0, 15]."""
-        return unpack_int4(self.qweight, self.in_features)
+        """``(N, K)`` uint8 codes in [0, 15], in the original column order."""
+        q = unpack_int4(self.qweight, self.in_features)
+        return q if self.perm is None else _unpermute(q, self.perm)
 
     def zero_points(self) -> torch.Tensor:
         """``(N, G)`` zero points in the scale dtype (all 8 when symmetric)."""
@@ -278,10 +414,19 @@ class Int4Weight:
         return self.zeros
 
     def dequantize(self) -> torch.Tensor:
-        """``(N, K)`` dense weight ``(q - zero) * scale`` in the scale dtype."""
-        return dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size, self.in_features)
+        """``(N, K)`` dense weight ``(q - zero) * scale`` in the scale dtype, in the original column order."""
+        w = dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size, self.in_features)
+        return w if self.perm is None else _unpermute(w, self.perm)
 
     def __repr__(self) -> str:
         return (f"Int4Weight(shape={self.shape}, group_size={self.group_size}, symmetric={self.symmetric}, "
-                f"dtype={self.dtype}, device={self.device}, nbytes={self.nbytes()})")
+                f"dtype={self.dtype}, device={self.device}, nbytes={self.nbytes()}"
+                + (", act_order_perm=True" if self.perm is not None else "") + ")")
+
+
+def _unpermute(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Columns of ``t`` (packed order) back in the original order: ``out[:, perm[i]] = t[:, i]``."""
+    out = torch.empty_like(t)
+    out[:, perm] = t
+    return out
 

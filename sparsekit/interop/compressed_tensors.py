@@ -237,6 +237,9 @@ def int4_to_ct(weight: Int4Weight) -> dict:
     :func:`int4_scheme_args`."""
     if not isinstance(weight, Int4Weight):
         raise TypeError(f"weight must be an Int4Weight, got {type(weight).__name__}")
+    if weight.perm is not None:
+        raise ValueError("weight has an act-order input permutation (g_idx groups that are not consecutive); "
+                         "its compressed-tensors export (weight_g_idx) is not supported")
     n, k = weight.shape
     q = weight.unpack()                                  # sparsekit's unsigned codes = signed + 8
     out = {"weight_packed": _pack_seq4(q), "weight_scale": weight.scales.clone(),

@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 from ..formats._validate import validate_int4, validate_int8
-from ..formats.int4 import Int4Weight, resolve_group_size
+from ..formats.int4 import Int4Weight, check_perm, resolve_group_size
 from ..formats.int8 import Int8Weight
 from ..ops.act_quant import _check_frac8
+from ..ops._checks import check_x
 from ..ops._dense import dense_linear, module_fast_path
 from ..ops.int4 import dense_int4_weight, int4_linear_packed
 from ..ops.int8 import int8_linear_packed, w4a8_linear_packed
@@ -76,7 +77,11 @@ class QLinear(nn.Module):
     ``bits=8`` buffers: ``qweight`` ``(out, in)`` int8 and ``scales`` ``(out,)``
     float32 (per-channel symmetric, :mod:`sparsekit.formats.int8`).  AWQ-quantized
     layers also hold an ``input_scale`` ``(in,)`` that divides the input at run
-    time.  ``bias`` stays a parameter.  Inputs: the compute dtype (float16 or
+    time.  Act-order int4 weights whose groups are not consecutive input
+    features (GPTQ with dynamic groups, ``g_idx`` checkpoints) are stored with
+    permuted columns and hold an ``in_perm`` ``(in,)`` int64 buffer: the input
+    is gathered once per call, ``x[..., in_perm]``, before the unchanged
+    kernels (see :mod:`sparsekit.formats.int4`).  ``bias`` stays a parameter.  Inputs: the compute dtype (float16 or
     bfloat16, chosen at conversion) or float32; the output has the input's
     dtype (a float32 input is cast to the compute dtype for the kernel and the
     result back to float32, so a module converted from a float32 model takes
@@ -84,7 +89,8 @@ class QLinear(nn.Module):
 
     ``load_state_dict`` validates every incoming tensor first (shapes, finite
     scales, zero points integers in [0, 15], int8 codes in [-127, 127], an
-    ``input_scale`` of shape ``(in_features,)`` that is finite and > 0) and
+    ``input_scale`` of shape ``(in_features,)`` that is finite and > 0, an
+    ``in_perm`` that is a permutation of ``range(in_features)``) and
     either loads all of them or raises and leaves the module untouched.
     """
 
@@ -126,6 +132,7 @@ class QLinear(nn.Module):
             self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32, device=device))
             self.register_buffer("zeros", None)
         self.register_buffer("input_scale", None)
+        self.register_buffer("in_perm", None)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device))
         else:
@@ -173,6 +180,8 @@ class QLinear(nn.Module):
             s = input_scale.detach().to(device=weight.device, dtype=dtype).clone()
             _check_input_scale(s, k)
             mod.input_scale = s
+        if isinstance(weight, Int4Weight) and weight.perm is not None:
+            mod.in_perm = weight.perm.detach().to(weight.device, torch.int64).clone()
         return mod
 
     @classmethod
@@ -184,7 +193,8 @@ class QLinear(nn.Module):
             raise ValueError(f"QLinear packs 4-bit quantizer results, got bits={result.bits}")
         dtype = dtype or (linear.weight.dtype if linear.weight.dtype in _SCALE_DTYPES else torch.float16)
         w = Int4Weight.from_quantized(result.q, result.scales, None if result.symmetric else result.zeros,
-                                      result.group_size, result.symmetric, dtype=dtype)
+                                      result.group_size, result.symmetric, dtype=dtype,
+                                      perm=getattr(result, "perm", None))
         return cls.from_weight(w, linear.bias, input_scale=result.input_scale, backend=backend,
                                act_bits=act_bits, frac8=frac8)
 
@@ -244,11 +254,12 @@ class QLinear(nn.Module):
         if self.bits == 8:
             return Int8Weight(self.qweight, self.scales.float(), (self.out_features, self.in_features))
         return Int4Weight(self.qweight, self.scales, self.zeros, (self.out_features, self.in_features),
-                          self.group_size, self.symmetric)
+                          self.group_size, self.symmetric, self.in_perm)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dequantized ``(out, in)`` weight acting on unscaled inputs, in the compute dtype (for inspection)."""
+        """The dequantized ``(out, in)`` weight acting on unscaled inputs, in the compute dtype and the original
+        input order (for inspection)."""
         w = self.weight_format().dequantize()
         if self.input_scale is not None:
             w = w / self.input_scale
@@ -282,16 +293,20 @@ class QLinear(nn.Module):
             if not s.is_floating_point():
                 raise TypeError(f"QLinear.input_scale must be floating point, got {s.dtype}")
             _check_input_scale(s.to(self.dtype), self.in_features)
+        if t.get("in_perm") is not None:
+            if self.bits == 8:
+                raise ValueError("QLinear.in_perm (an act-order input permutation) applies to bits=4 weights only")
+            check_perm(t["in_perm"], self.in_features, "QLinear.in_perm")
 
     def validate_state_dict(self, state_dict, prefix: str = "", strict: bool = True) -> None:
         """Raise what :meth:`load_state_dict` would raise for ``state_dict``, copying nothing."""
         self._validate_tensors(_state.check_state_dict(self, state_dict, prefix, strict, False,
-                                                       optional=("input_scale",)))
+                                                       optional=("input_scale", "in_perm")))
 
     def validate(self) -> None:
         """Re-check this module's tensors (e.g. after writing into them in place)."""
         self._validate_tensors(dict(qweight=self.qweight, scales=self.scales, zeros=self.zeros,
-                                    input_scale=self.input_scale))
+                                    input_scale=self.input_scale, in_perm=self.in_perm))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -299,9 +314,12 @@ class QLinear(nn.Module):
             if self.input_scale is None and cand.get("input_scale") is not None:
                 # an AWQ checkpoint: the module gets the (already validated) input_scale buffer
                 self.input_scale = torch.empty(self.in_features, dtype=self.dtype, device=self.scales.device)
+            if self.in_perm is None and cand.get("in_perm") is not None:
+                # an act-order checkpoint: the module gets the (already validated) input permutation
+                self.in_perm = torch.empty(self.in_features, dtype=torch.int64, device=self.scales.device)
 
         _state.load_atomic(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                           error_msgs, self._validate_tensors, prepare, optional=("input_scale",))
+                           error_msgs, self._validate_tensors, prepare, optional=("input_scale", "in_perm"))
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, importance: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -313,6 +331,8 @@ class QLinear(nn.Module):
             # compute dtype (float16/bfloat16, chosen at conversion) and only the boundary is cast
             if self.input_scale is not None:
                 x = x / self.input_scale.float()
+            if self.in_perm is not None:
+                x = self._permute_input(x)
             if self.bits == 4 and self.act_bits is None and module_fast_path(x, self.backend, self.in_features,
                                                                              (torch.float32,)):
                 # CPU's dense path: the float32 input times the cached dequantized weight, in float32
@@ -321,7 +341,14 @@ class QLinear(nn.Module):
             return self._forward_compute(x.to(self.dtype), importance).float()
         if self.input_scale is not None:
             x = x / self.input_scale
+        if self.in_perm is not None:
+            x = self._permute_input(x)
         return self._forward_compute(x, importance)
+
+    def _permute_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x[..., in_perm]``: the input in the packed column order of an act-order weight."""
+        check_x(x, self.in_features)
+        return x.index_select(-1, self.in_perm)
 
     def _forward_compute(self, x: torch.Tensor, importance: Optional[torch.Tensor]) -> torch.Tensor:
         if self.bits == 8:
@@ -353,4 +380,5 @@ class QLinear(nn.Module):
             act += f", frac8={self.frac8:g}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"{wdesc}, {act}, dtype={self.dtype}"
-                + (", awq_input_scale=True" if self.input_scale is not None else ""))
+                + (", awq_input_scale=True" if self.input_scale is not None else "")
+                + (", act_order_in_perm=True" if self.in_perm is not None else ""))

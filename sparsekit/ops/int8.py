@@ -293,6 +293,9 @@ def w4a8_linear(x: torch.Tensor, weight: Int4Weight, bias: Optional[torch.Tensor
     if not isinstance(weight, Int4Weight):
         raise TypeError(f"weight must be an Int4Weight, got {type(weight).__name__} "
                         "(quantize a dense weight with Int4Weight.from_float)")
+    if weight.perm is not None:                      # act-order weight: columns stored in packed order
+        check_x(x, weight.in_features)
+        x = x.index_select(-1, weight.perm)
     return w4a8_linear_packed(x, weight.qweight, weight.scales, weight.zeros, weight.group_size,
                               weight.in_features, bias, act_bits=act_bits, frac8=frac8, importance=importance,
                               backend=backend, validate=False)      # validated when the weight was built

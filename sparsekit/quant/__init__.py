@@ -2,7 +2,9 @@
 
 * :func:`rtn_quantize`: round to nearest, per group of consecutive input features.
 * :func:`gptq_quantize`: GPTQ (second-order, column-by-column with error
-  propagation; blocked lazy updates; optional act-order with static groups).
+  propagation; blocked lazy updates; dead inputs zeroed; optional act-order
+  with dynamic groups -- the result carries the column order ``perm`` /
+  ``g_idx`` -- or static groups).
 * :func:`awq_search`: AWQ-style activation-aware per-input-channel scales.
 * :func:`collect_linear_inputs`: per-layer ``H = 2 X^T X / n`` and ``mean|x|``
   from calibration batches; :func:`quantize_model_weights`: sequential,
@@ -14,14 +16,14 @@ scales and zeros, ``.dequantize()``); the grid is documented in
 """
 from .awq import awq_effective_weight, awq_search
 from .calibration import QUANT_METHODS, collect_linear_inputs, linear_forward_order, quantize_model_weights
-from .gptq import gptq_inverse_factor, gptq_quantize
-from .rtn import (GROUP_SIZES, QuantResult, check_quant_args, dequantize_codes, grid_params, quantize_codes,
-                  rtn_quantize)
+from .gptq import gptq_act_order, gptq_inverse_factor, gptq_quantize
+from .rtn import (GROUP_SIZES, QuantResult, check_quant_args, dequantize_codes, g_idx_from_perm, grid_params,
+                  quantize_codes, rtn_quantize)
 
 __all__ = [
     "GROUP_SIZES", "QuantResult", "check_quant_args", "grid_params", "quantize_codes", "dequantize_codes",
-    "rtn_quantize",
-    "gptq_quantize", "gptq_inverse_factor",
+    "rtn_quantize", "g_idx_from_perm",
+    "gptq_quantize", "gptq_inverse_factor", "gptq_act_order",
     "awq_search", "awq_effective_weight",
     "QUANT_METHODS", "collect_linear_inputs", "linear_forward_order", "quantize_model_weights",
 ]

@@ -31,7 +31,7 @@ import torch
 
 __all__ = [
     "GROUP_SIZES", "QuantResult", "check_quant_args", "grid_params", "quantize_codes", "dequantize_codes",
-    "rtn_quantize",
+    "rtn_quantize", "g_idx_from_perm",
 ]
 
 # group sizes of the packed int4 layout (-1 = one group per row)
@@ -52,6 +52,14 @@ class QuantResult:
     layer must compute ``(x / s) @ dequantize().T`` (or fold ``1/s`` into the
     previous op).  :meth:`effective_weight` is ``dequantize() / s``, the plain
     weight that does the same with unscaled inputs.
+
+    ``perm`` (GPTQ with act-order and dynamic groups only, else None): int64
+    ``(K,)``, the order in which the columns were processed; groups are
+    consecutive in that order, so group ``g`` holds the original columns
+    ``perm[g * group_size:(g + 1) * group_size]`` and ``scales[:, g]`` /
+    ``zeros[:, g]`` are theirs.  ``q`` stays in the original column order;
+    :attr:`g_idx` is the group of every original column.  Pack it with
+    ``Int4Weight.from_quantized(q, scales, zeros, ..., perm=perm)``.
     """
     q: torch.Tensor
     scales: torch.Tensor
@@ -60,6 +68,7 @@ class QuantResult:
     symmetric: bool
     bits: int
     input_scale: Optional[torch.Tensor] = None
+    perm: Optional[torch.Tensor] = None
 
     @property
     def shape(self) -> tuple:
@@ -69,9 +78,19 @@ class QuantResult:
     def num_groups(self) -> int:
         return int(self.scales.shape[1])
 
+    @property
+    def g_idx(self) -> torch.Tensor:
+        """int64 ``(K,)``: the group of every original column (``rank in perm // group_size``)."""
+        k = self.q.shape[1]
+        if self.perm is None:
+            return torch.arange(k, device=self.q.device) // self.group_size
+        return g_idx_from_perm(self.perm, self.group_size)
+
     def dequantize(self) -> torch.Tensor:
-        """``(q - zero) * scale`` as float32 ``(N, K)`` (still in the ``W * s`` domain for AWQ)."""
-        return dequantize_codes(self.q, self.scales, self.zeros, self.group_size)
+        """``(q - zero) * scale`` as float32 ``(N, K)`` in the original column order (still in the
+        ``W * s`` domain for AWQ)."""
+        return dequantize_codes(self.q, self.scales, self.zeros, self.group_size,
+                                None if self.perm is None else self.g_idx)
 
     def effective_weight(self) -> torch.Tensor:
         """The float32 ``(N, K)`` weight to use with unscaled inputs: ``dequantize() / input_scale``."""
@@ -137,9 +156,22 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     return torch.clamp(torch.round(w / scale.to(w.dtype)) + zero.to(w.dtype), 0, maxq)
 
 
-def dequantize_codes(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Float32 ``(q - zero) * scale`` of uint8 codes ``(N, K)`` with per-group ``(N, G)`` parameters."""
+def g_idx_from_perm(perm: torch.Tensor, group_size: int) -> torch.Tensor:
+    """int64 ``(K,)`` group of every column for groups consecutive in the order ``perm``."""
+    perm = perm.to(torch.int64)
+    rank = torch.empty_like(perm)
+    rank[perm] = torch.arange(perm.numel(), device=perm.device)
+    return rank // group_size
+
+
+def dequantize_codes(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                     g_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Float32 ``(q - zero) * scale`` of uint8 codes ``(N, K)`` with per-group ``(N, G)`` parameters;
+    ``g_idx`` (``(K,)``, optional): the group of each column (default: consecutive groups)."""
     n, k = q.shape
+    if g_idx is not None:
+        gi = g_idx.to(device=q.device, dtype=torch.int64)
+        return (q.to(torch.float32) - zeros.to(torch.float32)[:, gi]) * scales.to(torch.float32)[:, gi]
     g = k // group_size
     qg = q.to(torch.float32).reshape(n, g, group_size)
     out = (qg - zeros.to(torch.float32).reshape(n, g, 1)) * scales.to(torch.float32).reshape(n, g, 1)

@@ -38,7 +38,9 @@ def quantize_weight(module: nn.Module, stats: Optional[dict], cfg: SchemeConfig,
             st["mean_abs"] = stats["sumabs"].div_(d)
         if cfg.method == "gptq":
             res = gptq_quantize(w, st["H"], group_size, cfg.symmetric, bits, damp=opts.get("damp", 0.01),
-                                block_size=opts.get("block_size", 128), act_order=opts.get("act_order", False))
+                                block_size=opts.get("block_size", 128),
+                                act_order=getattr(cfg, "act_order", opts.get("act_order", False)),
+                                static_groups=getattr(cfg, "static_groups", bool(opts.get("act_order", False))))
             w_new = res.dequantize()
         else:
             _, res = awq_search(w, st, group_size, cfg.symmetric, bits, grid=opts.get("grid", 20))
@@ -66,13 +68,28 @@ class Int4Params(SchemeConfig):
     symmetric: zero point 8 (no stored zeros).  dtype: compute dtype of the
     new layers, ``"float16"`` / ``"bfloat16"`` (None: the layer's when half
     precision, else float16).
+
+    act_order (``method="gptq"`` only, default False): quantize the input
+    features by descending ``diag(H)``.  static_groups (default False, as the
+    original GPTQ): with False, groups are ``group_size`` consecutive features
+    *in that order* (dynamic groups, what ``desc_act=True`` GPTQ checkpoints
+    carry as ``g_idx``); the layer then stores its columns permuted and
+    gathers its input once per call (``QLinear.in_perm``).  True: groups of
+    consecutive original features, parameters computed up front, no
+    permutation at run time.  Config version 2 added these two fields; a
+    version-1 config's ``method_options={"act_order": True}`` (which meant
+    static groups) still parses, as ``act_order=True, static_groups=True``,
+    and so does that option given to a new config.
     """
 
     group_size: Optional[int] = 128
     symmetric: bool = False
     dtype: Optional[str] = None
+    act_order: bool = False
+    static_groups: bool = False
 
     SCHEME: ClassVar[str] = "int4"
+    VERSION: ClassVar[int] = 2
     METHODS: ClassVar[tuple] = QUANT_METHODS
     DEFAULT_METHOD: ClassVar[str] = "rtn"
     CALIBRATED_METHOD: ClassVar[str] = "gptq"
@@ -83,6 +100,24 @@ class Int4Params(SchemeConfig):
         if not isinstance(self.symmetric, bool):
             raise TypeError(f"symmetric must be a bool, got {self.symmetric!r}")
         self.dtype = parse_dtype(self.dtype)
+        for name in ("act_order", "static_groups"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if "act_order" in self.method_options:
+            # the version-1 spelling: method_options={"act_order": True} meant act-order with static groups
+            if self.act_order or self.static_groups:
+                raise ValueError("give act_order / static_groups as config fields, not also as "
+                                 "method_options['act_order'] (the older spelling, meaning static groups)")
+            legacy = self.method_options.pop("act_order")
+            self.act_order = self.static_groups = bool(legacy)
+        if (self.act_order or self.static_groups) and self.method != "gptq":
+            raise ValueError(f"act_order / static_groups apply to method='gptq', got method={self.method!r}")
+
+    @classmethod
+    def upgrade(cls, params: dict, version: int) -> dict:
+        """Version 1 had no ``act_order`` / ``static_groups`` fields; its ``method_options["act_order"]``
+        (static groups) is read by ``__post_init__``."""
+        return params
 
 
 @dataclass
@@ -180,10 +215,13 @@ class _QLinearScheme(Scheme):
         return type(module) is QLinear and module.bits == self.bits and self._owns_act(module.act_bits)
 
     def module_params(self, module):
-        return {"in_features": module.in_features, "out_features": module.out_features,
-                "bias": module.bias is not None, "bits": module.bits, "group_size": module.group_size,
-                "symmetric": module.symmetric, "act_bits": module.act_bits, "frac8": module.frac8,
-                "dtype": dtype_name(module.dtype), "input_scale": module.input_scale is not None}
+        p = {"in_features": module.in_features, "out_features": module.out_features,
+             "bias": module.bias is not None, "bits": module.bits, "group_size": module.group_size,
+             "symmetric": module.symmetric, "act_bits": module.act_bits, "frac8": module.frac8,
+             "dtype": dtype_name(module.dtype), "input_scale": module.input_scale is not None}
+        if self.bits == 4:
+            p["in_perm"] = module.in_perm is not None
+        return p
 
     def rebuild(self, description, device=None, backend=None):
         from ..nn import QLinear
@@ -198,16 +236,26 @@ class _QLinearScheme(Scheme):
                       backend=backend)
         if p.get("input_scale"):
             mod.input_scale = torch.ones(p["in_features"], dtype=dtype, device=device)
+        if p.get("in_perm"):
+            if self.bits != 4:
+                raise ValueError(f"scheme {self.name!r}: in_perm (an act-order input permutation) applies to "
+                                 "bits=4 layers only")
+            mod.in_perm = torch.arange(p["in_features"], dtype=torch.int64, device=device)
         return mod
 
     def report_details(self, cfg, layers):
         out = {"group_size": cfg.group_size, "symmetric": cfg.symmetric}
+        if getattr(cfg, "act_order", False):
+            out["act_order"] = "static groups" if cfg.static_groups else "dynamic groups (input permutation)"
         dts = sorted({dtype_name(_compute_dtype(cfg.dtype, _Info(v))) for v in layers.values()})
         out["dtype"] = dts[0] if len(dts) == 1 else dts
         return out
 
 
 class Int4Scheme(_QLinearScheme):
+    # description format 2: params gained "in_perm" (act-order layers hold a QLinear.in_perm buffer);
+    # version-1 descriptions (no in_perm) still rebuild
+    format_version = 2
     name = "int4"
     config_cls = Int4Params
     title = "int4 weights, 16-bit activations (W4A16)"
@@ -252,7 +300,9 @@ class Int4Scheme(_QLinearScheme):
                 "params": {"in_features": k, "out_features": linear.out_features, "bias": linear.bias is not None,
                            "bits": 4, "group_size": k if gs == -1 else gs, "symmetric": cfg.symmetric,
                            "act_bits": act_bits, "frac8": frac8,
-                           "dtype": dtype_name(_compute_dtype(cfg.dtype, linear)), "input_scale": False}}
+                           "dtype": dtype_name(_compute_dtype(cfg.dtype, linear)), "input_scale": False,
+                           "in_perm": bool(cfg.act_order and not cfg.static_groups and cfg.method == "gptq"
+                                           and gs not in (-1, k))}}
 
     def eval_forward(self, module):
         # QLinear computes in float16/bfloat16 only: evaluate the float model on the dequantized weight
