@@ -32,7 +32,11 @@ without a traceback, with exit status 2.  ``compress`` checks, in this order: SP
 the argument syntax, the argument combinations (method for the scheme, --sparsity, --group-size,
 the overrides, a forced backend that cannot run the schemes on CPU), the output directory; then,
 after loading the workload and before any calibration, every layer against its scheme (e.g. a
-group size that does not divide a layer's in_features, an override naming no layer).
+group size that does not divide a layer's in_features, an override naming no layer).  With
+``--model``, the argument combinations also cover ``--format compressed-tensors`` (a scheme it
+cannot hold), the model directory, the ``--calib`` file and the tokenizer a text file needs; the
+calibration rows are checked (ids in the vocabulary, length within the model's positions) after
+loading the model and before any calibration.
 """
 from __future__ import annotations
 

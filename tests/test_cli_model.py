@@ -301,3 +301,39 @@ def test_minilm_directory_with_text_calibration(capsys, tmp_path, captured):
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).last_hidden_state, captured[-1](input_ids=ids).last_hidden_state)
     assert _info(capsys, out)["layers"] == {"2:4": 37}
+
+
+# ----------------------------------------------------------------------------- calibration files
+def test_load_token_rows_formats_and_errors(tmp_path):
+    tok = _tokenizer()
+    ids = torch.randint(0, 40, (5, 12), generator=torch.Generator().manual_seed(2), dtype=torch.int32)
+    torch.save({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, tmp_path / "d.pt")
+    got = load_token_rows(tmp_path / "d.pt", seq_len=7, rows=3, vocab_size=40)
+    assert got.dtype == torch.int64 and torch.equal(got, ids[:3, :7].long())
+    # text: documents concatenated in order, cut into full rows; reading stops once enough rows are there
+    docs = workloads.SENTENCES[:6]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs) + "\n\n")
+    flat = [t for d in docs for t in tok(d)["input_ids"]]
+    got = load_token_rows(tmp_path / "t.jsonl", seq_len=10, tokenizer=tok)
+    assert torch.equal(got.reshape(-1), torch.tensor(flat[:len(flat) // 10 * 10]))
+    assert torch.equal(load_token_rows(tmp_path / "t.jsonl", seq_len=10, tokenizer=tok, rows=2), got[:2])
+    calib, held = split_holdout(got)
+    assert held.shape[0] == 1 and torch.equal(torch.cat([calib, held]), got)
+    bad = [("x.jsonl", '{"text": "a b"}\nnot json\n', "line 2 is not JSON"),
+           ("y.jsonl", '{"txt": "a"}\n', "line 1 is not an object with a string 'text' field"),
+           ("z.txt", "  \n", "holds no text"),
+           ("w.txt", "short", "fewer than one row")]
+    for name, content, match in bad:
+        (tmp_path / name).write_text(content)
+        with pytest.raises(ValueError, match=match):
+            load_token_rows(tmp_path / name, seq_len=10, tokenizer=tok)
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        load_token_rows(tmp_path / "t.jsonl", seq_len=10)
+    torch.save({"ids": ids}, tmp_path / "e.pt")
+    with pytest.raises(ValueError, match="without 'input_ids'"):
+        load_token_rows(tmp_path / "e.pt")
+    save_file({"tokens": ids}, str(tmp_path / "e.safetensors"))
+    with pytest.raises(ValueError, match="has no 'input_ids' tensor"):
+        load_token_rows(tmp_path / "e.safetensors")
+    with pytest.raises(ValueError, match="at least 2 token rows"):
+        split_holdout(got[:1])

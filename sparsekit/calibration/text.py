@@ -23,7 +23,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["TOKENIZED_SUFFIXES", "TEXT_SUFFIXES", "is_text_file", "load_token_rows", "split_holdout", "batches"]
+__all__ = ["TOKENIZED_SUFFIXES", "TEXT_SUFFIXES", "is_text_file", "check_calibration_path", "iter_documents",
+           "load_token_rows", "split_holdout", "batches"]
 
 TOKENIZED_SUFFIXES = (".pt", ".safetensors")
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -88,14 +89,15 @@ def _read_tokenized(path: str) -> torch.Tensor:
     return ids.to(torch.int64).contiguous()
 
 
-def read_documents(path: str) -> list:
-    """The documents of a ``.txt`` (one) or ``.jsonl`` (one per line, field ``"text"``) file."""
+def iter_documents(path: str):
+    """The non-blank documents of a ``.txt`` (one) or ``.jsonl`` (one per line, field ``"text"``) file,
+    read lazily (a ``.jsonl`` file line by line)."""
     with open(path, encoding="utf-8") as f:
         if _suffix(path) == ".txt":
             text = f.read()
-            docs = [text] if text.strip() else []
+            if text.strip():
+                yield text
         else:
-            docs = []
             for i, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -107,16 +109,19 @@ def read_documents(path: str) -> list:
                     raise ValueError(f"calibration file {path!r} line {i} is not an object with a string "
                                      f"'text' field")
                 if rec["text"].strip():
-                    docs.append(rec["text"])
-    if not docs:
-        raise ValueError(f"calibration file {path!r} holds no text")
-    return docs
+                    yield rec["text"]
 
 
-def _tokenize(path: str, tokenizer, seq_len: int) -> torch.Tensor:
+def _tokenize(path: str, tokenizer, seq_len: int, max_rows: Optional[int]) -> torch.Tensor:
     ids: list = []
-    for doc in read_documents(path):
+    docs = 0
+    for doc in iter_documents(path):
+        docs += 1
         ids.extend(int(t) for t in tokenizer(doc)["input_ids"])
+        if max_rows is not None and len(ids) >= max_rows * seq_len:
+            break                       # enough rows: the rest of the file is not read
+    if docs == 0:
+        raise ValueError(f"calibration file {path!r} holds no text")
     rows = len(ids) // seq_len
     if rows == 0:
         raise ValueError(f"calibration file {path!r} gives {len(ids)} tokens, fewer than one row of "
@@ -140,7 +145,7 @@ def load_token_rows(path, *, seq_len: Optional[int] = None, tokenizer=None, rows
             raise ValueError(f"calibration file {path!r} is text and needs a tokenizer")
         if seq_len is None:
             raise ValueError("seq_len is required for a text calibration file")
-        ids = _tokenize(path, tokenizer, seq_len)
+        ids = _tokenize(path, tokenizer, seq_len, rows)
     else:
         ids = _read_tokenized(path)
         if seq_len is not None:
