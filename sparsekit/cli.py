@@ -164,6 +164,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seq-len", type=int, default=None, metavar="L",
                    help="--model only: tokens per calibration row (default: text 128 or the model's "
                         "max_position_embeddings if smaller; tokenized files: their row length)")
+    c.add_argument("--device", default=None,
+                   help="--model only: the device the model is loaded on, calibrated and evaluated (cpu, cuda, "
+                        "cuda:1, ...; default cpu)")
     c.add_argument("--format", choices=("sparsekit", "compressed-tensors"), default=None,
                    help="--model only: output format, a transformers directory with quant_method 'sparsekit' "
                         "(default; every scheme) or compressed-tensors (int4, w4a8, w8a8)")
@@ -261,8 +264,8 @@ def _check_compress_args(args) -> None:
         raise UsageError(f"{err} the following arguments are required: --workload or --model (exactly one) "
                          f"(see `sparsekit compress --help`)")
     if args.workload is not None:
-        given = [o for o, v in (("--calib", args.calib), ("--seq-len", args.seq_len), ("--format", args.format))
-                 if v is not None]
+        given = [o for o, v in (("--calib", args.calib), ("--seq-len", args.seq_len), ("--format", args.format),
+                                ("--device", args.device)) if v is not None]
         if given:
             raise UsageError(f"{err} {given[0]} applies to --model only, not to --workload")
     if args.method is not None and args.method not in scheme.methods:
@@ -309,6 +312,18 @@ def _check_compress_args(args) -> None:
             overrides[layer] = value
     args.overrides = overrides
     args.used_schemes = list(dict.fromkeys(s.name for s in used))
+    device = "cpu"
+    if getattr(args, "device", None) is not None:
+        import torch
+
+        try:
+            device = torch.device(args.device).type
+        except (RuntimeError, ValueError):
+            raise UsageError(f"{err} --device {args.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+        if device == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"{err} --device {args.device}: CUDA is not available here")
+        if device not in ("cpu", "cuda"):
+            raise UsageError(f"{err} --device must be cpu or a cuda device, got {args.device!r}")
     forced = _forced_backend()
     if forced is not None:
         from sparsekit.ops import dispatch
@@ -316,11 +331,11 @@ def _check_compress_args(args) -> None:
         for sch in {s.name: s for s in used}.values():
             op = sch.kernels[0]
             try:
-                dispatch.resolve(op, "cpu")
+                dispatch.resolve(op, device)
             except ValueError as e:
                 what = f"--scheme {sch.name}" if sch is scheme else f"the override scheme {sch.name}"
                 raise UsageError(f"{err} environment variable {dispatch.ENV_VAR}={forced!r} cannot run the "
-                                 f"{what} modules on CPU: {e}") from None
+                                 f"{what} modules on {device.upper()}: {e}") from None
     args.method = args.method or scheme.config_cls.CALIBRATED_METHOD
 
 

@@ -280,6 +280,12 @@ def compress_model_cmd(args, out_stream, prepare_out, remove_created, summary_li
 
         tokenizer = load_tokenizer(args.model) if is_text_file(args.calib) else None
         model, causal = load_model(args.model)
+        if args.device is not None:
+            try:
+                model.to(args.device)
+            except (RuntimeError, ValueError) as e:
+                raise UsageError(f"{ERR} --device {args.device}: cannot move the model there: {_one_line(e)}") \
+                    from None
         calib, held, seq_len = calibration_rows(args, model, tokenizer)
         reference = None if causal else last_hidden(model, held)
         metric, quality_fn = quality_function(causal, held, reference)
@@ -293,12 +299,14 @@ def compress_model_cmd(args, out_stream, prepare_out, remove_created, summary_li
         bars = not quiet and (getattr(args, "progress", False) or stderr_is_tty())
         t0 = time.perf_counter()
         try:
-            model, report = compress(model, batches(calib), scheme=args.scheme, method=args.method,
+            dev = next(model.parameters()).device
+            model, report = compress(model, [b.to(dev) for b in batches(calib)], scheme=args.scheme, method=args.method,
                                      quality_fn=quality_fn, progress=bars, layers=compressible_layers(model),
                                      overrides=getattr(args, "overrides", None), **opts)
         except (NotImplementedError, ValueError, TypeError) as e:
             raise UsageError(f"{ERR} {_one_line(e)}") from None
         report = {"model": args.model, "architecture": type(model).__name__, "metric": metric,
+                  "device": str(next(model.parameters()).device),
                   "calib_size": int(calib.shape[0]), "eval_size": int(held.shape[0]), "seq_len": seq_len,
                   "format": fmt, **report}
         if args.out is not None:

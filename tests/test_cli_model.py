@@ -132,10 +132,13 @@ def test_compress_model_sparsekit_format_reloads_exactly(capsys, tmp_path, llama
             "--scheme", scheme, "--method", method, "--out", out]
     if calib != "txt":
         argv += ["--seq-len", str(SEQ)]
+    if calib == "safetensors":
+        argv += ["--device", "cpu"]
     report, err = _run(capsys, argv)
     compressed = captured[-1]
     # the report: what was compressed, on what, and the quality line
     assert report["scheme"] == scheme and report["method"] == method and report["format"] == "sparsekit"
+    assert report["device"] == "cpu"
     assert report["calib_size"] + report["eval_size"] == 8 and report["eval_size"] == 1
     assert report["seq_len"] == SEQ if calib != "txt" else report["seq_len"] == 64   # min(128, max positions)
     assert report["metric"].startswith("perplexity") and report["architecture"] == "LlamaForCausalLM"
@@ -250,6 +253,14 @@ def test_model_user_errors(capsys, tmp_path, llama_dir, calib_files, monkeypatch
     _user_error(capsys, ["compress", "--model", model_dir, "--calib", str(tmp_path / "x.csv")], "unknown suffix")
     _user_error(capsys, ["compress", "--model", model_dir, "--calib", calib_files["pt"], "--calib-size", "1"],
                 "--calib-size must be at least 2")
+    _user_error(capsys, ["compress", "--workload", "digits", "--device", "cpu"], "--device applies to --model only")
+    _user_error(capsys, ["compress", "--model", model_dir, "--calib", calib_files["pt"], "--device", "meta"],
+                "--device must be cpu or a cuda device")
+    _user_error(capsys, ["compress", "--model", model_dir, "--calib", calib_files["pt"], "--device", "gpu0"],
+                "--device 'gpu0' is not a device")
+    if not torch.cuda.is_available():
+        _user_error(capsys, ["compress", "--model", model_dir, "--calib", calib_files["pt"], "--device", "cuda"],
+                    "--device cuda: CUDA is not available here")
     # errors found once the model is loaded (before calibration)
     monkeypatch.setattr(cli_model, "load_model", real_load)
     _user_error(capsys, ["compress", "--model", model_dir, "--calib", calib_files["pt"], "--seq-len", "65"],
