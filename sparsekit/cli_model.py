@@ -287,6 +287,14 @@ def compress_model_cmd(args, out_stream, prepare_out, remove_created, summary_li
                 raise UsageError(f"{ERR} --device {args.device}: cannot move the model there: {_one_line(e)}") \
                     from None
         calib, held, seq_len = calibration_rows(args, model, tokenizer)
+        try:    # one forward of the dense model before any work: models it cannot drive fail here
+            out1 = _forward(model, held[:1].to(next(model.parameters()).device))
+            if not hasattr(out1, "logits" if causal else "last_hidden_state"):
+                raise ValueError(f"{type(out1).__name__} has no {'logits' if causal else 'last_hidden_state'}")
+        except Exception as e:  # noqa: BLE001 - whatever the architecture raises
+            raise UsageError(f"{ERR} --model {args.model!r}: {type(model).__name__}(input_ids=...) does not run "
+                             f"({_one_line(e)}); --model takes causal LMs and encoders that run on input_ids "
+                             f"alone") from None
         reference = None if causal else last_hidden(model, held)
         metric, quality_fn = quality_function(causal, held, reference)
         from .calibration.text import batches

@@ -267,12 +267,18 @@ def test_model_user_errors(capsys, tmp_path, llama_dir, calib_files, monkeypatch
                 "--seq-len 65 exceeds the model's max_position_embeddings 64")
     _user_error(capsys, ["compress", "--model", model_dir, "--calib", calib_files["pt"], "--calib-size", "11"],
                 "gives 10 rows of 24 tokens, --calib-size asks for 11")
+    torch.save(torch.randint(0, 50, (4, 8)), tmp_path / "small.pt")
     big = tmp_path / "big.pt"
     torch.save(torch.full((4, 8), llama_dir[1]), big)
     _user_error(capsys, ["compress", "--model", model_dir, "--calib", str(big)], "outside the model's vocabulary")
     floats = tmp_path / "floats.pt"
     torch.save(torch.zeros(4, 8), floats)
     _user_error(capsys, ["compress", "--model", model_dir, "--calib", str(floats)], "2-D integer tensor")
+    t5 = tmp_path / "t5"        # an encoder-decoder: its forward needs decoder inputs
+    transformers.T5Model(transformers.T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16,
+                                               vocab_size=50)).save_pretrained(t5)
+    _user_error(capsys, ["compress", "--model", str(t5), "--calib", str(big).replace("big", "small")],
+                "T5Model(input_ids=...) does not run")
     _user_error(capsys, ["info", model_dir], "holds a dense transformers model")
     _user_error(capsys, ["info", str(tmp_path / "nope")], "does not exist")
     _user_error(capsys, ["info", "--json"], "--json applies to `sparsekit info DIR` only")
