@@ -414,8 +414,10 @@ def describe_checkpoint(path: str) -> dict:
             info.update(format="sparsekit state dict (sparsekit compress --workload; load with "
                                "sparsekit.compress.load_compressed)", format_version=None, producer=None)
             if isinstance(report, dict):
-                info["layers"] = report.get("layer_schemes") and _count_schemes(report["layer_schemes"]) or \
-                    {str(report.get("scheme")): report.get("num_layers")}
+                if isinstance(report.get("layer_schemes"), dict):
+                    info["layers"] = _count_schemes(report["layer_schemes"])
+                else:
+                    info["layers"] = {str(report.get("scheme")): report.get("num_layers")}
         else:
             raise ValueError(f"{path!r} holds no sparsekit_config.json, config.json or report.json: not a "
                              f"checkpoint")
