@@ -1,12 +1,18 @@
 """The ``sparsekit`` command.
 
     sparsekit info               versions, device, backends per op, CUDA extension status
+    sparsekit info DIR [--json]  describe a saved checkpoint (sparsekit, transformers with quant_method
+                                 "sparsekit", or compressed-tensors): format, layers per scheme, bytes, quality
     sparsekit bench [ARGS...]    microbenchmarks of the ops given to --ops (see ``sparsekit bench --help``);
                                  ``--quality`` adds the real-model quality table
     sparsekit quality [ARGS...]  the real-model quality table alone (see ``sparsekit quality --help``)
     sparsekit compress --workload minilm|digits --scheme 2:4 --method sparsegpt --out DIR [--force]
                        [--override LAYER SPEC ...] [--quiet | --progress]
                                  compress a bundled workload; writes DIR/model.safetensors, DIR/report.json
+    sparsekit compress --model HF_DIR --calib FILE [--calib-size N] [--seq-len L] --scheme S --method M
+                       [--format sparsekit|compressed-tensors] --out DIR [--force] [...]
+                                 compress a Hugging Face model directory (see :mod:`sparsekit.cli_model`);
+                                 writes a transformers directory (+ tokenizer, report.json) to DIR
 
 Every command's ``--help`` has a description and examples.  ``compress`` prints its report (JSON)
 on stdout, with ``"files"`` relative to ``"out"`` (the output directory), and its progress on
@@ -26,7 +32,11 @@ without a traceback, with exit status 2.  ``compress`` checks, in this order: SP
 the argument syntax, the argument combinations (method for the scheme, --sparsity, --group-size,
 the overrides, a forced backend that cannot run the schemes on CPU), the output directory; then,
 after loading the workload and before any calibration, every layer against its scheme (e.g. a
-group size that does not divide a layer's in_features, an override naming no layer).
+group size that does not divide a layer's in_features, an override naming no layer).  With
+``--model``, the argument combinations also cover ``--format compressed-tensors`` (a scheme it
+cannot hold), the model directory, the ``--calib`` file and the tokenizer a text file needs; the
+calibration rows are checked (ids in the vocabulary, length within the model's positions) after
+loading the model and before any calibration.
 """
 from __future__ import annotations
 
@@ -85,6 +95,8 @@ MAIN_EXAMPLES = """examples:
 INFO_EXAMPLES = """examples:
   sparsekit info
   SPARSEKIT_BACKEND=reference sparsekit info         show the effect of a forced backend
+  sparsekit info out/llama-int4                      describe a checkpoint written by sparsekit compress
+  sparsekit info out/llama-int4 --json               the same as JSON
 """
 
 COMPRESS_EXAMPLES = """examples:
@@ -92,6 +104,15 @@ COMPRESS_EXAMPLES = """examples:
   sparsekit compress --workload digits --scheme block --sparsity 0.75 --out out/ --force
   sparsekit compress --workload minilm --scheme int4 --override re:attention none --out out/ --force
   sparsekit compress --workload digits --scheme int4 --group-size 32 --quiet
+  sparsekit compress --model llama/ --calib calib.txt --scheme int4 --method gptq --out out/llama-int4
+  sparsekit compress --model llama/ --calib ids.pt --scheme w8a8 --format compressed-tensors --out out/ct
+  sparsekit compress --model minilm/ --calib text.jsonl --seq-len 64 --scheme 2:4 --method magnitude --out out/m
+
+--model reads a transformers directory (AutoModelForCausalLM for a causal LM, else AutoModel) and
+--calib a tokenized file (.pt: a (B, L) LongTensor; .safetensors: input_ids) or text (.txt, .jsonl
+with "text") tokenized with the directory's tokenizer; the last 10% of the --calib-size rows (at least
+one) are held out for the quality line (perplexity for a causal LM, else the cosine similarity of the
+last hidden state to the dense model's).  The output layer (lm_head) stays dense.
 
 The report (JSON) goes to stdout; its "files" are relative to --out.  Progress goes to
 stderr: bars on a terminal, one summary line otherwise, nothing with --quiet.
@@ -104,18 +125,27 @@ def _parser() -> argparse.ArgumentParser:
                                               "Commands: info, bench, quality, compress.",
                 epilog=MAIN_EXAMPLES, formatter_class=raw)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("info", help="print versions, the CUDA device, backends per op and the CUDA extension status",
-                   description="Print the versions (sparsekit, python, torch, triton), the CUDA device, the CUDA "
-                               "extension status, SPARSEKIT_BACKEND and, per op, the backends available on this "
-                               "device with the one chosen automatically.",
-                   epilog=INFO_EXAMPLES, formatter_class=raw)
+    i = sub.add_parser("info", help="print versions, the CUDA device, backends per op and the CUDA extension "
+                                    "status; with DIR, describe a saved checkpoint",
+                       description="Print the versions (sparsekit, python, torch, triton), the CUDA device, the CUDA "
+                                   "extension status, SPARSEKIT_BACKEND and, per op, the backends available on this "
+                                   "device with the one chosen automatically.  With DIR, describe the checkpoint "
+                                   "there instead: its format and version, the compressed layers per scheme, its "
+                                   "size in bytes and the quality its report stored.",
+                       epilog=INFO_EXAMPLES, formatter_class=raw)
+    i.add_argument("dir", nargs="?", default=None, metavar="DIR",
+                   help="a checkpoint directory: sparsekit.save_pretrained (sparsekit_config.json), a transformers "
+                        "directory with quant_method 'sparsekit' or 'compressed-tensors', or a --workload output")
+    i.add_argument("--json", action="store_true", help="with DIR: print the description as JSON")
     # `bench` and `quality` hand their arguments to their own parsers (see main); listed here for --help
     sub.add_parser("bench", help="run the microbenchmarks of the ops given to --ops (CPU correctness sweep "
                                  "without CUDA); `sparsekit bench --help` for its options", add_help=False)
     sub.add_parser("quality", help="the real-model compression quality table (each scheme and method on the "
                                    "bundled workloads); `sparsekit quality --help` for its options", add_help=False)
-    c = sub.add_parser("compress", help="compress a bundled workload (minilm or digits) and report its quality",
-                       description="Compress a bundled workload and report its quality.  Every argument and the "
+    c = sub.add_parser("compress", help="compress a bundled workload (minilm or digits) or a Hugging Face model "
+                                        "directory and report its quality",
+                       description="Compress a bundled workload (--workload) or a Hugging Face model directory "
+                                   "(--model, with --calib) and report its quality.  Every argument and the "
                                    "output directory are checked before any work; user errors print one line "
                                    "and exit with status 2.",
                        epilog=COMPRESS_EXAMPLES, formatter_class=raw)
@@ -124,7 +154,22 @@ def _parser() -> argparse.ArgumentParser:
     defaults = {}
     for sch in registry:
         defaults.setdefault(sch.config_cls.CALIBRATED_METHOD, []).append(sch.name)
-    c.add_argument("--workload", choices=("minilm", "digits"), required=True)
+    what = c.add_mutually_exclusive_group()
+    what.add_argument("--workload", choices=("minilm", "digits"), help="a bundled workload")
+    what.add_argument("--model", metavar="DIR", default=None,
+                      help="a transformers model directory (config.json + weights; a tokenizer for text --calib)")
+    c.add_argument("--calib", metavar="FILE", default=None,
+                   help="--model only: calibration tokens, a .pt (LongTensor (B, L) of input ids) or .safetensors "
+                        "(input_ids) file, or text (.txt, .jsonl with a 'text' field) for the model's tokenizer")
+    c.add_argument("--seq-len", type=int, default=None, metavar="L",
+                   help="--model only: tokens per calibration row (default: text 128 or the model's "
+                        "max_position_embeddings if smaller; tokenized files: their row length)")
+    c.add_argument("--device", default=None,
+                   help="--model only: the device the model is loaded on, calibrated and evaluated (cpu, cuda, "
+                        "cuda:1, ...; default cpu)")
+    c.add_argument("--format", choices=("sparsekit", "compressed-tensors"), default=None,
+                   help="--model only: output format, a transformers directory with quant_method 'sparsekit' "
+                        "(default; every scheme) or compressed-tensors (int4, w4a8, w8a8)")
     c.add_argument("--scheme", choices=registry.names(), default="2:4",
                    help="compression scheme (see the README's scheme table); default 2:4")
     c.add_argument("--method", choices=registry.methods(), default=None,
@@ -135,7 +180,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-size", type=int, default=None, metavar="N",
                    help="calibration samples (MiniLM: sentences, 1..48, default 16; digits: training images, "
                         "1..1347, default 384) -- the quality table's defaults, so both give the same number; "
-                        "recorded in the report as calib_size")
+                        "recorded in the report as calib_size.  --model: rows read from --calib (default 32), "
+                        "the last 10%% (at least 1) held out for the quality")
     c.add_argument("--sparsity", type=float, default=None,
                    help=f"{_join(registry.with_field('sparsity'))} only: fraction of blocks dropped, in [0, 1] "
                         f"(default 0.5)")
@@ -214,6 +260,14 @@ def _check_compress_args(args) -> None:
 
     err = "sparsekit compress: error:"
     scheme = registry.get(args.scheme)
+    if args.workload is None and args.model is None:
+        raise UsageError(f"{err} the following arguments are required: --workload or --model (exactly one) "
+                         f"(see `sparsekit compress --help`)")
+    if args.workload is not None:
+        given = [o for o, v in (("--calib", args.calib), ("--seq-len", args.seq_len), ("--format", args.format),
+                                ("--device", args.device)) if v is not None]
+        if given:
+            raise UsageError(f"{err} {given[0]} applies to --model only, not to --workload")
     if args.method is not None and args.method not in scheme.methods:
         raise UsageError(f"{err} --method {args.method} does not apply to --scheme {args.scheme}; "
                          f"choose from {', '.join(scheme.methods)}")
@@ -257,6 +311,19 @@ def _check_compress_args(args) -> None:
                 used.append(registry.for_config(cfg))
             overrides[layer] = value
     args.overrides = overrides
+    args.used_schemes = list(dict.fromkeys(s.name for s in used))
+    device = "cpu"
+    if getattr(args, "device", None) is not None:
+        import torch
+
+        try:
+            device = torch.device(args.device).type
+        except (RuntimeError, ValueError):
+            raise UsageError(f"{err} --device {args.device!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+        if device == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"{err} --device {args.device}: CUDA is not available here")
+        if device not in ("cpu", "cuda"):
+            raise UsageError(f"{err} --device must be cpu or a cuda device, got {args.device!r}")
     forced = _forced_backend()
     if forced is not None:
         from sparsekit.ops import dispatch
@@ -264,19 +331,19 @@ def _check_compress_args(args) -> None:
         for sch in {s.name: s for s in used}.values():
             op = sch.kernels[0]
             try:
-                dispatch.resolve(op, "cpu")
+                dispatch.resolve(op, device)
             except ValueError as e:
                 what = f"--scheme {sch.name}" if sch is scheme else f"the override scheme {sch.name}"
                 raise UsageError(f"{err} environment variable {dispatch.ENV_VAR}={forced!r} cannot run the "
-                                 f"{what} modules on CPU: {e}") from None
+                                 f"{what} modules on {device.upper()}: {e}") from None
     args.method = args.method or scheme.config_cls.CALIBRATED_METHOD
 
 
-def _prepare_out(out: str, force: bool) -> list:
+def _prepare_out(out: str, force: bool, files=OUTPUT_FILES) -> list:
     """Check (and create) the output directory before any work; returns the directories created.
 
     UsageError for a regular file in the way, an unwritable directory, or an existing
-    model.safetensors / report.json without ``force``.
+    output file (``files``: model.safetensors / report.json) without ``force``.
     """
     import tempfile
 
@@ -291,7 +358,7 @@ def _prepare_out(out: str, force: bool) -> list:
     blocker = _blocking_file(os.path.join(out_abs, "x"))
     if blocker is not None:
         raise UsageError(f"{err} {out!r} cannot be created: {blocker!r} is a regular file, not a directory")
-    existing = [f for f in OUTPUT_FILES if os.path.lexists(os.path.join(out_abs, f))]
+    existing = [f for f in files if os.path.lexists(os.path.join(out_abs, f))]
     for f in existing:
         if os.path.isdir(os.path.join(out_abs, f)):
             raise UsageError(f"{err} {os.path.join(out, f)!r} is a directory; remove it or choose another --out")
@@ -333,6 +400,11 @@ def compress_cmd(args, out=None) -> int:
     import json
 
     _check_compress_args(args)
+    if args.model is not None:
+        from sparsekit import cli_model
+
+        return cli_model.compress_model_cmd(args, out, _prepare_out, _remove_created, _summary_line,
+                                            _stderr_is_tty)
     created = _prepare_out(args.out, args.force) if args.out is not None else []
     try:
         from sparsekit.compress import compress, save_compressed
@@ -385,7 +457,8 @@ def _stderr_is_tty() -> bool:
 
 def _summary_line(report: dict, seconds: float) -> str:
     """One line for stderr after ``compress``: what was compressed, how long it took, the quality."""
-    parts = [f"sparsekit compress: {report.get('workload')} {report.get('scheme')}/{report.get('method')}: "
+    what = report.get("workload") or report.get("model")
+    parts = [f"sparsekit compress: {what} {report.get('scheme')}/{report.get('method')}: "
              f"{report.get('num_layers', len(report.get('layers', ())))} layers in {seconds:.1f} s"]
     if isinstance(report.get("quality"), float):
         q = f"quality {report['quality']:.4f}"
@@ -501,6 +574,12 @@ def main(argv=None) -> int:
         parser = _parser()
         args = parser.parse_args(argv)
         if args.command == "info":
+            if args.dir is not None:
+                from sparsekit import cli_model
+
+                return cli_model.info_dir_cmd(args.dir, args.json, sys.stdout)
+            if args.json:
+                raise UsageError("sparsekit info: error: --json applies to `sparsekit info DIR` only")
             return info()
         if args.command == "compress":
             return compress_cmd(args)
