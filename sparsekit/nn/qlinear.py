@@ -33,7 +33,7 @@ from ..ops.act_quant import _check_frac8
 from ..ops._checks import check_x
 from ..ops._dense import dense_linear, module_fast_path
 from ..ops.int4 import dense_int4_weight, int4_linear_packed
-from ..ops.int8 import int8_linear_packed, w4a8_linear_packed
+from ..ops.int8 import dense_w4_weight, dense_w8_weight, fake_quant_linear, int8_linear_packed, w4a8_linear_packed
 from . import _state
 
 __all__ = ["QLinear"]
@@ -333,11 +333,10 @@ class QLinear(nn.Module):
                 x = x / self.input_scale.float()
             if self.in_perm is not None:
                 x = self._permute_input(x)
-            if self.bits == 4 and self.act_bits is None and module_fast_path(x, self.backend, self.in_features,
-                                                                             (torch.float32,)):
-                # CPU's dense path: the float32 input times the cached dequantized weight, in float32
-                return dense_linear(x, dense_int4_weight(self.qweight, self.scales, self.zeros, self.group_size,
-                                                         self.in_features), self.bias)
+            if module_fast_path(x, self.backend, self.in_features, (torch.float32,)):
+                y = self._cpu_dense_forward(x)
+                if y is not None:
+                    return y
             return self._forward_compute(x.to(self.dtype), importance).float()
         if self.input_scale is not None:
             x = x / self.input_scale
@@ -350,7 +349,30 @@ class QLinear(nn.Module):
         check_x(x, self.in_features)
         return x.index_select(-1, self.in_perm)
 
+    def _cpu_dense_forward(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """CPU's dense path (ops/_dense.py): the cached float32 weight, without the op's per-call machinery;
+        a float32 input is used as is (not rounded to the compute dtype first).  None where it does not
+        apply (mixed or per-token activation widths)."""
+        if self.bits == 4 and self.act_bits is None:
+            return dense_linear(x, dense_int4_weight(self.qweight, self.scales, self.zeros, self.group_size,
+                                                     self.in_features), self.bias)
+        if self.act_bits not in (8, 4):
+            return None
+        if self.bits == 8:
+            w = dense_w8_weight(self.qweight, self.scales)
+        else:
+            w = dense_w4_weight(self.qweight, self.scales, self.zeros, self.group_size, self.in_features)
+        if x.dtype != self.dtype:
+            # the activations are quantized from the compute dtype, as on every other path (a float32 input
+            # rounded to float16 first can land on another integer code)
+            return fake_quant_linear(x.to(self.dtype), w, self.bias, self.act_bits).to(x.dtype)
+        return fake_quant_linear(x, w, self.bias, self.act_bits)
+
     def _forward_compute(self, x: torch.Tensor, importance: Optional[torch.Tensor]) -> torch.Tensor:
+        if importance is None and module_fast_path(x, self.backend, self.in_features, (self.dtype,)):
+            y = self._cpu_dense_forward(x)
+            if y is not None:
+                return y
         if self.bits == 8:
             if isinstance(x, torch.Tensor) and x.dtype != self.dtype:
                 raise TypeError(f"QLinear computes in {self.dtype}; got input of dtype {x.dtype} (give "
@@ -360,10 +382,6 @@ class QLinear(nn.Module):
                                       validate=False)
         # the buffers were validated when built / loaded: no per-call content checks
         if self.act_bits is None:
-            if module_fast_path(x, self.backend, self.in_features, (self.dtype,)):
-                # CPU: the cached dense expansion, without the op's per-call machinery (ops/_dense.py)
-                return dense_linear(x, dense_int4_weight(self.qweight, self.scales, self.zeros, self.group_size,
-                                                         self.in_features), self.bias)
             return int4_linear_packed(x, self.qweight, self.scales, self.zeros, self.group_size, self.in_features,
                                       self.bias, backend=self.backend, validate=False)
         return w4a8_linear_packed(x, self.qweight, self.scales, self.zeros, self.group_size, self.in_features,

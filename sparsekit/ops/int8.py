@@ -73,6 +73,33 @@ def _w8_dequant(qweight, wscale):
     return qweight.to(torch.float32) * wscale[:, None]
 
 
+def dense_w8_weight(qweight: torch.Tensor, wscale: torch.Tensor) -> torch.Tensor:
+    """The ``dense`` backend's float32 W8 weight, cached per tensor version."""
+    return cached_weight(("w8",), (qweight, wscale), lambda: _w8_dequant(qweight, wscale).contiguous())
+
+
+def dense_w4_weight(qweight, scales, zeros, group_size: int, in_features: int) -> torch.Tensor:
+    """The ``dense`` backend's float32 W4A8 weight, cached per tensor version."""
+    return cached_weight(("w4", group_size, in_features), (qweight, scales, zeros),
+                         lambda: dequantize_int4_fp32(qweight, scales, zeros, group_size, in_features).contiguous())
+
+
+def fake_quant_linear(x: torch.Tensor, w_fp32: torch.Tensor, bias: Optional[torch.Tensor], nbits: int) -> torch.Tensor:
+    """The reference math of W8A8 / W4A8 with one activation width for every token, in fewer passes:
+    ``x`` quantized per token to ``nbits`` and dequantized (bit for bit the values of
+    :func:`sparsekit.ops.act_quant.per_token_quant_reference` times its scale; non-finite rows give NaN),
+    times ``w_fp32``, in float32; the result in ``x``'s dtype."""
+    qmax = float(2 ** (nbits - 1) - 1)
+    x2 = x.reshape(-1, x.shape[-1])
+    xf = x2 if x2.dtype == torch.float32 else x2.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    scale = torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))
+    xh = torch.round(xf / scale).clamp_(-qmax, qmax).mul_(scale)
+    y = F.linear(xh, w_fp32, None if bias is None else bias.float())
+    return y.to(x.dtype).reshape(*x.shape[:-1], w_fp32.shape[0])
+
+
 def _empty_k(x, n, bias):
     y = torch.zeros((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     return y + bias if bias is not None else y
@@ -96,8 +123,7 @@ def _int8_linear(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, b
     if backend == "reference":
         return _reference(x, _w8_dequant(qweight, wscale), bias, nbits, bits).contiguous()
     if backend == "dense":
-        w = cached_weight(("w8",), (qweight, wscale), lambda: _w8_dequant(qweight, wscale).contiguous())
-        return _reference(x, w, bias, nbits, bits).contiguous()
+        return _reference(x, dense_w8_weight(qweight, wscale), bias, nbits, bits).contiguous()
     x2 = x.reshape(-1, x.shape[-1])
     qweight, wscale, bias = (as_contiguous(t) for t in (qweight, wscale, bias))
     out = _testing.alloc_output((x2.shape[0], n), x.dtype, x.device)
@@ -145,8 +171,7 @@ def _w4a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     if backend in ("reference", "dense"):
         def make():
             return dequantize_int4_fp32(qweight, scales, zeros, group_size, in_features).contiguous()
-        w = make() if backend == "reference" else cached_weight(("w4", group_size, in_features),
-                                                                (qweight, scales, zeros), make)
+        w = make() if backend == "reference" else dense_w4_weight(qweight, scales, zeros, group_size, in_features)
         return _reference(x, w, bias, nbits, bits).contiguous()
     x2 = x.reshape(-1, x.shape[-1])
     qweight, scales, zeros, bias = (as_contiguous(t) for t in (qweight, scales, zeros, bias))
