@@ -329,3 +329,21 @@ def test_bad_arguments():
         distill_experts_(m, m, calib, steps=0)
     with pytest.raises(TypeError, match="block_type"):
         register_moe_adapter(3, ToyAdapter)
+
+
+def test_float32_default_experts_implementation():
+    # the installed default experts kernel (not "eager"); the adapter reads the same fused tensors
+    torch.manual_seed(11)
+    cfg = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                     num_experts_per_tok=2)
+    m = transformers.MixtralForCausalLM(cfg).eval()
+    calib = tokens(12)
+    blocks = find_moe_blocks(m)
+    io = _capture_block_io(m, blocks, calib)
+    for name, ad in blocks.items():
+        x, y = io[name][0]
+        assert rel_err(ad.forward(x), y) < 1e-5
+    rep = prune_moe_(m, calib, pattern="2:4")
+    assert float((m.model.layers[0].mlp.experts.down_proj == 0).double().mean()) == 0.5
+    assert sum(rep.experts["model.layers.0.mlp"]["tokens"]) == 2 * 4 * 32 * 2

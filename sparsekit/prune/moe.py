@@ -184,13 +184,14 @@ class FusedExpertsAdapter(MoEAdapter):
 
 
 class MixtralAdapter(FusedExpertsAdapter):
-    """Mixtral: the top-k probabilities are always renormalised and stay float32."""
+    """Mixtral: softmax of the float32 logits, the top-k probabilities always renormalised and kept in
+    float32 (the experts multiply their outputs by them in type promotion)."""
 
     normalize = True
 
     def route(self, x):
-        logits = torch.nn.functional.linear(x, self.router.weight)
-        return _softmax_topk(logits, self.top_k, True, torch.promote_types(logits.dtype, torch.float32))
+        logits = torch.nn.functional.linear(x, self.router.weight).float()
+        return _softmax_topk(logits, self.top_k, True, torch.float32)
 
 
 class QwenMoeAdapter(FusedExpertsAdapter):
@@ -260,7 +261,7 @@ def find_moe_blocks(model: nn.Module) -> dict:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     out = {}
     for name, mod in model.named_modules():
-        if any(name.startswith(p + ".") for p in out):
+        if "" in out or any(name.startswith(p + ".") for p in out):
             continue
         if _factory(mod) is not None or _looks_like_moe(mod):
             out[name] = moe_adapter(mod)
@@ -308,7 +309,7 @@ def collect_moe_stats(model: nn.Module, calib_loader: Iterable, blocks: Optional
       ``sumsq_all[e]``, the unweighted ``"mid"`` statistic over every token (each expert's intermediate
       is then computed for all tokens, ``num_experts / top_k`` times the routed cost);
 
-    and Wanda's ``sumsq`` for ``dense_layers``.  Float64.  Returns
+    and Wanda's ``sumsq`` for ``dense_layers``.  Float64, on each block's expert-weight device.  Returns
     ``{"blocks": {name: stats}, "dense": raw sums of sparsekit.calibration}``.
     """
     blocks = find_moe_blocks(model) if blocks is None else dict(blocks)
@@ -319,8 +320,10 @@ def collect_moe_stats(model: nn.Module, calib_loader: Iterable, blocks: Optional
         e_n = ad.num_experts
         h = ad.expert_weight(0, "gate_proj").shape[1]
         i = ad.expert_weight(0, "down_proj").shape[1]
-        z = lambda k: torch.zeros(k, dtype=torch.float64)  # noqa: E731
-        stats[name] = {"tokens": torch.zeros(e_n, dtype=torch.long), "mass": z(e_n), "n_all": 0, "in_all": z(h),
+        dev = ad.expert_weight(0, "gate_proj").device
+        z = lambda k: torch.zeros(k, dtype=torch.float64, device=dev)  # noqa: E731
+        stats[name] = {"tokens": torch.zeros(e_n, dtype=torch.long, device=dev), "mass": z(e_n), "n_all": 0,
+                       "in_all": z(h),
                        "sumsq_w": {(e, s): z(h if s == "in" else i) for e in range(e_n) for s in ("in", "mid")},
                        "sumsq": {(e, s): z(h if s == "in" else i) for e in range(e_n) for s in ("in", "mid")},
                        "sumsq_all": {e: z(i) for e in range(e_n)}}
@@ -332,21 +335,23 @@ def collect_moe_stats(model: nn.Module, calib_loader: Iterable, blocks: Optional
             hid = _block_input(args, kwargs).detach()
             x = hid.reshape(-1, hid.shape[-1])
             w, idx = ad.route(x)
-            xd = x.to(torch.float64).cpu()
+            dev = st["in_all"].device
+            xd = x.to(device=dev, dtype=torch.float64)
             st["n_all"] += x.shape[0]
             st["in_all"] += xd.pow(2).sum(0)
             cdt = torch.promote_types(x.dtype, torch.float32)
             for e in range(ad.num_experts):
                 tok, pos = torch.where(idx == e)
                 if all_tokens:
-                    mid_all = ad.intermediate(e, x.to(cdt)).to(torch.float64).cpu()
+                    mid_all = ad.intermediate(e, x.to(cdt)).to(device=dev, dtype=torch.float64)
                     st["sumsq_all"][e] += mid_all.pow(2).sum(0)
                 if tok.numel() == 0:
                     continue
-                g = w[tok, pos].to(torch.float64).cpu()
-                tc = tok.cpu()
+                g = w[tok, pos].to(device=dev, dtype=torch.float64)
+                tc = tok.to(dev)
                 xe = xd[tc]
-                me = mid_all[tc] if all_tokens else ad.intermediate(e, x[tok].to(cdt)).to(torch.float64).cpu()
+                me = mid_all[tc] if all_tokens else ad.intermediate(e, x[tok].to(cdt)).to(device=dev,
+                                                                                        dtype=torch.float64)
                 st["tokens"][e] += tok.numel()
                 st["mass"][e] += g.sum()
                 st["sumsq_w"][(e, "in")] += (g[:, None] * xe.pow(2)).sum(0)
