@@ -431,8 +431,8 @@ def prune_moe_(model: nn.Module, calib_loader: Iterable, sparsity: float = 0.5, 
     shared experts; every ``nn.Linear`` except routers, shared-expert gates and the output head, or
     ``dense_layers``) with plain Wanda statistics from the same pass; ``"none"`` leaves them dense.
     ``empty``: experts that got no calibration token are pruned by magnitude (``"magnitude"``) or
-    left dense (``"keep"``).  All statistics come from one pass over ``calib_loader`` with the dense
-    model.  Masked weights become exact zeros, fused 3-D expert tensors included.
+    left dense (``"keep"``); a dense layer that did not run in the pass is pruned by magnitude.  All
+    statistics come from one pass over ``calib_loader`` with the dense model (not layer by layer).  Masked weights become exact zeros, fused 3-D expert tensors included.
     """
     s = check_pattern(pattern, sparsity)
     if shared not in ("wanda", "none"):
