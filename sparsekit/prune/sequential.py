@@ -26,7 +26,7 @@ from .wanda import check_pattern, magnitude_mask, wanda_mask
 
 __all__ = ["METHODS", "collect_layer_inputs", "prune_model_"]
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt", "moe_pruner")
 
 
 def _finish(acc: dict, hessian: bool) -> dict:
@@ -73,7 +73,10 @@ def prune_model_(model: nn.Module, calib_loader: Iterable | None = None, method:
 
     ``method``: ``"magnitude"`` (``|W|``, needs no data), ``"wanda"`` (``|W| * ||X_j||``,
     :func:`sparsekit.prune.wanda_mask`) or ``"sparsegpt"`` (mask and OBS weight
-    compensation, :func:`sparsekit.prune.sparsegpt_prune` with ``block_size``, ``damp``).
+    compensation, :func:`sparsekit.prune.sparsegpt_prune` with ``block_size``, ``damp``) or
+    ``"moe_pruner"`` (mixture-of-experts models: router-weighted expert statistics, the dense layers by
+    Wanda, one calibration pass; :func:`sparsekit.prune.prune_moe_`, whose report -- a dict of masks
+    with per-expert token counts -- is returned; ``layers`` then names the dense layers).
     ``pattern``: ``"2:4"`` or ``"unstructured"`` (``floor(sparsity * K)`` pruned per row).
     ``layers``: as in :func:`collect_layer_inputs`.  ``calib_loader`` must be
     re-iterable (a list or DataLoader; a generator is materialized once): it
@@ -87,6 +90,9 @@ def prune_model_(model: nn.Module, calib_loader: Iterable | None = None, method:
     if method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}; supported: {METHODS}")
     s = check_pattern(pattern, sparsity)
+    if method == "moe_pruner":
+        from .moe import prune_moe_
+        return prune_moe_(model, calib_loader, sparsity=s, pattern=pattern, dense_layers=layers, progress=progress)
     layers = resolve_layers(model, layers)
     masks = {}
     if method == "magnitude":
