@@ -777,8 +777,8 @@ def _draft_cases(backend):
     cases.append(Case(f"{pre} draft nan-query", lambda: ops.draft_attention(qn, k, v, sparsity=0.5, backend=backend,
                                                                             return_mask=True, **geo),
                       "result", draft_check(qn, k, v)))
-    error("head-dim-48", lambda: ops.draft_attention(q[..., :48], k[..., :48], v[..., :48], backend=backend, **geo),
-          ("head dim",))
+    error("head-dim-44", lambda: ops.draft_attention(q[..., :44], k[..., :44], v[..., :44], backend=backend, **geo),
+          ("head dim",))                                   # not a multiple of 8 (48 is valid: a padded tile)
     error("seq-mismatch", lambda: ops.draft_attention(q[:, :, :-1], k[:, :, :-1], v[:, :, :-1], backend=backend,
                                                       **geo), ("sequence length",))
     error("dtype-mismatch", lambda: ops.draft_attention(q, k.half(), v, backend=backend, **geo), ("dtype",))
