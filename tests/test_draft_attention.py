@@ -268,11 +268,13 @@ except ImportError as e:
 from sparsekit.kernels import draft_attention as kmod
 fn = kmod._bsa_fwd
 params = list(inspect.signature(fn.fn).parameters)
-for dtype, D, even in [(torch.bfloat16, 128, True), (torch.float16, 64, False), (torch.bfloat16, 256, False)]:
-    cfg = kmod.fwd_config(D, 128, dtype)
+for dtype, D, even in [(torch.bfloat16, 128, True), (torch.float16, 64, False), (torch.bfloat16, 256, False),
+                       (torch.float16, 72, False)]:
+    dt = kmod.tile_dim(D)
+    cfg = kmod.fwd_config(dt, 128, dtype, real_dim=D)
     ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16"}[dtype]
     const = dict(sqd=1, skd=1, svd=1, sod=1, HEAD_DIM=D, BLOCK_T=128, BLOCK_M=cfg["BLOCK_M"],
-                 BLOCK_N=cfg["BLOCK_N"], EVEN=even, IEEE=False, INTERP_BF16=False)
+                 BLOCK_N=cfg["BLOCK_N"], EVEN=even, IEEE=False, INTERP_BF16=False, D_TILE=dt)
     sig = {p: ("constexpr" if p in const else ptr if p in ("Q", "K", "V", "O") else
                "*i32" if p in ("SLOT", "KV_IDX", "KV_CNT", "ROW_ORDER") else "fp32" if p == "qk_scale" else "i32")
            for p in params}
@@ -309,7 +311,7 @@ def test_kernel_compiles_for_sm90_without_a_gpu():
     if r.stdout.startswith("SKIP"):
         pytest.skip("ahead-of-time compile unavailable here: " + r.stdout.strip())
     lines = [ln.split() for ln in r.stdout.splitlines() if ln.startswith("CFG")]
-    assert len(lines) == 3, r.stdout
+    assert len(lines) == 4, r.stdout
     for ln in lines:
         assert ln[3] == "wgmma" and ln[4] == "cp.async" and int(ln[5]) <= 227 * 1024, ln
 
@@ -578,7 +580,9 @@ def test_bench_cpu_sweep_and_dry_run():
 
     rows, ok = bd.cpu_sweep(dtypes=("fp16",), sparsities=(0.75,), backends=("interpret", "reference"),
                             cases=[(1, 5, 11, 3, "trailing", (3, 5))])
-    assert ok and len(rows) == 2 and all(r.rel_err < 2e-3 for r in rows)
+    # one row per backend and head dim (64 and the padded-tile dims 72 and 96)
+    assert ok and len(rows) == 2 * len(bd.CPU_HEAD_DIMS) and all(r.rel_err < 2e-3 for r in rows)
+    assert {r.case.split(",D=")[1].split(",")[0] for r in rows} == {str(d) for d in bd.CPU_HEAD_DIMS}
     rows = bd.run_gpu(shapes=[(1, 8, 8, 0)], ms=[1], dtypes=["fp32"], sparsities=(0.5,),
                       backends=("dense", "reference", "draft_overhead"), warmup_ms=0.0, rep_ms=0.0,
                       device="cpu", timer=harness.time_rotating_cpu, ctx=dict(gpu="cpu"), log=lambda *a: None)
