@@ -178,13 +178,8 @@ def _rebuild(layers: dict, model: nn.Module, device, backend) -> dict:
         if not isinstance(target, nn.Linear):
             raise ValueError(f"load_pretrained: layer {name!r} is a {type(target).__name__} in the model; the "
                              f"checkpoint's {desc['scheme']!r} layer replaces an nn.Linear (give a dense skeleton)")
-        if isinstance(params, dict):
-            want = (params.get("in_features"), params.get("out_features"), params.get("bias"))
-            have = (target.in_features, target.out_features, target.bias is not None)
-            if want != have:
-                raise ValueError(f"load_pretrained: layer {name!r} does not match the skeleton: the checkpoint has "
-                                 f"in_features={want[0]}, out_features={want[1]}, bias={want[2]}; the model's "
-                                 f"nn.Linear has in_features={have[0]}, out_features={have[1]}, bias={have[2]}")
+        check_linear_fits(target, params, f"load_pretrained: layer {name!r} does not match the skeleton",
+                          "the model's")
         dev = device if device is not None else target.weight.device
         if torch.device(dev).type == "meta":
             dev = torch.device("cpu")
@@ -199,6 +194,19 @@ def _rebuild(layers: dict, model: nn.Module, device, backend) -> dict:
                                  f"{desc['same_as']!r}, which is not described")
             built[name] = built[desc["same_as"]]
     return built
+
+
+def check_linear_fits(target: nn.Linear, params, what: str, whose: str) -> None:
+    """``ValueError`` starting with ``what`` if a layer description's ``params`` (in/out features, bias) differ
+    from the ``nn.Linear`` it replaces (``whose``: how the message names that layer's owner)."""
+    if not isinstance(params, dict):
+        return
+    want = (params.get("in_features"), params.get("out_features"), params.get("bias"))
+    have = (target.in_features, target.out_features, target.bias is not None)
+    if want != have:
+        raise ValueError(f"{what}: the checkpoint has in_features={want[0]}, out_features={want[1]}, "
+                         f"bias={want[2]}; {whose} nn.Linear has in_features={have[0]}, out_features={have[1]}, "
+                         f"bias={have[2]}")
 
 
 def _under(key: str, paths) -> Optional[str]:

@@ -36,7 +36,7 @@ except ImportError as _e:  # pragma: no cover - exercised in a process without t
 
 from torch import nn
 
-from ..pretrained import FORMAT_VERSION
+from ..pretrained import FORMAT_VERSION, check_linear_fits
 
 __all__ = ["QUANT_METHOD", "FORMAT_VERSION", "SparsekitConfig", "SparsekitHfQuantizer", "save_pretrained",
            "quantization_config_for"]
@@ -272,15 +272,9 @@ class SparsekitHfQuantizer(HfQuantizer):
             if not isinstance(target, nn.Linear):
                 raise ValueError(f"quantization_config: layer {name!r} is a {type(target).__name__} in "
                                  f"{type(model).__name__}; a {desc['scheme']!r} layer replaces an nn.Linear")
-            params = desc.get("params")
-            if isinstance(params, dict):
-                want = (params.get("in_features"), params.get("out_features"), params.get("bias"))
-                have = (target.in_features, target.out_features, target.bias is not None)
-                if want != have:
-                    raise ValueError(f"quantization_config: layer {name!r} does not fit {type(model).__name__}: the "
-                                     f"checkpoint has in_features={want[0]}, out_features={want[1]}, bias={want[2]}; "
-                                     f"the architecture's nn.Linear has in_features={have[0]}, "
-                                     f"out_features={have[1]}, bias={have[2]}")
+            check_linear_fits(target, desc.get("params"),
+                              f"quantization_config: layer {name!r} does not fit {type(model).__name__}",
+                              "the architecture's")
             try:
                 built[path] = registry.get(desc["scheme"]).rebuild(desc, device="meta")
             except (ValueError, TypeError, KeyError) as e:
