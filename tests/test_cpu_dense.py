@@ -167,3 +167,56 @@ def test_cpu_speed_benchmark_writes_every_case(tmp_path):
     assert [(r["scheme"], r["M"]) for r in rows] == [("2:4", "1"), ("2:4", "3"), ("int4", "1"), ("int4", "3")]
     assert all(r["backend"] == "dense" and float(r["ratio"]) > 0 for r in rows)
     assert "ratio" in (tmp_path / "cpu_speed.md").read_text()
+
+
+def _special_rows(m, k, dtype):
+    x = torch.randn(m, k, dtype=dtype) * 3
+    x[1] = 0.0                                          # all-zero row: scale 1, codes 0
+    x[2, 5] = float("inf")                              # a non-finite row: NaN out, as the ops
+    x[3, 7] = float("nan")
+    x[4] *= 1e-3
+    return x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fast_paths_equal_the_dense_op_bit_for_bit(dtype, monkeypatch):
+    """The modules' CPU fast paths (no op dispatch) give exactly the ``dense`` op's result, special rows included."""
+    from sparsekit.ops.block_sparse import block_sparse_linear_packed
+    from sparsekit.ops.int8 import int8_linear_packed
+    from sparsekit.ops.sparse24_int8 import sparse24_int8_linear_packed
+
+    _with(monkeypatch, True)
+    k = 192
+    x = _special_rows(6, k, dtype)
+    with torch.no_grad():
+        m = _model("2:4+int8", dtype, k=k)[0]
+        y = m(x)
+        ref = sparse24_int8_linear_packed(x, m.values, m.meta_codes, m.w_scale, m.in_features, m.bias,
+                                          backend="dense")
+        assert torch.equal(y.isnan(), ref.isnan()) and y[2:4].isnan().all()
+        assert torch.equal(y.nan_to_num(), ref.nan_to_num())
+        q = _model("w8a8", dtype, k=k)[0]
+        xq = x.to(q.dtype)
+        y = q(xq)
+        ref = int8_linear_packed(xq, q.qweight, q.scales.float(), q.bias, act_bits=8, backend="dense")
+        assert torch.equal(y.isnan(), ref.isnan()) and y[2:4].isnan().all()
+        assert torch.equal(y.nan_to_num(), ref.nan_to_num())
+        b = _model("block", dtype, k=k)[0]
+        xb = torch.randn(3, k, dtype=dtype)
+        xb[0, 0] = float("inf")         # outputs whose kept blocks do not read column 0 stay finite
+        assert not b.weight[:, 0].all()                 # (some output rows dropped that block)
+        y = b(xb)
+        ref = block_sparse_linear_packed(xb, b.blocks, b.crow, b.col, b.tcol_ptr, b.trow, b.tblk, b.out_features,
+                                         b.in_features, b.bias, backend="reference")
+        assert torch.equal(y.isfinite(), ref.isfinite()) and y[0].isfinite().any() and not y[0].isfinite().all()
+        assert_close_rel(y.nan_to_num(), ref.nan_to_num(), dtype)
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "2:4+int8"])
+def test_activation_quantized_gradients_stay_straight_through(scheme, monkeypatch):
+    """A grad-requiring input takes the op (straight-through backward), not the fast path (round has no gradient)."""
+    _with(monkeypatch, True)
+    mod = _model(scheme, torch.float32, k=192)[0]
+    x = torch.randn(4, 192, requires_grad=True)
+    mod(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

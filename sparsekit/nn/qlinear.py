@@ -356,8 +356,8 @@ class QLinear(nn.Module):
         if self.bits == 4 and self.act_bits is None:
             return dense_linear(x, dense_int4_weight(self.qweight, self.scales, self.zeros, self.group_size,
                                                      self.in_features), self.bias)
-        if self.act_bits not in (8, 4):
-            return None
+        if self.act_bits not in (8, 4) or (x.requires_grad and torch.is_grad_enabled()):
+            return None             # mixed widths; or a gradient: the ops' backward is straight-through
         if self.bits == 8:
             w = dense_w8_weight(self.qweight, self.scales)
         else:

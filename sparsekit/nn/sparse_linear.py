@@ -10,9 +10,11 @@ from ..formats._validate import validate_sparse24, validate_sparse24_int8
 from ..formats.sparse24 import Sparse24Int8Weight, Sparse24Weight, padded_k
 from ..ops._dense import dense_linear, module_fast_path
 from ..ops.sparse24 import cpu_dense_weight, sparse24_linear_packed
-from ..ops.sparse24_int8 import sparse24_int8_linear_packed
+from ..ops.sparse24_int8 import sparse24_int8_dense_forward, sparse24_int8_linear_packed
 from ..prune.masks import mask_2to4
 from . import _state
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 __all__ = ["SparseLinear"]
 
@@ -196,12 +198,21 @@ class SparseLinear(nn.Module):
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits == 8:
+            if module_fast_path(x, self.backend, self.in_features, _FLOATS) and not (
+                    x.requires_grad and torch.is_grad_enabled()):      # the op's backward is straight-through
+                # CPU: the dense backend's math (cached float32 int8 expansion), without the op's machinery
+                return sparse24_int8_dense_forward(x, self.values, self.meta_codes, self.w_scale, self.in_features,
+                                                   self.bias)
             return sparse24_int8_linear_packed(x, self.values, self.meta_codes, self.w_scale, self.in_features,
                                                self.bias, backend=self.backend, validate=False)
-        if module_fast_path(x, self.backend, self.in_features, (self.values.dtype,)) and not (
-                self.values.requires_grad and torch.is_grad_enabled()):
+        values = self._parameters.get("values")       # a Parameter (trainable) or a buffer
+        if values is None:
+            values = self._buffers["values"]
+        if module_fast_path(x, self.backend, self.in_features, (values.dtype,)) and not (
+                values.requires_grad and torch.is_grad_enabled()):
             # CPU: the cached dense expansion, without the op's per-call machinery (ops/_dense.py)
-            return dense_linear(x, cpu_dense_weight(self.values, self.meta_codes, self.in_features), self.bias)
+            return dense_linear(x, cpu_dense_weight(values, self._buffers["meta_codes"], self.in_features),
+                                self._parameters.get("bias"))
         # the buffers were validated when built / loaded: no per-call content checks
         return sparse24_linear_packed(x, self.values, self.meta_codes, self.in_features, self.bias,
                                       backend=self.backend, validate=False)

@@ -44,12 +44,21 @@ def cpu_dense_enabled() -> bool:
     """Whether automatic dispatch on CPU picks the ``dense`` backend (default yes)."""
     if _override is not None:
         return _override
-    v = os.environ.get(CPU_DENSE_ENV, "1").strip().lower()
-    if v in ("0", "false", "no", "off"):
-        return False
-    if v in ("", "1", "true", "yes", "on"):
-        return True
-    raise ValueError(f"{CPU_DENSE_ENV}={v!r}: set it to 1 (cached dense expansion on CPU, the default) or 0")
+    raw = _environ.get(CPU_DENSE_ENV)
+    hit = _parsed.get(raw)
+    if hit is None:
+        v = (raw or "1").strip().lower()
+        if v in ("0", "false", "no", "off"):
+            hit = False
+        elif v in ("", "1", "true", "yes", "on"):
+            hit = True
+        else:
+            raise ValueError(f"{CPU_DENSE_ENV}={v!r}: set it to 1 (cached dense expansion on CPU, the default) or 0")
+        _parsed[raw] = hit
+    return hit
+
+
+_parsed: dict = {}
 
 
 def set_cpu_dense(enabled: Optional[bool]) -> None:
@@ -78,7 +87,7 @@ def cached_weight(tag, tensors: tuple, make: Callable[[], torch.Tensor]) -> torc
             return make()
         else:
             key.append((id(t), t._version))
-    if torch.compiler.is_compiling():
+    if _is_compiling():
         return make()
     return _CACHE.get(tensors[0], tuple(key), lambda: make().detach())
 
@@ -86,7 +95,7 @@ def cached_weight(tag, tensors: tuple, make: Callable[[], torch.Tensor]) -> torc
 def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``F.linear`` on the expanded weight ``w``: float32 math on CPU (result in ``x``'s dtype), the input's
     dtype elsewhere."""
-    if x.device.type == "cpu":
+    if x.is_cpu:
         if x.dtype == torch.float32 and w.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32):
             return F.linear(x, w, bias)
         if bias is not None and bias.dtype != torch.float32:
@@ -101,7 +110,7 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor])
 
 def cpu_weight(t: torch.Tensor) -> torch.Tensor:
     """An expansion as the dense backend holds it: float32 on CPU, as is elsewhere."""
-    return t.float().contiguous() if t.device.type == "cpu" else t.contiguous()
+    return t.float().contiguous() if t.is_cpu else t.contiguous()
 
 
 def module_fast_path(x, backend: Optional[str], in_features: int, dtypes) -> bool:
@@ -109,17 +118,26 @@ def module_fast_path(x, backend: Optional[str], in_features: int, dtypes) -> boo
     machinery (tens to hundreds of microseconds per call, more than a small dense layer takes): ``x`` is a plain
     CPU tensor of one of ``dtypes`` with ``in_features`` in its last dimension, the backend is automatic (argument
     and ``SPARSEKIT_BACKEND``) with the CPU dense default on, or forced to ``dense``, and nothing is tracing or
-    compiling.  Anything else (including inputs the op must reject with its own error) takes the op."""
-    if type(x) is not torch.Tensor or x.device.type != "cpu" or x.dtype not in dtypes:
+    compiling.  Anything else (including inputs the op must reject with its own error) takes the op.
+
+    Called on every forward of a small layer, so it is written for speed: a few attribute reads, one environment
+    lookup per variable, no allocation."""
+    if type(x) is not torch.Tensor or not x.is_cpu or x.dtype not in dtypes:
         return False
-    if x.dim() == 0 or x.shape[-1] != in_features or in_features == 0:
+    shape = x.shape
+    if not shape or shape[-1] != in_features or in_features == 0:
         return False
     if backend is None:
-        backend = os.environ.get("SPARSEKIT_BACKEND") or None
-    if backend not in (None, "auto", "dense"):
+        backend = _environ.get("SPARSEKIT_BACKEND") or None
+    if backend is not None and backend != "auto" and backend != "dense":
         return False
     if backend != "dense" and not cpu_dense_enabled():
         return False
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if _is_compiling() or _tracing_state() is not None:
         return False
     return True
+
+
+_environ = os.environ
+_is_compiling = torch.compiler.is_compiling
+_tracing_state = torch._C._get_tracing_state

@@ -93,9 +93,10 @@ def fake_quant_linear(x: torch.Tensor, w_fp32: torch.Tensor, bias: Optional[torc
     x2 = x.reshape(-1, x.shape[-1])
     xf = x2 if x2.dtype == torch.float32 else x2.float()
     amax = xf.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
-    scale = torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))
-    xh = torch.round(xf / scale).clamp_(-qmax, qmax).mul_(scale)
+    # all-zero rows: scale 1 (codes 0); an Inf/NaN row has scale Inf/NaN, and every element of it turns
+    # NaN below (x / Inf = 0 times Inf, or NaN), as the reference's non-finite rows
+    scale = (amax / qmax).masked_fill_(amax == 0, 1.0)
+    xh = xf.div(scale).round_().clamp_(-qmax, qmax).mul_(scale)
     y = F.linear(xh, w_fp32, None if bias is None else bias.float())
     return y.to(x.dtype).reshape(*x.shape[:-1], w_fp32.shape[0])
 
