@@ -199,7 +199,7 @@ def compress(model: nn.Module, calib=None, scheme: str = "2:4", method: Optional
              layers=None, overrides=None, progress: bool = False, block_size=None, sparsity: Optional[float] = None,
              group_size: Optional[int] = None, symmetric: Optional[bool] = None, dtype: Optional[torch.dtype] = None,
              speed: str = "auto", inplace: bool = True, blocks="auto", device=None, offload: Optional[bool] = None,
-             activation_budget: Optional[int] = None, **method_options):
+             activation_budget: Optional[int] = None, process_group=None, **method_options):
     """Compress ``model``'s linear layers; returns ``(model, report)`` (the same object unless ``inplace=False``).
 
     ``scheme``: a registry name (``"2:4"``, ``"2:4+int8"``, ``"block"``, ``"w8a8"``, ``"w4a8"``,
@@ -244,6 +244,12 @@ def compress(model: nn.Module, calib=None, scheme: str = "2:4", method: Optional
     (``triton.testing.do_bench`` medians, after warm-up; the dense timing is taken before
     compressing) and reports ``latency_dense_ms``, ``latency_ms``, ``speedup`` and
     ``speed_on``; on CPU it records ``speed = "not measured: ..."``.  ``"off"`` skips it.
+
+    ``process_group`` (a ``torch.distributed`` group or 1-D ``DeviceMesh``): distributed
+    calibration -- every rank calls ``compress`` with the same model and arguments and its own
+    share of the calibration batches (at least one); the calibration statistics are summed
+    over the group, so every rank builds the model that calibrating on the union gives
+    (:mod:`sparsekit.distributed.calibration`).
     """
     from .convert import _check_targets, convert_model
     from .schemes import registry
@@ -283,10 +289,13 @@ def compress(model: nn.Module, calib=None, scheme: str = "2:4", method: Optional
         if speed == "auto":
             state["speed"] = _time_forward(model, calib)
 
-    result = convert_model(model, cfg, calib=calib, select=select, overrides=overrides, calibrated=calib is not None,
-                           commit="block", blocks=blocks, device=device, offload=offload,
-                           activation_budget=activation_budget, progress=progress, desc="compress",
-                           before_run=before_run)
+    from .distributed.calibration import calibration_group
+
+    with calibration_group(process_group):
+        result = convert_model(model, cfg, calib=calib, select=select, overrides=overrides,
+                               calibrated=calib is not None, commit="block", blocks=blocks, device=device,
+                               offload=offload, activation_budget=activation_budget, progress=progress,
+                               desc="compress", before_run=before_run)
     model.eval()
     names = result.names
     primary = [n for n in names if result.schemes[n] == scheme]

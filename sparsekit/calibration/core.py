@@ -289,7 +289,7 @@ class InputAccumulator:
         return all(self.max_rows[n] is not None and self.acc[n]["n"] >= self.max_rows[n] for n in self.layers)
 
     def pop(self, name: str) -> dict:
-        return self.acc.pop(name)
+        return _reduce(self.acc.pop(name))
 
 
 def accumulate_inputs(model: nn.Module, layers: Mapping[str, nn.Linear], calib_loader: Iterable,
@@ -332,7 +332,17 @@ def accumulate_inputs(model: nn.Module, layers: Mapping[str, nn.Linear], calib_l
                 break
     if num_batches == 0:
         raise ValueError("calib_loader yielded no batches")
+    for name in accum.acc:
+        _reduce(accum.acc[name])
     return accum.acc
+
+
+def _reduce(acc: dict) -> dict:
+    """Sum one layer's raw statistics over the distributed calibration group, when one is set
+    (:func:`sparsekit.distributed.calibration.calibration_group`); otherwise ``acc`` as is."""
+    from ..distributed.calibration import reduce_input_stats
+
+    return reduce_input_stats(acc)
 
 
 def sequential(model: nn.Module, layers: Union[Mapping[str, nn.Linear], list, None], calib_loader: Iterable,

@@ -41,7 +41,7 @@ def _loss_fn(objective) -> Callable:
 
 def collect_layer_stats(model: nn.Module, layers: Union[Mapping[str, nn.Linear], list, None],
                         calib_loader: Iterable, objective: Union[str, Callable] = "output_energy",
-                        fisher: str = "sample", progress: bool = True) -> dict:
+                        fisher: str = "sample", progress: bool = True, process_group=None) -> dict:
     """Per-layer gradient statistics of ``L`` over calibration batches.
 
     The loss of a batch is ``L = mean(f(x)^2)`` for ``objective="output_energy"``
@@ -80,6 +80,11 @@ def collect_layer_stats(model: nn.Module, layers: Union[Mapping[str, nn.Linear],
     train/eval mode and every parameter's ``requires_grad`` are restored, and
     parameters' ``.grad`` fields are untouched.  A tqdm bar shows the batches
     (``progress=False`` hides it).
+
+    ``process_group``: distributed calibration -- each rank passes its own share of
+    the batches; the sums (gradients, Fisher sums, input squared norms) and the batch
+    and sample counts are added over the group before the means, so every rank gets
+    the statistics of the union (:mod:`sparsekit.distributed.calibration`).
     """
     if fisher not in ("sample", "batch"):
         raise ValueError(f"fisher must be 'sample' or 'batch', got {fisher!r}")
@@ -162,6 +167,11 @@ def collect_layer_stats(model: nn.Module, layers: Union[Mapping[str, nn.Linear],
         for p, r in req.items():
             p.requires_grad_(r)
 
+    if process_group is not None:
+        from ..distributed.calibration import reduce_gradient_stats
+
+        num_batches, num_samples = reduce_gradient_stats(process_group, names, per_sample_ok, num_batches,
+                                                         num_samples, grad_sum, fb_sum, fs_sum, sq_in)
     if num_batches == 0:
         raise ValueError("calib_loader yielded no batches")
     stats = {}

@@ -32,7 +32,7 @@ def _finish(acc: dict) -> dict:
 
 def collect_linear_inputs(model: nn.Module, layers: Union[Mapping[str, nn.Linear], list, None],
                           calib_loader: Iterable, max_rows: Optional[int] = None,
-                          progress: bool = True) -> dict:
+                          progress: bool = True, process_group=None) -> dict:
     """Input statistics of linear layers over calibration batches.
 
     ``layers``: ``{name: nn.Linear}``, a list of qualified names, or None for
@@ -48,11 +48,17 @@ def collect_linear_inputs(model: nn.Module, layers: Union[Mapping[str, nn.Linear
     to round-to-nearest).  The model runs in eval mode under ``no_grad``;
     module modes are restored and the hooks removed afterwards, even on
     error (shared plumbing: :mod:`sparsekit.calibration`).  A tqdm bar shows
-    the batches (``progress=False`` hides it).
+    the batches (``progress=False`` hides it).  ``process_group``: each rank passes its
+    own share of the batches and the raw sums are added over the group
+    (:mod:`sparsekit.distributed.calibration`); every rank gets the statistics of
+    the union.
     """
+    from ..distributed.calibration import calibration_group
+
     layers = resolve_layers(model, layers)
-    acc = accumulate_inputs(model, layers, calib_loader, stats=("xtx", "sumabs"), max_rows=max_rows,
-                            progress=progress)
+    with calibration_group(process_group):
+        acc = accumulate_inputs(model, layers, calib_loader, stats=("xtx", "sumabs"), max_rows=max_rows,
+                                progress=progress)
     return {n: _finish(acc[n]) for n in layers}
 
 
@@ -69,7 +75,7 @@ def quantize_model_weights(model: nn.Module, calib_loader: Optional[Iterable], m
                            layers: Union[Mapping[str, nn.Linear], list, None] = None,
                            max_rows: Optional[int] = None, progress: bool = True,
                            damp: float = 0.01, block_size: int = 128, act_order: bool = False,
-                           grid: int = 20) -> dict:
+                           grid: int = 20, process_group=None) -> dict:
     """Quantize a model's linear weights in place (fake-quantized) and return ``{name: QuantResult}``.
 
     ``method``: ``"rtn"`` (no calibration; ``calib_loader`` may be None),
@@ -89,7 +95,8 @@ def quantize_model_weights(model: nn.Module, calib_loader: Optional[Iterable], m
     pass stops once its layers have run; only one group's statistics live at
     a time.  Layers that never run are quantized last from zero statistics
     (GPTQ then equals RTN).  Biases, other parameters and module modes are
-    left as they were.  A tqdm bar shows the layer groups.
+    left as they were.  A tqdm bar shows the layer groups.  ``process_group``: distributed
+    calibration, as in :func:`collect_linear_inputs`.
     """
     if method not in QUANT_METHODS:
         raise ValueError(f"unknown quantization method {method!r}; known: {QUANT_METHODS}")
@@ -130,6 +137,9 @@ def quantize_model_weights(model: nn.Module, calib_loader: Optional[Iterable], m
         return results
     if calib_loader is None:
         raise ValueError(f"method {method!r} needs a calib_loader")
-    sequential(model, layers, calib_loader, process, stats=("xtx", "sumabs"), max_rows=max_rows,
-               progress=progress, desc=f"quantize ({method})", missing="zeros")
+    from ..distributed.calibration import calibration_group
+
+    with calibration_group(process_group):
+        sequential(model, layers, calib_loader, process, stats=("xtx", "sumabs"), max_rows=max_rows,
+                   progress=progress, desc=f"quantize ({method})", missing="zeros")
     return results

@@ -1,0 +1,398 @@
+"""sparsekit.distributed on CPU processes over gloo: tensor parallelism, distributed calibration,
+sequence-parallel DraftAttention.
+
+Each world size runs one job: this file executed as a script (``python test_distributed.py
+WORLD PORT``) spawns WORLD processes with torch.multiprocessing, and every rank runs all the
+checks of :func:`_job`; the pytest side runs that script in a subprocess under a timeout,
+so a hang fails the test instead of stalling the suite.  A rank reports failures through
+its exit code and the traceback on stderr.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import traceback
+
+import pytest
+import torch
+
+JOB_TIMEOUT_S = 150
+
+
+# =========================================================================== the checks (run in every rank)
+def _rel(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _close(out, ref, tol, what):
+    e = _rel(out, ref)
+    assert e < tol, f"{what}: relative error {e:.3g} >= {tol:g}"
+
+
+def _modules():
+    """(name, module, input dtype, tolerance for exact-math shards, tolerance for rowwise act-quant)."""
+    from torch import nn
+
+    from sparsekit.formats.int4 import Int4Weight
+    from sparsekit.nn import BlockSparseLinear, QLinear, SparseLinear, SparseQLinear
+
+    torch.manual_seed(0)
+    mods = []
+    lin = nn.Linear(100, 44)
+    mods.append(("linear", lin, 1e-5, None))
+    mods.append(("sparse24", SparseLinear.from_dense(nn.Linear(100, 44)), 1e-5, None))
+    mods.append(("sparse24_int8", SparseLinear.from_dense(nn.Linear(96, 40), act_bits=8), 1e-5, 3e-2))
+    mods.append(("block_sparse", BlockSparseLinear.from_dense(nn.Linear(96, 80), block_size=(16, 16), sparsity=0.5),
+                 1e-5, None))
+    mods.append(("w4a16", QLinear.from_float(nn.Linear(256, 48), bits=4, group_size=32), 2e-3, None))
+    mods.append(("w4a16_sym_awq_scale", QLinear.from_float(nn.Linear(256, 48), bits=4, group_size=64,
+                                                           symmetric=True), 2e-3, None))
+    mods[-1][1].input_scale = torch.rand(256).add(0.5).half()
+    mods.append(("w8a8", QLinear.from_float(nn.Linear(72, 40), bits=8, act_bits=8), 2e-3, 3e-2))
+    mods.append(("w4a8_mixed", QLinear.from_float(nn.Linear(128, 40), bits=4, group_size=32, act_bits="mixed",
+                                                  frac8=0.5), 2e-3, 8e-2))
+    mods.append(("sparse24_int4", SparseQLinear.from_dense(nn.Linear(256, 40), group_size=32), 2e-3, None))
+    # act-order int4: groups scattered over the input features (GPTQ desc_act)
+    k, n, gs = 128, 24, 32
+    g_idx = torch.randperm(k) % (k // gs)
+    q = torch.randint(0, 16, (n, k))
+    w = Int4Weight.from_g_idx(q, torch.rand(n, k // gs) * 0.02 + 0.01, torch.randint(0, 16, (n, k // gs)).float(),
+                              g_idx, gs, dtype=torch.float16)
+    mods.append(("w4a16_act_order", QLinear.from_weight(w, torch.randn(n).half()), 2e-3, None))
+    for _, m, _, _ in mods:
+        m.backend = "reference"
+        if hasattr(m, "local"):
+            m.local.backend = "reference"
+    return mods
+
+
+def _set_backend(mod, backend="reference"):
+    for m in mod.modules():
+        if hasattr(m, "backend"):
+            m.backend = backend
+
+
+def _check_tp(rank, world):
+    import torch.distributed as dist
+
+    from sparsekit.distributed import shard_module
+
+    torch.manual_seed(1)
+    for name, mod, tol, act_tol in _modules():
+        x = torch.randn(3, 5, mod.in_features)
+        ref = mod(x)
+        # colwise: local slice, then gathered
+        col = shard_module(mod, None, "colwise", name=name)
+        _set_backend(col)
+        lo, hi = col.local_range
+        _close(col(x), ref[..., lo:hi], tol, f"{name} colwise slice")
+        col.gather_output = True
+        _close(col(x), ref, tol, f"{name} colwise gathered")
+        # rowwise: the input sharded (as after a colwise layer) or replicated
+        if name == "w4a16_act_order":
+            try:
+                shard_module(mod, None, "rowwise", name=name)
+            except ValueError as e:
+                assert "in_perm" in str(e) and name in str(e), e
+            else:
+                raise AssertionError("rowwise act-order with a sharded input must raise")
+        else:
+            row = shard_module(mod, None, "rowwise", name=name)
+            _set_backend(row)
+            lo, hi = row.local_range
+            y = row(x[..., lo:hi])
+            _close(y, ref, act_tol or tol, f"{name} rowwise")
+            if act_tol is None:
+                # partial sums + bias once: the same as the single-process layer within float order
+                assert y.dtype == ref.dtype
+        rep = shard_module(mod, None, "rowwise", input_is_sharded=False, name=name)
+        _set_backend(rep)
+        _close(rep(x), ref, act_tol or tol, f"{name} rowwise (replicated input)")
+        # every rank ends with the same output
+        outs = [torch.empty_like(ref) for _ in range(world)]
+        dist.all_gather(outs, rep(x).contiguous())
+        for o in outs[1:]:
+            assert torch.equal(o, outs[0]), f"{name}: ranks disagree on the all-reduced output"
+    _check_invalid(world)
+
+
+def _check_invalid(world):
+    from torch import nn
+
+    from sparsekit.distributed import shard_module
+    from sparsekit.nn import QLinear, SparseLinear
+
+    torch.manual_seed(2)
+    sl = SparseLinear.from_dense(nn.Linear(64, 16))
+    bad = [60] + [1] * (world - 2) + [4 - (world - 2)]          # a split point at 60, inside a metadata byte
+    bad_q = [48, 80] if world == 2 else [48, 16, 32, 32]       # a split point at 48, inside an int4 group
+    for mod, style, splits, words in [
+        (sl, "rowwise", bad, ["SparseLinear", "K (in_features)", "multiples of 8"]),
+        (QLinear.from_float(nn.Linear(64, 16), bits=4, group_size=-1), "rowwise", None,
+         ["QLinear", "K (in_features)", "group_size=64"]),
+        (QLinear.from_float(nn.Linear(128, 16), bits=4, group_size=32), "rowwise", bad_q,
+         ["K (in_features)", "at 48", "multiples of 32"]),
+    ]:
+        try:
+            shard_module(mod, None, style, splits=splits)
+        except ValueError as e:
+            for w in words:
+                assert w in str(e), f"{w!r} not in {e}"
+        else:
+            raise AssertionError(f"an invalid split of {type(mod).__name__} must raise")
+    try:
+        shard_module(sl, None, "diagonal")
+    except ValueError as e:
+        assert "style" in str(e)
+    else:
+        raise AssertionError("a bad style must raise")
+
+
+def _check_plan(rank, world):
+    from torch import nn
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    from sparsekit.distributed import parallelize
+    from sparsekit.nn import QLinear, SparseLinear
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj = SparseLinear.from_dense(nn.Linear(64, 128, bias=False))
+            self.up_proj = QLinear.from_float(nn.Linear(64, 128, bias=False), bits=4, group_size=32)
+            self.down_proj = SparseLinear.from_dense(nn.Linear(128, 64))
+
+        def forward(self, x):
+            return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    torch.manual_seed(3)
+    model = MLP()
+    _set_backend(model)
+    x = torch.randn(2, 7, 64)
+    ref = model(x)
+    for plan in ({"*_proj": "colwise", "down_proj": "rowwise"},
+                 {"gate_proj": ColwiseParallel(), "up_proj": "colwise", "down_proj": RowwiseParallel()}):
+        if "*_proj" in plan:
+            try:
+                parallelize(MLP(), plan)
+            except ValueError as e:
+                assert "several plan entries" in str(e)
+            else:
+                raise AssertionError("overlapping plan entries must raise")
+            continue
+        torch.manual_seed(3)
+        m = parallelize(MLP(), plan)
+        _set_backend(m)
+        _close(m(x), ref, 2e-3, "parallelized MLP")
+    # training: the trainable float parts of a colwise -> rowwise 2:4 pair get the unsharded gradients
+    torch.manual_seed(4)
+    a, b = SparseLinear.from_dense(nn.Linear(32, 48)), SparseLinear.from_dense(nn.Linear(48, 32))
+    _set_backend(a), _set_backend(b)
+    xr = torch.randn(5, 32, requires_grad=True)
+    b(torch.relu(a(xr))).pow(2).sum().backward()
+    from sparsekit.distributed import shard_module
+
+    sb = shard_module(b, None, "rowwise")
+    if world == 4:
+        # 48 hidden features over 4 ranks: colwise cuts at 12, 24, 36; a 2:4 rowwise layer only at multiples of 8
+        assert shard_module(a, None, "colwise").bounds != sb.bounds
+    sa = shard_module(a, None, "colwise", multiple_of=8)
+    assert sa.bounds == sb.bounds
+    _set_backend(sa), _set_backend(sb)
+    xs = xr.detach().clone().requires_grad_(True)
+    sb(torch.relu(sa(xs))).pow(2).sum().backward()
+    lo, hi = sa.local_range
+    _close(sa.local.values.grad, a.values.grad[lo:hi], 1e-5, "colwise values grad")
+    _close(sa.local.bias.grad, a.bias.grad[lo:hi], 1e-5, "colwise bias grad")
+    klo, khi = sb.local_range
+    _close(sb.local.values.grad, b.values.grad[:, klo // 2:khi // 2], 1e-5, "rowwise values grad")
+    _close(sb.bias.grad, b.bias.grad, 1e-5, "rowwise bias grad")
+    _close(xs.grad, xr.grad, 1e-5, "input grad")
+    assert not sa.local.meta_codes.requires_grad
+
+
+def _check_calibration(rank, world):
+    import torch.distributed as dist
+    from torch import nn
+
+    from sparsekit.compress import compress
+    from sparsekit.prune.calibration import collect_layer_stats
+    from sparsekit.quant.calibration import collect_linear_inputs
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 64)).double()
+    batches = [torch.randn(3, 4, 64, dtype=torch.float64) for _ in range(2 * world + 1)]
+    mine = batches[rank::world]             # uneven shares (world + 1 ranks' worth of batches)
+    single = collect_linear_inputs(model, None, batches, progress=False)
+    dist_ = collect_linear_inputs(model, None, mine, progress=False, process_group=dist.group.WORLD)
+    for n in single:
+        assert dist_[n]["n"] == single[n]["n"], (dist_[n]["n"], single[n]["n"])
+        for key in ("H", "mean_abs"):
+            _close(dist_[n][key], single[n][key], 1e-12, f"collect_linear_inputs {n} {key}")
+    model32 = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 64))
+    single = collect_layer_stats(model32, None, [b.float() for b in batches], progress=False)
+    dist_ = collect_layer_stats(model32, None, [b.float() for b in mine], progress=False,
+                                process_group=dist.group.WORLD)
+    for n in single:
+        assert dist_[n]["num_samples"] == single[n]["num_samples"]
+        assert dist_[n]["fisher_mode"] == single[n]["fisher_mode"] == "sample"
+        for key in ("grad", "fisher", "input_norm"):
+            _close(dist_[n][key], single[n][key], 1e-5, f"collect_layer_stats {n} {key}")
+    # compress: every rank calibrates on its share; the compressed model equals the single-process one
+    for scheme, method in (("int4", "gptq"), ("2:4", "sparsegpt")):
+        torch.manual_seed(6)
+        base = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 64))
+        fb = [b.float() for b in batches]
+        import copy
+
+        ref_model, _ = compress(copy.deepcopy(base), fb, scheme=scheme, method=method, speed="off")
+        got_model, _ = compress(copy.deepcopy(base), fb[rank::world], scheme=scheme, method=method, speed="off",
+                                process_group=dist.group.WORLD)
+        ref_sd, got_sd = ref_model.state_dict(), got_model.state_dict()
+        assert ref_sd.keys() == got_sd.keys()
+        for key in ref_sd:
+            r, g = ref_sd[key], got_sd[key]
+            if r.is_floating_point():
+                _close(g, r, 1e-4, f"compress {scheme} {key}")
+            else:
+                same = (r == g).float().mean().item()
+                assert same > 0.995, f"compress {scheme} {key}: only {same:.4f} of the codes agree"
+        x = fb[0]
+        _close(got_model(x), ref_model(x), 1e-3, f"compress {scheme} output")
+
+
+def _check_sp(rank, world):
+    from sparsekit.distributed import shard_sequence, sp_draft_attention
+    from sparsekit.ops.draft_attention import draft_attention
+
+    torch.manual_seed(7)
+    cases = [dict(B=2, H=4, frames=2, height=4, width=8, pool=(4, 8), text_tokens=world * 4, D=16,
+                  sparsity=0.5, mode="percentile", backend="reference"),
+             dict(B=1, H=world, frames=4, height=4, width=4, pool=(4, 4), text_tokens=0, D=16, sparsity=0.5,
+                  mode="topk", backend="reference")]
+    if world == 2:
+        cases.append(dict(B=1, H=2, frames=2, height=4, width=4, pool=(4, 4), text_tokens=0, D=16, sparsity=0.5,
+                          mode="topk", backend="interpret"))
+    for c in cases:
+        S = c["text_tokens"] + c["frames"] * c["height"] * c["width"]
+        # structured inputs (smooth along the sequence) so that the draft is informative
+        base = torch.randn(c["B"], c["H"], 1, c["D"])
+        t = torch.linspace(0, 3, S).view(1, 1, S, 1)
+        q, k, v = (base * torch.cos(t * (i + 1)) + 0.3 * torch.randn(c["B"], c["H"], S, c["D"]) for i in range(3))
+        kw = dict(frames=c["frames"], height=c["height"], width=c["width"], pool=c["pool"],
+                  text_tokens=c["text_tokens"], sparsity=c["sparsity"], mode=c["mode"], backend=c["backend"])
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ref, mask = draft_attention(q, k, v, return_mask=True, **kw)
+            ql, kl, vl = (shard_sequence(a) for a in (q, k, v))
+            out, lmask = sp_draft_attention(ql, kl, vl, return_mask=True, **kw)
+        hp = c["H"] // world
+        assert torch.equal(lmask, mask[:, rank * hp:(rank + 1) * hp]), "SP block mask differs"
+        _close(out, shard_sequence(ref), 1e-6, f"SP draft attention {c['backend']} {c['mode']}")
+    # the exchange and its inverse are each other's gradient (the op itself is inference-only)
+    import torch.distributed as dist
+
+    from sparsekit.distributed._comm import all_to_all_4d
+
+    xs = torch.randn(2, 2 * world, 3, 8, requires_grad=True)
+    y = all_to_all_4d(xs, dist.group.WORLD, scatter_dim=1, gather_dim=2)
+    assert tuple(y.shape) == (2, 2, 3 * world, 8)
+    full = [torch.empty_like(xs) for _ in range(world)]
+    dist.all_gather(full, xs.detach())
+    assert torch.equal(y, torch.cat(full, 2)[:, 2 * rank:2 * rank + 2])
+    c = torch.randn_like(y)
+    (y * c).sum().backward()
+    assert torch.equal(xs.grad, all_to_all_4d(c, dist.group.WORLD, scatter_dim=2, gather_dim=1))
+    c = cases[0]
+    S = c["text_tokens"] + c["frames"] * c["height"] * c["width"]
+    kw = dict(frames=c["frames"], height=c["height"], width=c["width"], pool=c["pool"],
+              text_tokens=c["text_tokens"], sparsity=0.0, backend="reference")
+    ql, kl, vl = (torch.randn(1, c["H"], S // world, c["D"]) for _ in range(3))
+    try:
+        sp_draft_attention(ql[:, :world - 1] if world > 1 else ql, kl[:, :world - 1], vl[:, :world - 1], **kw)
+    except ValueError as e:
+        assert "divisible" in str(e)
+    else:
+        raise AssertionError("H not divisible by the world size must raise")
+
+
+def _job(rank, world, port, errfile):
+    os.environ["SPARSEKIT_NO_CUDA_EXT"] = "1"
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        import time
+
+        for check in (_check_tp, _check_plan, _check_calibration, _check_sp):
+            t0 = time.perf_counter()
+            check(rank, world)
+            dist.barrier()
+            if rank == 0:
+                print(f"world={world} {check.__name__}: {time.perf_counter() - t0:.1f} s", flush=True)
+    except BaseException:
+        with open(f"{errfile}.{rank}", "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# =========================================================================== pytest side
+@pytest.mark.parametrize("world", [2, 4])
+def test_distributed_job(world, tmp_path):
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    errfile = str(tmp_path / "err")
+    env = dict(os.environ, SPARSEKIT_NO_CUDA_EXT="1", OMP_NUM_THREADS="1")
+    try:
+        proc = subprocess.run([sys.executable, __file__, str(world), str(_free_port()), errfile], env=env,
+                              capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"world={world}: the distributed job did not finish in {JOB_TIMEOUT_S} s (hang?)\n"
+                    f"{(e.stderr or b'')[-3000:]}")
+    errs = "".join(open(f"{errfile}.{r}").read() for r in range(world) if os.path.exists(f"{errfile}.{r}"))
+    assert proc.returncode == 0, f"world={world} failed (rc={proc.returncode}):\n{errs or proc.stderr[-5000:]}"
+
+
+def test_shard_bounds():
+    from sparsekit.distributed import shard_bounds
+
+    assert shard_bounds(100, 4, 8) == [(0, 32), (32, 56), (56, 80), (80, 100)]
+    assert shard_bounds(64, 2, 32, splits=[32, 32]) == [(0, 32), (32, 64)]
+    with pytest.raises(ValueError, match="layer.0: cannot split K=64 at 40: .*multiples of 32 \\(int4 groups\\)"):
+        shard_bounds(64, 2, 32, name="layer.0", dim="K", constraint="int4 groups", splits=[40, 24])
+    with pytest.raises(ValueError, match="only 1 piece"):
+        shard_bounds(64, 2, 64, name="q", dim="K")
+    with pytest.raises(ValueError, match="sum to"):
+        shard_bounds(64, 2, 8, splits=[8, 8])
+
+
+def test_requires_initialized_group():
+    from torch import nn
+
+    from sparsekit.distributed import shard_module
+
+    if torch.distributed.is_initialized():
+        pytest.skip("a process group is already initialized")
+    with pytest.raises(RuntimeError, match="not initialized"):
+        shard_module(nn.Linear(8, 8), None, "colwise")
+
+
+if __name__ == "__main__":
+    import torch.multiprocessing as mp
+
+    _world, _port, _err = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    mp.start_processes(_job, args=(_world, _port, _err), nprocs=_world, join=True, start_method="spawn")
