@@ -321,6 +321,15 @@ def _check_sp(rank, world):
         raise AssertionError("H not divisible by the world size must raise")
 
 
+def _check_bench_cases(rank, world):
+    """bench/tp.py's case list (kinds x styles) at a small size, sharded over this world."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench.tp import CASES, check_case
+
+    for kind, style in sorted({(c[0], c[1]) for c in CASES}):
+        check_case(kind, style, 128, 256, 3, torch.float16, "cpu", "reference")
+
+
 def _job(rank, world, port, errfile):
     os.environ["SPARSEKIT_NO_CUDA_EXT"] = "1"
     torch.set_num_threads(1)
@@ -330,7 +339,8 @@ def _job(rank, world, port, errfile):
     try:
         import time
 
-        for check in (_check_tp, _check_plan, _check_calibration, _check_sp):
+        checks = (_check_tp, _check_plan, _check_calibration, _check_sp) + ((_check_bench_cases,) if world == 2 else ())
+        for check in checks:
             t0 = time.perf_counter()
             check(rank, world)
             dist.barrier()
