@@ -2,8 +2,9 @@
 sequence-parallel DraftAttention.
 
 Each world size runs one job: this file executed as a script (``python test_distributed.py
-WORLD PORT``) spawns WORLD processes with torch.multiprocessing, and every rank runs all the
-checks of :func:`_job`; the pytest side runs that script in a subprocess under a timeout,
+WORLD PORT ERRFILE``) starts WORLD processes with ``torch.multiprocessing.start_processes``
+(forked from a parent that has already imported torch and sparsekit, so that the ranks do
+not each pay the imports), and every rank runs all the checks of :func:`_job`; the pytest side runs that script in a subprocess under a timeout,
 so a hang fails the test instead of stalling the suite.  A rank reports failures through
 its exit code and the traceback on stderr.
 """
@@ -321,6 +322,75 @@ def _check_sp(rank, world):
         raise AssertionError("H not divisible by the world size must raise")
 
 
+def _fsdp_model():
+    """A small model mixing dense and packed layers (trainable float parts: weights, 2:4 values,
+    kept blocks, biases; packed codes and metadata are buffers)."""
+    from torch import nn
+
+    from sparsekit.nn import BlockSparseLinear, QLinear, SparseLinear
+
+    torch.manual_seed(8)
+    m = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), SparseLinear.from_dense(nn.Linear(64, 64)), nn.ReLU(),
+                      BlockSparseLinear.from_dense(nn.Linear(64, 64), block_size=(16, 16), sparsity=0.5), nn.ReLU(),
+                      QLinear.from_float(nn.Linear(64, 16), bits=4, group_size=32))
+    _set_backend(m)
+    return m
+
+
+def _fsdp_data():
+    torch.manual_seed(9)
+    return torch.randn(8, 32)
+
+
+def _fsdp_step(model, x):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    model(x).float().pow(2).mean().backward()
+    opt.step()
+
+
+def _check_fsdp(rank, world):
+    """FSDP2 over sparsekit modules: forward equals the unsharded model; one training step on each rank's share
+    of the batch equals the single-process step on the whole batch (gradients averaged over ranks); the
+    packed buffers stay plain replicated tensors; the state is saved with torch.distributed.checkpoint
+    (loaded at world size 1 by the test itself)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    ref, model = _fsdp_model(), _fsdp_model()
+    for i in (0, 2, 4, 6):
+        fully_shard(model[i], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    assert not any(isinstance(b, DTensor) for b in model.buffers())
+    assert not model[2].meta_codes.requires_grad and not model[6].qweight.is_floating_point()
+    x = _fsdp_data()
+    with torch.no_grad():
+        _close(model(x), ref(x), 1e-6, "FSDP2 forward")
+    xs = x.chunk(world)[rank]
+    _fsdp_step(model, xs)
+    _fsdp_step(ref, x)
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        _close(p.full_tensor(), q, 1e-5, f"FSDP2 step {n}")
+    assert torch.equal(model[2].meta_codes, ref[2].meta_codes)
+    ckpt = os.environ["SPARSEKIT_TEST_CKPT"]
+    dcp.save(model.state_dict(), checkpoint_id=ckpt)
+    # and back into a fresh sharded model (in place into its local shards; the buffers are replicated)
+    fresh = _fsdp_model()
+    for i in (0, 2, 4, 6):
+        fully_shard(fresh[i], mesh=mesh)
+    fully_shard(fresh, mesh=mesh)
+    sd = fresh.state_dict()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    dcp.load(sd, checkpoint_id=ckpt)
+    with torch.no_grad():
+        _close(fresh(x), ref(x), 1e-5, "FSDP2 model reloaded from its DCP checkpoint")
+
+
 def _check_bench_cases(rank, world):
     """bench/tp.py's case list (kinds x styles) at a small size, sharded over this world."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -332,6 +402,7 @@ def _check_bench_cases(rank, world):
 
 def _job(rank, world, port, errfile):
     os.environ["SPARSEKIT_NO_CUDA_EXT"] = "1"
+    os.environ["SPARSEKIT_TEST_CKPT"] = f"{errfile}.ckpt"
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -340,6 +411,7 @@ def _job(rank, world, port, errfile):
         import time
 
         checks = (_check_tp, _check_plan, _check_calibration, _check_sp) + ((_check_bench_cases,) if world == 2 else ())
+        checks += (_check_fsdp,)
         for check in checks:
             t0 = time.perf_counter()
             check(rank, world)
@@ -362,6 +434,7 @@ def _free_port() -> int:
 
 # =========================================================================== pytest side
 @pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_distributed_job(world, tmp_path):
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
@@ -375,6 +448,22 @@ def test_distributed_job(world, tmp_path):
                     f"{(e.stderr or b'')[-3000:]}")
     errs = "".join(open(f"{errfile}.{r}").read() for r in range(world) if os.path.exists(f"{errfile}.{r}"))
     assert proc.returncode == 0, f"world={world} failed (rc={proc.returncode}):\n{errs or proc.stderr[-5000:]}"
+    # the FSDP2 job's checkpoint, saved at this world size, loads at world size 1 into a plain model
+    import torch.distributed.checkpoint as dcp
+
+    ref = _fsdp_model()
+    _fsdp_step(ref, _fsdp_data())
+    plain = _fsdp_model()
+    sd = plain.state_dict()
+    for v in sd.values():
+        if v.is_floating_point():
+            v.zero_()
+    dcp.load(sd, checkpoint_id=f"{errfile}.ckpt")
+    plain.load_state_dict(sd)
+    for (n, a), b in zip(plain.state_dict().items(), ref.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6), f"DCP world={world} -> 1: {n}"
+    x = _fsdp_data()
+    assert torch.allclose(plain(x), ref(x), rtol=1e-5, atol=1e-6)
 
 
 def test_shard_bounds():
@@ -405,4 +494,18 @@ if __name__ == "__main__":
     import torch.multiprocessing as mp
 
     _world, _port, _err = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    mp.start_processes(_job, args=(_world, _port, _err), nprocs=_world, join=True, start_method="spawn")
+    # import everything and run one op (which imports torch's compiler stack, ~5 s of CPU) once here, then
+    # fork: the ranks inherit the imported modules instead of paying for them each (single-threaded parent,
+    # no process group yet, so forking is safe)
+    torch.set_num_threads(1)
+    os.environ["SPARSEKIT_NO_CUDA_EXT"] = "1"
+    import sparsekit.compress  # noqa: F401
+    import sparsekit.distributed  # noqa: F401
+    from torch import nn
+
+    from sparsekit.nn import SparseLinear
+
+    _warm = SparseLinear.from_dense(nn.Linear(8, 8))
+    _warm.backend = "reference"
+    _warm(torch.randn(2, 8))
+    mp.start_processes(_job, args=(_world, _port, _err), nprocs=_world, join=True, start_method="fork")
