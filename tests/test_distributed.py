@@ -117,7 +117,40 @@ def _check_tp(rank, world):
         dist.all_gather(outs, rep(x).contiguous())
         for o in outs[1:]:
             assert torch.equal(o, outs[0]), f"{name}: ranks disagree on the all-reduced output"
+    if world == 2:
+        _check_tp_world2()
     _check_invalid(world)
+
+
+def _check_tp_world2():
+    """Two cases sized for two ranks: an act-order permutation that stays inside each half (rowwise with a
+    sharded input is then allowed), and the Triton kernels (interpreter) on a 2:4 shard."""
+    from torch import nn
+
+    from sparsekit.distributed import shard_module
+    from sparsekit.formats.int4 import Int4Weight
+    from sparsekit.nn import QLinear, SparseLinear
+
+    torch.manual_seed(10)
+    k, n, gs = 128, 16, 32
+    g_idx = torch.cat([torch.arange(64) % 2, 2 + torch.arange(64) % 2])     # groups 0,1 interleaved, then 2,3
+    w = Int4Weight.from_g_idx(torch.randint(0, 16, (n, k)), torch.rand(n, 4) * 0.02 + 0.01,
+                              torch.randint(0, 16, (n, 4)).float(), g_idx, gs, dtype=torch.float16)
+    mod = QLinear.from_weight(w, torch.randn(n).half(), input_scale=torch.rand(k) + 0.5)
+    assert mod.in_perm is not None
+    _set_backend(mod)
+    x = torch.randn(4, k)
+    row = shard_module(mod, None, "rowwise")
+    _set_backend(row)
+    lo, hi = row.local_range
+    _close(row(x[..., lo:hi]), mod(x), 2e-3, "rowwise act-order (permutation inside each shard)")
+    sl = SparseLinear.from_dense(nn.Linear(40, 24))
+    x = torch.randn(3, 40)
+    ref = sl(x)
+    for style in ("colwise", "rowwise"):
+        sh = shard_module(sl, None, style, gather_output=True, input_is_sharded=False)
+        _set_backend(sh, "interpret")
+        _close(sh(x), ref, 1e-5, f"sparse24 {style} on the interpret backend")
 
 
 def _check_invalid(world):
