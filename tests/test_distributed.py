@@ -275,6 +275,18 @@ def _check_calibration(rank, world):
         assert dist_[n]["fisher_mode"] == single[n]["fisher_mode"] == "sample"
         for key in ("grad", "fisher", "input_norm"):
             _close(dist_[n][key], single[n][key], 1e-5, f"collect_layer_stats {n} {key}")
+    # sequential GPTQ over a model (the shared calibration plumbing of compress, quantize_ and prune_model_)
+    from sparsekit.quant.calibration import quantize_model_weights
+
+    torch.manual_seed(11)
+    base = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 64)).double()
+    import copy
+
+    m_ref, m_got = copy.deepcopy(base), copy.deepcopy(base)
+    quantize_model_weights(m_ref, batches, method="gptq", group_size=32, progress=False)
+    quantize_model_weights(m_got, mine, method="gptq", group_size=32, progress=False, process_group=dist.group.WORLD)
+    for (n, a), b in zip(m_got.state_dict().items(), m_ref.state_dict().values()):
+        _close(a, b, 1e-9, f"quantize_model_weights {n}")
     # compress: every rank calibrates on its share; the compressed model equals the single-process one
     for scheme, method in (("int4", "gptq"), ("2:4", "sparsegpt")):
         torch.manual_seed(6)
