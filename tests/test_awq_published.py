@@ -202,3 +202,17 @@ def test_generic_siblings_share_a_scale_without_fold():
     assert sorted(rep["input_scale_layers"]) == ["a", "b", "c"]
     with pytest.raises(TypeError, match="fold"):
         awq_quantize_model_(net, calib, group_size=32, fold=1, progress=False)
+
+
+def test_awq_search_forward_loss_equals_the_hessian_loss():
+    """Fewer rows than K: the error is evaluated by a forward; it matches the X^T X form."""
+    from sparsekit.quant import awq_search
+
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(48, 256, generator=g)
+    X = torch.randn(100, 256, generator=g) * torch.exp(torch.randn(256, generator=g))
+    X64 = X.double()
+    _, r1, i1 = awq_search(W, X, 32, return_info=True)
+    _, r2, i2 = awq_search(W, {"mean_abs": X64.abs().mean(0), "H": X64.T @ X64}, 32, return_info=True)
+    assert i1["alpha"] == i2["alpha"] and torch.equal(r1.q, r2.q)
+    torch.testing.assert_close(torch.tensor(i1["errors"]), torch.tensor(i2["errors"]), rtol=1e-5, atol=0)
