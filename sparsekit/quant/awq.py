@@ -25,7 +25,7 @@ from typing import Mapping, Union
 
 import torch
 
-from .rtn import QuantResult, _check_weight, check_quant_args, rtn_quantize
+from .rtn import QuantResult, _check_weight, check_quant_args, grid_params, quantize_codes, rtn_quantize
 
 __all__ = ["awq_search", "awq_effective_weight"]
 
@@ -97,14 +97,16 @@ def awq_search(w: torch.Tensor, x_stats_or_inputs: Union[torch.Tensor, Mapping],
     dev = w.device
     cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
     mean_abs, G, X = _stats(x_stats_or_inputs, k, dev, forward_dtype=cdt)
-    W64 = w.detach().to(torch.float64)
+    # the difference W - W_eff: float64 for the X^T X form, the compute dtype for the forward
+    edt = torch.float64 if X is None else cdt
+    We = w.detach().to(edt)
 
-    def sq_err(D64):
+    def sq_err(D):
         if X is not None:
-            return float((X @ D64.to(cdt).t()).double().pow(2).sum())
-        return float(torch.einsum("nk,kl,nl->", D64, G, D64).clamp_min(0.0))
+            return float((X @ D.t()).pow(2).sum(dtype=torch.float64))
+        return float(torch.einsum("nk,kl,nl->", D, G, D).clamp_min(0.0))
 
-    ref = sq_err(W64)
+    ref = sq_err(We)
     ref = ref if ref > 0 else 1.0
 
     # channels that never fired would get s -> 0; floor them at a small fraction of the largest
@@ -115,20 +117,26 @@ def awq_search(w: torch.Tensor, x_stats_or_inputs: Union[torch.Tensor, Mapping],
     alphas = [i / grid for i in range(grid + 1)]
     errors = []
     best = None
+    gs = check_quant_args(k, group_size, bits)
+    W64 = w.detach().to(torch.float64)
     for a in alphas:
         s = m.pow(a)
         s = s / torch.sqrt(s.max() * s.min())
         s32 = s.to(torch.float32)
-        res = rtn_quantize((W64 * s32.to(torch.float64)).to(w.dtype if w.dtype == torch.float64 else torch.float32),
-                           group_size, symmetric, bits)
-        res.input_scale = s32
-        D = W64 - res.effective_weight().to(torch.float64)
-        err = sq_err(D)
+        ws = (W64 * s32.to(torch.float64)).float()
+        # rtn_quantize(ws).effective_weight(), without forming the codes' result object per grid point
+        wg = ws.reshape(n, k // gs, gs)
+        sc, z = grid_params(wg, symmetric, bits)
+        q = quantize_codes(wg, sc.unsqueeze(-1), z.unsqueeze(-1), bits)
+        eff = ((q - z.unsqueeze(-1)) * sc.unsqueeze(-1)).reshape(n, k) / s32
+        err = sq_err(We - eff.to(edt))
         rel = (err / ref) ** 0.5
         errors.append(rel)
         if best is None or rel < best[0]:
-            best = (rel, a, s32, res)
-    _, alpha, s, res = best
+            best = (rel, a, s32, ws)
+    _, alpha, s, ws = best
+    res = rtn_quantize(ws, group_size, symmetric, bits)
+    res.input_scale = s
     if return_info:
         return s, res, {"alphas": alphas, "errors": errors, "alpha": alpha}
     return s, res
