@@ -10,8 +10,9 @@ Cholesky -> inverse -> Cholesky; AWQ's loss from a forward of the
 calibration rows per grid point; the Hessian from per-batch float32
 ``X^T X`` with a running rescale):
 
-* ``hessian``: ``2 X^T X / n`` from batches of 128 rows (sparsekit:
-  :func:`sparsekit.quant.collect_linear_inputs` on an ``nn.Linear``);
+* ``hessian``: ``2 X^T X / n`` from batches of 128 rows (sparsekit: the
+  accumulation hook of :func:`sparsekit.quant.collect_linear_inputs`, fed the
+  batches directly, without the model's forward);
 * ``sparsegpt_2:4``, ``sparsegpt_unstructured`` (50 %, the original's
   per-block threshold, ``selection="block"``);
 * ``gptq_g128``, ``gptq_g128_act_order`` (dynamic groups);
@@ -206,7 +207,8 @@ def _rel_err(x, W, Wq):
 
 def run(n: int, k: int, rows: int, repeats: int = 2, algorithms=None, seed: int = 0) -> list:
     from sparsekit.prune import sparsegpt_prune
-    from sparsekit.quant import awq_search, collect_linear_inputs, gptq_quantize
+    from sparsekit.calibration.core import InputAccumulator
+    from sparsekit.quant import awq_search, gptq_quantize
 
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(n, k, generator=g) / math.sqrt(k)
@@ -225,9 +227,17 @@ def run(n: int, k: int, rows: int, repeats: int = 2, algorithms=None, seed: int 
                               "gptq_g128_act_order", "awq_search"))
     lin = nn.Linear(k, n, bias=False)
     batches = [x[i:i + 128] for i in range(0, rows, 128)]
-    t_sk, st, t_or, Ho = _pair(lambda: collect_linear_inputs(lin, None, batches, progress=False),
-                               lambda: orig_hessian(x), repeats)
-    Hs = st[""]["H"]
+
+    def sk_hessian():
+        # the accumulation collect_linear_inputs' hooks run, without the model's own forward
+        acc = InputAccumulator({"": lin}, ("xtx",))
+        hook = acc.make_hook("")
+        for b in batches:
+            hook(lin, (b,))
+        a = acc.pop("")
+        return a["xtx"].mul_(2.0 / a["n"])
+
+    t_sk, Hs, t_or, Ho = _pair(sk_hessian, lambda: orig_hessian(x), repeats)
     rel = float((Hs - Ho.double()).norm() / Hs.norm())
     if "hessian" in want:
         add("hessian", t_sk, t_or, rel < 1e-3, f"rel diff {rel:.1e} (sparsekit: float32 products summed in float64; original: float32)")
