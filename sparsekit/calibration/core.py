@@ -277,6 +277,7 @@ class InputAccumulator:
         max_rows = self.max_rows[name]
         calls = self.calls
         stop_after = self.stop_after
+        buf = {}                            # the float32 (K, K) product, reused across batches
 
         def hook(mod, inputs):
             calls[name] += 1
@@ -294,7 +295,10 @@ class InputAccumulator:
                         a["xtx"].addmm_(x.t(), x)
                     else:
                         x32 = x.to(device=wd, dtype=torch.float32)
-                        a["xtx"].add_(x32.t() @ x32)
+                        if "p" not in buf:
+                            buf["p"] = torch.empty(k, k, dtype=torch.float32, device=wd)
+                        torch.mm(x32.t(), x32, out=buf["p"])
+                        a["xtx"].add_(buf["p"])
                 x = x.to(device=wd, dtype=torch.float64)
                 if "sumsq" in a:
                     a["sumsq"] += x.pow(2).sum(0)
