@@ -52,6 +52,7 @@ BENCH_EXAMPLES = """examples:
   sparsekit bench --plan gpu-check --list          the rows of the GPU check plan
   sparsekit bench --cpu-speed                      CPU: each scheme's default path vs the dense nn.Linear
   sparsekit bench --cpu-speed --help               its options (schemes, shapes, M, output directory)
+  sparsekit bench --algorithms [--small]           CPU: SparseGPT / GPTQ / AWQ / Hessian vs the original loops
 """
 
 
@@ -127,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-speed", action="store_true",
                    help="time each scheme's default CPU path against the dense nn.Linear it replaced (ratio per "
                         "scheme, shape and M; bench/cpu_speed.py, `--cpu-speed --help` for its options)")
+    p.add_argument("--algorithms", action="store_true",
+                   help="time SparseGPT, GPTQ, AWQ and the Hessian against the original algorithms' loop structure "
+                        "(bench/algorithms.py, `--algorithms --help` for its options, --small for a quick check)")
     q = p.add_mutually_exclusive_group()
     q.add_argument("--quality", action="store_true",
                    help="after the op benchmarks, also compute and print the real-model compression quality "
@@ -271,6 +275,12 @@ def _run_gpu(args, mods) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--algorithms" in argv:
+        # its own runner and options (bench/algorithms.py)
+        from .algorithms import main as algorithms_main
+
+        argv.remove("--algorithms")
+        return algorithms_main(argv)
     if "--cpu-speed" in argv:
         # its own runner and options (bench/cpu_speed.py)
         from .cpu_speed import main as cpu_speed_main

@@ -217,6 +217,22 @@ def _check_max_rows(max_rows) -> None:
         raise ValueError(f"max_rows must be None or a positive int, got {max_rows!r}")
 
 
+#: dtype of each batch's ``X^T X`` product (the sum over batches is float64 either way; float64 inputs
+#: always multiply in float64).  float32 (default) is about twice as fast on CPU; against a float64
+#: product the accumulated ``X^T X`` differs by a relative Frobenius norm of order ``1e-7 sqrt(rows per
+#: batch)`` (tested: < 1e-5 for 2048-row batches).  :func:`set_xtx_dtype` selects float64.
+XTX_DTYPE = torch.float32
+
+
+def set_xtx_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Set the per-batch ``X^T X`` product dtype (``torch.float32`` or ``torch.float64``); returns the old one."""
+    global XTX_DTYPE
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+    old, XTX_DTYPE = XTX_DTYPE, dtype
+    return old
+
+
 def zero_stats(module: nn.Linear, stats: Sequence[str]) -> dict:
     """Raw statistics of a layer that saw no rows (``n = 0``, zero sums), as :func:`accumulate_inputs` lays them out."""
     k, wd = module.in_features, module.weight.device
@@ -261,6 +277,7 @@ class InputAccumulator:
         max_rows = self.max_rows[name]
         calls = self.calls
         stop_after = self.stop_after
+        buf = {}                            # the float32 (K, K) product, reused across batches
 
         def hook(mod, inputs):
             calls[name] += 1
@@ -272,9 +289,17 @@ class InputAccumulator:
                 x = x.reshape(-1, x.shape[-1])
                 if max_rows is not None:
                     x = x[: max_rows - a["n"]]
-                x = x.to(device=wd, dtype=torch.float64)
                 if "xtx" in a:
-                    a["xtx"].addmm_(x.t(), x)
+                    if x.dtype == torch.float64 or XTX_DTYPE == torch.float64:
+                        x = x.to(device=wd, dtype=torch.float64)
+                        a["xtx"].addmm_(x.t(), x)
+                    else:
+                        x32 = x.to(device=wd, dtype=torch.float32)
+                        if "p" not in buf:
+                            buf["p"] = torch.empty(k, k, dtype=torch.float32, device=wd)
+                        torch.mm(x32.t(), x32, out=buf["p"])
+                        a["xtx"].add_(buf["p"])
+                x = x.to(device=wd, dtype=torch.float64)
                 if "sumsq" in a:
                     a["sumsq"] += x.pow(2).sum(0)
                 if "sumabs" in a:

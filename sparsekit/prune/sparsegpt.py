@@ -41,8 +41,15 @@ __all__ = ["sparsegpt_prune", "inverse_hessian_factor"]
 
 
 def inverse_hessian_factor(H: torch.Tensor, damp: float = 0.01) -> tuple:
-    """``(U, dead)``: the upper Cholesky factor of ``(H + damp*mean(diag H)*I)^-1`` (float64)
-    and the bool mask of dead inputs (``H_jj == 0``, set to 1 on the diagonal first)."""
+    """``(U, dead)``: the upper Cholesky factor of ``(H + damp*mean(diag H)*I)^-1`` (float64, row-major
+    contiguous) and the bool mask of dead inputs (``H_jj == 0``, set to 1 on the diagonal first).
+
+    ``U = J inv(chol(J H J)) J`` (``J`` the reversal permutation): one Cholesky and one triangular
+    inverse instead of a Cholesky, an inverse from it and a second Cholesky (the factor is unique,
+    so the result is the same up to rounding; see :func:`sparsekit.quant.gptq_inverse_factor`).
+    """
+    from ..quant.gptq import _tri_inv_lower
+
     H = H.detach().to(torch.float64).clone()
     diag = torch.diagonal(H)
     dead = diag == 0
@@ -50,13 +57,12 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float = 0.01) -> tuple:
     H[dead, dead] = 1.0
     lam = damp * (mean if mean > 0 else 1.0)
     H += lam * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    L, info = torch.linalg.cholesky_ex(H)
+    L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
     if int(info) != 0:
         raise ValueError(f"the Hessian is not positive definite after dampening (damp={damp}); "
                          f"pass a larger damp or more calibration data")
-    Hinv = torch.cholesky_inverse(L)
-    U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-    if int(info) != 0:
+    U = _tri_inv_lower(L).flip(0, 1).contiguous()
+    if not (bool(torch.isfinite(U).all()) and bool((torch.diagonal(U) > 0).all())):
         raise ValueError(f"the inverse Hessian is numerically not positive definite (damp={damp}); "
                          f"pass a larger damp")
     return U, dead
@@ -112,57 +118,60 @@ def sparsegpt_prune(weight: torch.Tensor, H: torch.Tensor, pattern: str = "2:4",
 
     cdt = torch.float64 if weight.dtype == torch.float64 else torch.float32
     dev = weight.device
-    W = weight.detach().to(cdt).clone()
     U64, dead = inverse_hessian_factor(H.to(dev), float(damp))
-    # row-major: the column loop reads rows of U (the Cholesky routine returns column-major storage)
     U = U64.to(cdt).contiguous()
-    W[:, dead] = 0
-    mask = torch.ones(n, k, dtype=torch.bool, device=dev)
+    # work on W^T (K, N): column j of W is the contiguous row j, so the per-column steps touch
+    # contiguous memory and the in-block update is one rank-1 BLAS call (addr_)
+    WT = weight.detach().to(cdt).t().contiguous()
+    WT[dead] = 0
+    maskT = torch.ones(k, n, dtype=torch.bool, device=dev)
     total = pruned_per_row(k, s)
+    udiag = torch.diagonal(U)
 
     for a in range(0, k, block_size):
         b = min(k, a + block_size)
-        W1 = W[:, a:b].clone()
+        W1 = WT[a:b]                                    # a view: these rows are final after this block
         U1 = U[a:b, a:b]
-        d = torch.diagonal(U1)
-        Err1 = torch.zeros_like(W1)
-        M1 = torch.ones_like(W1, dtype=torch.bool)
+        d = udiag[a:b]
+        dl = d.tolist()
+        E1 = torch.empty(b - a, n, dtype=cdt, device=dev)
+        M1 = torch.ones(b - a, n, dtype=torch.bool, device=dev)
         if pattern == "unstructured" and total > 0:
-            # each row still owes ``total - pruned so far``; rank every remaining
-            # column (current weights, current diagonal) and prune this block's share
-            sal = W[:, a:].pow(2) / torch.diagonal(U)[a:].pow(2).unsqueeze(0)
             if selection == "row":
-                owed = total - (~mask[:, :a]).sum(1, keepdim=True)
+                # each row still owes ``total - pruned so far``; rank every remaining
+                # column (current weights, current diagonal) and prune this block's share
+                sal = (WT[a:].pow(2) / udiag[a:].pow(2).unsqueeze(1)).t()          # (N, K - a)
+                owed = total - (~maskT[:a]).sum(0).unsqueeze(1)
                 # the rank of each column within its row (one sort; ties: the lower index ranks lower)
                 order = torch.sort(sal, dim=1, stable=True).indices
                 rank = torch.empty_like(order)
                 rank.scatter_(1, order, torch.arange(order.shape[1], device=dev).expand_as(order))
-                M1 = rank[:, :b - a] >= owed
+                M1 = (rank[:, :b - a] >= owed).t().contiguous()
             else:
                 # the original's rule: one threshold over the whole block (every row), per-row counts vary
-                blk = sal[:, :b - a]
+                blk = W1.pow(2) / d.pow(2).unsqueeze(1)
                 cnt = int(blk.numel() * s)
-                M1 = torch.ones_like(blk, dtype=torch.bool)
                 if cnt > 0:
                     thr = torch.sort(blk.flatten()).values[cnt - 1]
                     M1 = blk > thr
         for jj in range(b - a):
             if pattern == "2:4" and jj % 4 == 0:
                 g = min(4, b - a - jj)
-                sal = W1[:, jj:jj + g].pow(2) / d[jj:jj + g].pow(2).unsqueeze(0)
-                M1[:, jj:jj + g] = mask_2to4(W1[:, jj:jj + g], sal)
-            w = W1[:, jj]
-            q = torch.where(M1[:, jj], w, torch.zeros_like(w))
-            err = (w - q) / d[jj]
-            W1[:, jj:] -= err.unsqueeze(1) * U1[jj, jj:].unsqueeze(0)
-            W1[:, jj] = q
-            Err1[:, jj] = err
-        W[:, a:b] = W1
-        mask[:, a:b] = M1
+                wg = W1[jj:jj + g].t()
+                sal = wg.pow(2) / d[jj:jj + g].pow(2).unsqueeze(0)
+                M1[jj:jj + g] = mask_2to4(wg, sal).t()
+            w = W1[jj]
+            err = E1[jj]
+            torch.mul(w, ~M1[jj], out=err)              # w - q: the pruned weights
+            err.div_(dl[jj])
+            if jj + 1 < b - a:
+                W1[jj + 1:].addr_(U1[jj, jj + 1:], err, alpha=-1)
+            w.mul_(M1[jj])
+        maskT[a:b] = M1
         if b < k:
-            W[:, b:] -= Err1 @ U[a:b, b:]
-    W = torch.where(mask, W, torch.zeros_like(W))
-    return W.to(weight.dtype), mask
+            WT[b:].addmm_(U[a:b, b:].t(), E1, alpha=-1)
+    WT.mul_(maskT)
+    return WT.t().to(weight.dtype).contiguous(), maskT.t().contiguous()
 
 
 def _drop_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:

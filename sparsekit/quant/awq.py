@@ -25,7 +25,7 @@ from typing import Mapping, Union
 
 import torch
 
-from .rtn import QuantResult, _check_weight, check_quant_args, rtn_quantize
+from .rtn import QuantResult, _check_weight, check_quant_args, grid_params, quantize_codes, rtn_quantize
 
 __all__ = ["awq_search", "awq_effective_weight"]
 
@@ -35,16 +35,24 @@ def awq_effective_weight(res: QuantResult) -> torch.Tensor:
     return res.effective_weight()
 
 
-def _stats(x_stats_or_inputs, k: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mean|x_j| (K,), G = X^T X (K, K))`` in float64 (G up to a positive factor)."""
+def _stats(x_stats_or_inputs, k: int, dev, forward_dtype=None) -> tuple:
+    """``(mean|x_j| (K,) float64, G = X^T X (K, K) float64 (up to a positive factor), X or None)``.
+
+    With raw inputs of fewer rows than ``K`` and a ``forward_dtype``, ``G`` is None and the rows
+    ``X`` come back in that dtype: the error is then evaluated by a forward (``n K N`` multiply-adds
+    per grid point instead of ``N K^2``)."""
     if isinstance(x_stats_or_inputs, torch.Tensor):
         x = x_stats_or_inputs
         if x.dim() < 2 or x.shape[-1] != k:
             raise ValueError(f"calibration inputs must be (..., K={k}), got shape {tuple(x.shape)}")
-        x = x.detach().reshape(-1, k).to(dev, torch.float64)
+        x = x.detach().reshape(-1, k)
         if x.shape[0] == 0:
             raise ValueError("calibration inputs hold no rows")
-        return x.abs().mean(0), x.T @ x
+        mean_abs = x.to(dev, torch.float64).abs().mean(0)
+        if forward_dtype is not None and x.shape[0] < k:
+            return mean_abs, None, x.to(dev, forward_dtype)
+        x = x.to(dev, torch.float64)
+        return mean_abs, x.T @ x, None
     if isinstance(x_stats_or_inputs, Mapping):
         try:
             mean_abs, H = x_stats_or_inputs["mean_abs"], x_stats_or_inputs["H"]
@@ -56,7 +64,7 @@ def _stats(x_stats_or_inputs, k: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
         if mean_abs.shape != (k,) or H.shape != (k, k):
             raise ValueError(f"stats shapes must be mean_abs ({k},) and H ({k}, {k}), got "
                              f"{tuple(mean_abs.shape)} and {tuple(H.shape)}")
-        return mean_abs, H
+        return mean_abs, H, None
     raise TypeError("x_stats_or_inputs must be a tensor of calibration inputs (..., K) or a dict with "
                     f"'mean_abs' and 'H', got {type(x_stats_or_inputs).__name__}")
 
@@ -70,7 +78,10 @@ def awq_search(w: torch.Tensor, x_stats_or_inputs: Union[torch.Tensor, Mapping],
     stats dict with ``"mean_abs"`` ``(K,)`` and ``"H"`` ``(K, K)`` (any
     positive multiple of ``X^T X``, e.g. one entry of
     :func:`~sparsekit.quant.collect_linear_inputs`); the output error
-    ``||X D^T||^2 = trace(D X^T X D^T)`` is evaluated from ``X^T X``.
+    ``||X D^T||^2 = trace(D X^T X D^T)`` is evaluated from ``X^T X``, or, for
+    raw inputs with fewer rows than ``K``, as ``||X D^T||^2`` by a forward in
+    the weight's compute dtype (float32, or float64 for a float64 weight;
+    the sum of squares in float64), which is cheaper.
     ``grid``: ``alpha`` takes the ``grid + 1`` values ``0, 1/grid, ..., 1``.
 
     Returns ``(s, result)``: ``s`` float32 ``(K,)``; ``result`` the
@@ -84,9 +95,18 @@ def awq_search(w: torch.Tensor, x_stats_or_inputs: Union[torch.Tensor, Mapping],
     if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
         raise ValueError(f"grid must be a positive int, got {grid!r}")
     dev = w.device
-    mean_abs, G = _stats(x_stats_or_inputs, k, dev)
-    W64 = w.detach().to(torch.float64)
-    ref = float(torch.einsum("nk,kl,nl->", W64, G, W64).clamp_min(0.0))
+    cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
+    mean_abs, G, X = _stats(x_stats_or_inputs, k, dev, forward_dtype=cdt)
+    # the difference W - W_eff: float64 for the X^T X form, the compute dtype for the forward
+    edt = torch.float64 if X is None else cdt
+    We = w.detach().to(edt)
+
+    def sq_err(D):
+        if X is not None:
+            return float((X @ D.t()).pow(2).sum(dtype=torch.float64))
+        return float(torch.einsum("nk,kl,nl->", D, G, D).clamp_min(0.0))
+
+    ref = sq_err(We)
     ref = ref if ref > 0 else 1.0
 
     # channels that never fired would get s -> 0; floor them at a small fraction of the largest
@@ -97,20 +117,26 @@ def awq_search(w: torch.Tensor, x_stats_or_inputs: Union[torch.Tensor, Mapping],
     alphas = [i / grid for i in range(grid + 1)]
     errors = []
     best = None
+    gs = check_quant_args(k, group_size, bits)
+    W64 = w.detach().to(torch.float64)
     for a in alphas:
         s = m.pow(a)
         s = s / torch.sqrt(s.max() * s.min())
         s32 = s.to(torch.float32)
-        res = rtn_quantize((W64 * s32.to(torch.float64)).to(w.dtype if w.dtype == torch.float64 else torch.float32),
-                           group_size, symmetric, bits)
-        res.input_scale = s32
-        D = W64 - res.effective_weight().to(torch.float64)
-        err = float(torch.einsum("nk,kl,nl->", D, G, D).clamp_min(0.0))
+        ws = (W64 * s32.to(torch.float64)).float()
+        # rtn_quantize(ws).effective_weight(), without forming the codes' result object per grid point
+        wg = ws.reshape(n, k // gs, gs)
+        sc, z = grid_params(wg, symmetric, bits)
+        q = quantize_codes(wg, sc.unsqueeze(-1), z.unsqueeze(-1), bits)
+        eff = ((q - z.unsqueeze(-1)) * sc.unsqueeze(-1)).reshape(n, k) / s32
+        err = sq_err(We - eff.to(edt))
         rel = (err / ref) ** 0.5
         errors.append(rel)
         if best is None or rel < best[0]:
-            best = (rel, a, s32, res)
-    _, alpha, s, res = best
+            best = (rel, a, s32, ws)
+    _, alpha, s, ws = best
+    res = rtn_quantize(ws, group_size, symmetric, bits)
+    res.input_scale = s
     if return_info:
         return s, res, {"alphas": alphas, "errors": errors, "alpha": alpha}
     return s, res

@@ -75,7 +75,8 @@ def quantize_model_weights(model: nn.Module, calib_loader: Optional[Iterable], m
                            layers: Union[Mapping[str, nn.Linear], list, None] = None,
                            max_rows: Optional[int] = None, progress: bool = True,
                            damp: float = 0.01, block_size: int = 128, act_order: bool = False,
-                           grid: int = 20, process_group=None) -> dict:
+                           grid: int = 20, published: bool = True, fold: bool = True,
+                           auto_clip: bool = True, report: Optional[dict] = None, process_group=None) -> dict:
     """Quantize a model's linear weights in place (fake-quantized) and return ``{name: QuantResult}``.
 
     ``method``: ``"rtn"`` (no calibration; ``calib_loader`` may be None),
@@ -84,6 +85,18 @@ def quantize_model_weights(model: nn.Module, calib_loader: Optional[Iterable], m
     :func:`~sparsekit.quant.awq_search`; results carry ``input_scale``).
     ``layers``: as in :func:`collect_linear_inputs` (default every
     ``nn.Linear``).
+
+    AWQ: ``published=True`` (default) runs AWQ as published,
+    :func:`~sparsekit.quant.awq_quantize_model_`: sibling layers share one
+    scale searched on their module's output, ``fold`` folds it into the
+    producing norm / linear where the adapter table allows (those producers'
+    weights change, the float function does not; the other layers keep a
+    run-time ``input_scale``), ``auto_clip`` searches clipping ranges;
+    statistics come from the float model (not sequential), ``max_rows`` caps
+    the rows cached per group and ``report`` (a dict) receives the groups and
+    the layers that kept an ``input_scale``.  ``published=False``: one scale
+    per layer, searched on the layer's own output from ``X^T X``, sequential as
+    below (``fold`` / ``auto_clip`` do not apply).
 
     Sequential (:func:`sparsekit.calibration.sequential`): the layers are
     visited in forward order (found with the first calibration batch); for
@@ -109,6 +122,18 @@ def quantize_model_weights(model: nn.Module, calib_loader: Optional[Iterable], m
     if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
         raise ValueError(f"max_rows must be None or a positive int, got {max_rows!r}")
 
+    if method == "awq" and published:
+        if calib_loader is None:
+            raise ValueError(f"method {method!r} needs a calib_loader")
+        if process_group is not None:
+            raise ValueError("AWQ as published (published=True) searches on each module's cached inputs in one "
+                             "process; distributed calibration supports the per-layer AWQ search "
+                             "(published=False), GPTQ and RTN")
+        from .awq_model import awq_quantize_model_
+
+        return awq_quantize_model_(model, calib_loader, group_size, symmetric, bits, layers=layers, grid=grid,
+                                   fold=fold, auto_clip=auto_clip, max_rows=max_rows, progress=progress,
+                                   report=report)
     results = {}
 
     def process(nme, mod, acc):
