@@ -330,3 +330,19 @@ def test_interpret_kernel_through_the_integration():
         finally:
             h.remove()
     assert _rel(outs["interpret"], outs["reference"]) < 1e-5
+
+
+@pytest.mark.slow
+def test_torch_compile_of_a_patched_transformer():
+    # ~65 s on 2 CPU cores (inductor); graph breaks allowed (the step hook, the per-layer draft masks)
+    m, inputs, _ = _case("cogvideox")
+    kw = inputs(0)
+    h = skd.apply_draft_attention(m, sparsity=0.5, pool=(2, 2), backend="reference")
+    try:
+        eager = _out(m, kw)
+        n = h.state.sparse_calls
+        compiled = _out(torch.compile(m), kw)
+        assert h.state.sparse_calls > n
+    finally:
+        h.remove()
+    assert _rel(compiled, eager) < 1e-5

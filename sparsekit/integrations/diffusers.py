@@ -29,7 +29,9 @@ How it works:
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
+import sys
 import types
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence, Union
@@ -236,11 +238,24 @@ def _make_pre_hook(state: _State, family: _Family):
 
 
 # =========================================================================== processors
+_COUNTER = itertools.count()
+
+
 def _native_call_with(native_call, replace: dict):
-    g = dict(native_call.__globals__)
+    """The native ``__call__`` code with some global names rebound.  Its globals are the ``__dict__`` of a
+    module registered in ``sys.modules`` (torch.compile installs compiled code into the module named by a
+    frame's ``__name__``); ``__package__`` stays the native one for the function's relative imports."""
+    name = f"{__name__}._patched_{next(_COUNTER)}"
+    mod = types.ModuleType(name)
+    g = mod.__dict__
+    g.update(native_call.__globals__)
     g.update(replace)
-    fn = types.FunctionType(native_call.__code__, g, native_call.__name__, native_call.__defaults__,
-                            native_call.__closure__)
+    g["__name__"] = name
+    sys.modules[name] = mod
+    # a code object of its own: torch.compile caches compiled frames per code object, and a frame compiled
+    # with one globals dict must not be reused with another
+    code = native_call.__code__.replace()
+    fn = types.FunctionType(code, g, native_call.__name__, native_call.__defaults__, native_call.__closure__)
     fn.__kwdefaults__ = native_call.__kwdefaults__
     return fn
 
@@ -405,7 +420,11 @@ class DraftHandle:
 
     def remove(self) -> None:
         for m, p in self.originals:
+            patched = m.processor
             _set_processor(m, p)
+            fn = getattr(patched, "_draft_call", None)
+            if fn is not None:
+                sys.modules.pop(fn.__globals__["__name__"], None)
         for h in self.hooks:
             h.remove()
         for t in self.transformers:
