@@ -346,3 +346,58 @@ def test_torch_compile_of_a_patched_transformer():
     finally:
         h.remove()
     assert _rel(compiled, eager) < 1e-5
+
+
+def test_cogvideox15_temporal_patch():
+    # CogVideoX 1.5: patch_size_t=2 halves the latent frames of the token grid
+    torch.manual_seed(0)
+    m = diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=16, num_layers=1, sample_width=8, sample_height=8, sample_frames=13, patch_size=2,
+        patch_size_t=2, temporal_compression_ratio=4, max_text_seq_length=6,
+        use_rotary_positional_embeddings=True).eval()
+    kw = dict(hidden_states=_smooth((B, 4, 4, 8, 8), 0, 1), timestep=torch.full((B,), 500.0),
+              encoder_hidden_states=_text(6, 16, 0), return_dict=False)
+    native = _out(m, kw)
+    pipe = types.SimpleNamespace(transformer=m, vae_scale_factor_spatial=8, vae_scale_factor_temporal=4)
+    assert skd.latent_grid(pipe, height=64, width=64, num_frames=13) == (2, 4, 4)
+    h = skd.apply_draft_attention(m, sparsity=0.0, pool=(2, 2))
+    assert _rel(_out(m, kw), native) < 1e-5 and h.state.grid == (2, 4, 4)
+    h.remove()
+    h = skd.apply_draft_attention(m, sparsity=0.5, pool=(2, 2), backend="reference")
+    try:
+        out = _out(m, kw)
+        assert h.state.sparse_calls == 1 and 1e-4 < _rel(out, native) < 0.5
+    finally:
+        h.remove()
+
+
+def test_wan_pipeline_end_to_end():
+    # a tiny WanPipeline assembled offline (random tiny VAE and transformer, prompt embeddings given): 3 steps of
+    # classifier-free guidance as two transformer calls each; the first step dense, the others sparse
+    m, _, grid = _case("wan")
+    vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
+    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=m,
+                                 scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe.set_progress_bar_config(disable=True)
+    emb, neg = _text(6, 16, 0)[:1], _text(6, 16, 1)[:1]
+
+    def run():
+        return pipe(prompt_embeds=emb, negative_prompt_embeds=neg, height=64, width=64, num_frames=5,
+                    num_inference_steps=3, guidance_scale=2.0, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).frames.double()
+
+    native = run()
+    h = skd.apply_draft_attention(pipe, height=64, width=64, num_frames=5, sparsity=0.5, pool=(2, 2),
+                                  dense_steps=1, backend="reference")
+    try:
+        out = run()
+        assert h.expected_grid == h.state.grid == grid
+        n = len(h.originals)
+        assert h.state.calls == 6 and h.schedule.step == 2
+        assert h.state.dense_calls == 2 * n and h.state.sparse_calls == 4 * n
+        assert 1e-4 < _rel(out, native) < 0.2
+    finally:
+        skd.remove_draft_attention(pipe)
+    assert torch.equal(run(), native)
