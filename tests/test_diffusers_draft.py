@@ -330,6 +330,17 @@ def test_interpret_kernel_through_the_integration():
         finally:
             h.remove()
     assert _rel(outs["interpret"], outs["reference"]) < 1e-5
+    # and HunyuanVideo's padded-text path (per batch element, gathered valid tokens) on the kernel
+    m, inputs, _ = _case("hunyuan")
+    kw = inputs(0, valid=(6, 3))
+    for backend in ("reference", "interpret"):
+        h = skd.apply_draft_attention(m, sparsity=0.5, pool=(4, 4), backend=backend)
+        try:
+            outs[backend] = _out(m, kw)
+            assert h.state.sparse_calls == B * len(h.originals) and h.state.dense_calls == 0
+        finally:
+            h.remove()
+    assert _rel(outs["interpret"], outs["reference"]) < 1e-5
 
 
 @pytest.mark.slow
