@@ -54,6 +54,22 @@ def _wan():
     return m, inputs, (2, 4, 4)
 
 
+def _wan_like(cls, **extra):
+    def build():
+        m = getattr(diffusers, cls)(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+                                    in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
+                                    num_layers=2, rope_max_seq_len=32, **extra)
+
+        def inputs(seed, t=500.0):
+            kw = dict(hidden_states=_smooth((B, 4, 2, 8, 8), seed, 2), timestep=torch.full((B,), t),
+                      encoder_hidden_states=_text(6, 16, seed), return_dict=False)
+            if "vace_layers" in extra:
+                kw["control_hidden_states"] = _smooth((B, 4, 2, 8, 8), seed + 3, 2)
+            return kw
+        return m, inputs, (2, 4, 4)
+    return build
+
+
 def _hunyuan():
     m = diffusers.HunyuanVideoTransformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
@@ -139,7 +155,9 @@ def _allegro():
     return m, inputs, (2, 4, 4)
 
 
-CASES = {"wan": _wan, "hunyuan": _hunyuan, "cogvideox": _cogvideox, "ltx": _ltx, "mochi": _mochi,
+CASES = {"wan": _wan, "skyreels_v2": _wan_like("SkyReelsV2Transformer3DModel"),
+         "wan_vace": _wan_like("WanVACETransformer3DModel", vace_layers=[0], vace_in_channels=4),
+         "chronoedit": _wan_like("ChronoEditTransformer3DModel"), "hunyuan": _hunyuan, "cogvideox": _cogvideox, "ltx": _ltx, "mochi": _mochi,
          "latte": _latte, "allegro": _allegro}
 _BUILT = {}
 
@@ -203,7 +221,24 @@ def _random_like(gen):
     return fn
 
 
-@pytest.mark.parametrize("name", list(CASES))
+WAN_DERIVED = ("skyreels_v2", "wan_vace", "chronoedit")     # Wan's processor code: one sparse run each
+
+
+@pytest.mark.parametrize("name", WAN_DERIVED)
+def test_wan_derived_run_sparse(name):
+    m, inputs, grid = _case(name)
+    kw = inputs(0)
+    dense = _out(m, kw)
+    h = skd.apply_draft_attention(m, sparsity=0.5, pool=(2, 2), backend="reference")
+    try:
+        out = _out(m, kw)
+        assert h.state.grid == grid and h.state.sparse_calls == len(h.originals) and h.state.dense_calls == 0
+    finally:
+        h.remove()
+    assert 1e-4 < _rel(out, dense) < 0.5
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n not in WAN_DERIVED])
 def test_sparse_beats_random_mask_of_same_density(name, monkeypatch):
     m, inputs, grid = _case(name)
     errs, rand = [], []
@@ -412,3 +447,15 @@ def test_wan_pipeline_end_to_end():
     finally:
         skd.remove_draft_attention(pipe)
     assert torch.equal(run(), native)
+
+
+def test_skyreels_block_causal_mask_raises():
+    # num_frame_per_block > 1 makes SkyReels-V2 pass a block-causal mask to its self-attention: not supported
+    torch.manual_seed(0)
+    m, inputs, _ = _wan_like("SkyReelsV2Transformer3DModel", num_frame_per_block=2)()
+    h = skd.apply_draft_attention(m.eval(), sparsity=0.5, pool=(2, 2), backend="reference")
+    try:
+        with pytest.raises(ValueError, match="SkyReels-V2: an attention_mask"):
+            _out(m, inputs(0))
+    finally:
+        h.remove()

@@ -65,6 +65,15 @@ FAMILIES = {
     "WanTransformer3DModel": _Family(
         "Wan 2.x", ("blocks.*.attn1",), ("WanAttnProcessor", "WanAttnProcessor2_0"), "dispatch", None, "bcfhw",
         notes="self-attention attn1; cross-attention attn2 (text and I2V image context) stays dense"),
+    "SkyReelsV2Transformer3DModel": _Family(
+        "SkyReels-V2", ("blocks.*.attn1",), ("SkyReelsV2AttnProcessor", "SkyReelsV2AttnProcessor2_0"), "dispatch",
+        None, "bcfhw", notes="Wan-derived; diffusion forcing's causal self-attention mask raises"),
+    "WanVACETransformer3DModel": _Family(
+        "Wan VACE", ("blocks.*.attn1", "vace_blocks.*.attn1"), ("WanAttnProcessor", "WanAttnProcessor2_0"),
+        "dispatch", None, "bcfhw", notes="the main and the VACE control blocks' self-attention"),
+    "ChronoEditTransformer3DModel": _Family(
+        "ChronoEdit", ("blocks.*.attn1",), ("WanAttnProcessor", "WanAttnProcessor2_0"), "dispatch", None, "bcfhw",
+        notes="Wan-derived"),
     "HunyuanVideoTransformer3DModel": _Family(
         "HunyuanVideo", ("transformer_blocks.*.attn", "single_transformer_blocks.*.attn"),
         ("HunyuanVideoAttnProcessor2_0",), "dispatch", "trailing", "bcfhw", "key_padding",
@@ -90,12 +99,8 @@ FAMILIES = {
 # every other transformer class of diffusers.models.transformers that has a video (frames) axis, and why it
 # is not adapted; image/audio/other transformers are not video models (their attention has no frames axis).
 UNSUPPORTED = {
-    "SkyReelsV2Transformer3DModel": "Wan-derived, but its processor and causal/diffusion-forcing block masks are "
-                                    "not adapted or tested",
-    "WanVACETransformer3DModel": "its VACE control blocks are not adapted or tested",
     "WanAnimateTransformer3DModel": "its face/motion adapter attention is not adapted or tested",
     "WanAnimate2Transformer3DModel": "its face/motion adapter attention is not adapted or tested",
-    "ChronoEditTransformer3DModel": "not adapted or tested (temporal-reasoning frames)",
     "HunyuanVideo15Transformer3DModel": "its processor and mask convention are not adapted or tested",
     "HunyuanVideoFramepackTransformer3DModel": "its packed history latents (several resolutions in one "
                                                 "sequence) do not form one frames x height x width grid",
