@@ -2,7 +2,6 @@
 of every supported family, fp32 on CPU, offline."""
 import importlib
 import math
-import time
 import types
 
 import pytest
@@ -19,13 +18,12 @@ B = 2
 
 def _smooth(shape, seed, frame_dim):
     """A smooth random latent video (low-frequency noise upsampled): neighbouring tokens are alike, as in real
-    latents, so attention is local and the draft has structure to find."""
+    latents, so attention is local and the draft has structure to find.  ``frame_dim`` 2: (B, C, F, H, W);
+    1: (B, F, C, H, W) (CogVideoX)."""
     g = torch.Generator().manual_seed(seed)
-    *lead, f, h, w = shape if frame_dim == 2 else (shape[0], shape[2], shape[1], shape[3], shape[4])
-    lo = torch.randn(shape[0] * (shape[1] if frame_dim == 2 else shape[2]), f, max(1, h // 2), max(1, w // 2),
-                     generator=g)
-    x = F.interpolate(lo[:, None], size=(f, h, w), mode="trilinear", align_corners=True)[:, 0]
-    x = x.reshape(shape[0], -1, f, h, w)
+    b, c, f, h, w = shape if frame_dim == 2 else (shape[0], shape[2], shape[1], shape[3], shape[4])
+    lo = torch.randn(b * c, 1, f, max(1, h // 2), max(1, w // 2), generator=g)
+    x = F.interpolate(lo, size=(f, h, w), mode="trilinear", align_corners=True).reshape(b, c, f, h, w)
     return x if frame_dim == 2 else x.transpose(1, 2).contiguous()
 
 
@@ -157,8 +155,8 @@ def _allegro():
 
 CASES = {"wan": _wan, "skyreels_v2": _wan_like("SkyReelsV2Transformer3DModel"),
          "wan_vace": _wan_like("WanVACETransformer3DModel", vace_layers=[0], vace_in_channels=4),
-         "chronoedit": _wan_like("ChronoEditTransformer3DModel"), "hunyuan": _hunyuan, "cogvideox": _cogvideox, "ltx": _ltx, "mochi": _mochi,
-         "latte": _latte, "allegro": _allegro}
+         "chronoedit": _wan_like("ChronoEditTransformer3DModel"), "hunyuan": _hunyuan, "cogvideox": _cogvideox,
+         "ltx": _ltx, "mochi": _mochi, "latte": _latte, "allegro": _allegro}
 _BUILT = {}
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import logging
 import sys
 import types
 from dataclasses import dataclass, field
@@ -44,8 +43,6 @@ from ..ops.draft_attention import MODES, block_sparse_attention, draft_block_mas
 
 __all__ = ["apply_draft_attention", "remove_draft_attention", "latent_grid", "DraftHandle", "FAMILIES",
            "UNSUPPORTED"]
-
-logger = logging.getLogger(__name__)
 
 
 # =========================================================================== families
