@@ -370,6 +370,38 @@ def _ct_scheme_name(group: dict) -> str:
     return name
 
 
+def _hub_format(qc: dict) -> str:
+    """'GPTQ (gptq_v2)' / 'AWQ (gemm)': the method and its packing (sparsekit.interop.gptq reads these)."""
+    if qc.get("quant_method") == "gptq":
+        return f"GPTQ ({qc.get('checkpoint_format', qc.get('format', 'gptq'))})"
+    return f"AWQ ({str(qc.get('version', 'gemm')).lower()})"
+
+
+def _hub_scheme(qc: dict) -> str:
+    bits = qc.get("bits", qc.get("w_bit"))
+    gs = qc.get("group_size", qc.get("q_group_size"))
+    name = f"W{bits}A16" + (f" group {gs}" if gs not in (None, -1) else " per channel")
+    if qc.get("quant_method") == "gptq":
+        name += " symmetric" if qc.get("sym", True) else " asymmetric"
+        if qc.get("desc_act"):
+            name += " desc_act"
+    else:
+        name += " asymmetric" if qc.get("zero_point", True) else " symmetric"
+    return name
+
+
+def _count_qweights(path: str) -> int:
+    """Quantized layers of a GPTQ / AWQ directory: its ``<layer>.qweight`` tensors (read from the headers)."""
+    from safetensors import safe_open
+
+    n = 0
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(path, f), framework="pt") as sf:
+                n += sum(1 for k in sf.keys() if k.endswith(".qweight"))
+    return n
+
+
 def describe_checkpoint(path: str) -> dict:
     """What ``sparsekit info DIR`` prints: format, version, layers per scheme, bytes, stored quality.
     ValueError when ``path`` is not a checkpoint this knows."""
@@ -402,6 +434,9 @@ def describe_checkpoint(path: str) -> dict:
                     counts[name] = counts.get(name, 0) + len(g.get("targets") or [])
                 info.update(format=f"compressed-tensors ({qc.get('format')})", format_version=qc.get("version"),
                             producer=None, layers=counts, dense_linear_layers=len(qc.get("ignore") or []))
+            elif method in ("gptq", "awq"):
+                info.update(format=_hub_format(qc), format_version=None, producer=None,
+                            layers={_hub_scheme(qc): _count_qweights(path)})
             elif method is None:
                 raise ValueError(f"{path!r} holds a dense transformers model (config.json has no "
                                  f"quantization_config), not a compressed checkpoint")
