@@ -392,3 +392,71 @@ def test_tiny_llama_gptq_directory(ar, tmp_path):
 
     info = describe_checkpoint(str(d))
     assert info["format"].startswith("GPTQ") and info["num_layers"] == 14
+
+
+def test_load_awq_directory_modules_to_not_convert(ar, tmp_path):
+    """An AutoAWQ GEMM directory (auto-round's packer): the quantized layer becomes a QLinear, the layer in
+    modules_to_not_convert stays dense, and a dispatch through load_hub_checkpoint gives the same model."""
+    from safetensors.torch import save_file
+
+    def mlp():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(128, 64), nn.GELU(), nn.Linear(64, 16)).half()
+
+    dense = mlp()
+    q, s, z, gi, w, bias = make_layer(64, 128, 64, False, seed=7)
+    lin = nn.Linear(128, 64)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.copy_(bias.float())
+    a = ar["awq"].from_linear(lin, 4, 64, scales=s.t().contiguous(), zeros=z.t().contiguous().float(), device="cpu")
+    sd = {"0.qweight": a.qweight, "0.qzeros": a.qzeros, "0.scales": a.scales, "0.bias": a.bias,
+          "2.weight": dense[2].weight.detach(), "2.bias": dense[2].bias.detach()}
+    qc = {"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True, "version": "GEMM",
+          "modules_to_not_convert": ["2"]}
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": qc}))
+    model = load_hub_checkpoint(tmp_path, mlp())
+    assert isinstance(model[0], QLinear) and type(model[2]) is nn.Linear
+    ref = ar["awq_deq"](a.qweight, a.qzeros, a.scales, 4, 64).t()
+    assert torch.equal(model[0].weight, ref)
+    x = torch.randn(6, 128, generator=torch.Generator().manual_seed(8)).half()
+    ref_model = mlp()
+    with torch.no_grad():
+        ref_model[0].weight.copy_(ref)
+        ref_model[0].bias.copy_(a.bias)
+        assert_close_rel(model(x), ref_model.double()(x.double()), torch.float16)
+        assert torch.equal(load_awq((sd, qc), mlp())(x), model(x))
+    with pytest.raises(ValueError, match="modules_to_not_convert"):
+        load_awq((sd, dict(qc, modules_to_not_convert=["0"])), mlp())
+
+
+def test_meta_skeleton_with_tied_weights():
+    """A checkpoint that omits a tied output weight (as transformers saves them) loads into a meta skeleton:
+    the tie survives materialization."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(16, 64)
+            self.proj = nn.Linear(64, 64)
+            self.head = nn.Linear(64, 16, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(self.proj(self.emb(ids)))
+
+    q, s, z, gi, w, bias = make_layer(64, 64, 32, True)
+    qw, qz = own_pack_gptq(q, z, False)
+    emb = torch.randn(16, 64).half()
+    sd = {"emb.weight": emb, "proj.qweight": qw, "proj.qzeros": qz, "proj.scales": s.t().half().contiguous(),
+          "proj.bias": bias}
+    cfg = {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True, "checkpoint_format": "gptq_v2"}
+    with torch.device("meta"):
+        skel = Tied().half()
+    model = load_gptq((sd, cfg), skel)
+    assert model.head.weight is model.emb.weight and torch.equal(model.emb.weight, emb)
+    assert model.proj.symmetric and model.proj.zeros is None
+    ids = torch.arange(16)
+    with torch.no_grad():
+        ref = (emb.double()[ids] @ w.double().t() + bias.double()) @ emb.double().t()
+        assert_close_rel(model(ids), ref, torch.float16)
