@@ -74,7 +74,8 @@ def ar_gptq(ar, fmt, q, s, z, gi, gs, bias):
     with torch.no_grad():
         lin.bias.copy_(bias.float())
         if trivial:
-            lin.weight.copy_((q - z.repeat_interleave(ql.group_size, 1)).float() * s.repeat_interleave(ql.group_size, 1))
+            gsz = ql.group_size
+            lin.weight.copy_((q - z.repeat_interleave(gsz, 1)).float() * s.repeat_interleave(gsz, 1))
             ql.pack(lin, s, z.float(), None, device="cpu")
         else:
             # codes: scale 1, zero point 0 -> round(q) = q, in the original column order

@@ -220,6 +220,14 @@ def gptq_to_int4(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tens
     return Int4Weight.from_g_idx(q.to(torch.uint8), st, zeros, g_idx, gs, sym, dtype=dt)
 
 
+def _check_awq_version(version) -> None:
+    v = str(version).lower()
+    if v not in AWQ_VERSIONS:
+        kind = "a layout" if v in _AWQ_OTHER else "an unknown version"
+        raise ValueError(f"AWQ version {version!r} is {kind} this loader does not read; only 'gemm' (AutoAWQ's "
+                         f"WQLinear_GEMM packing) is supported")
+
+
 def awq_to_int4(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, *, group_size: int,
                 bits: int = 4, version: str = "gemm", dtype: Optional[torch.dtype] = None) -> Int4Weight:
     """One AutoAWQ GEMM layer as an (asymmetric) :class:`Int4Weight`.
@@ -231,11 +239,7 @@ def awq_to_int4(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tenso
     ``(q - z) * s`` in the scale dtype.
     """
     _check_bits(bits)
-    v = str(version).lower()
-    if v not in AWQ_VERSIONS:
-        kind = "a layout" if v in _AWQ_OTHER else "an unknown version"
-        raise ValueError(f"AWQ version {version!r} is {kind} this loader does not read; only 'gemm' (AutoAWQ's "
-                         f"WQLinear_GEMM packing) is supported")
+    _check_awq_version(version)
     _check_int32(qweight, "qweight")
     _check_int32(qzeros, "qzeros")
     k, n = qweight.shape[0], qweight.shape[1] * 8
@@ -320,10 +324,7 @@ def _gptq_spec(q: dict) -> dict:
 def _awq_spec(q: dict) -> dict:
     bits = q.get("bits", q.get("w_bit", 4))
     _check_bits(bits)
-    version = q.get("version", "gemm")
-    if str(version).lower() not in AWQ_VERSIONS:
-        awq_to_int4(torch.zeros(8, 1, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32),
-                    torch.ones(1, 8, dtype=torch.float16), group_size=-1, version=version)     # raises
+    _check_awq_version(q.get("version", "gemm"))
     gs = q.get("group_size", q.get("q_group_size", 128))
     return {"group_size": int(gs) if gs is not None else -1}
 
