@@ -474,7 +474,9 @@ def _assign(model: nn.Module, q: Mapping) -> dict:
 
 
 # ------------------------------------------------------------------ model level
-def _read_tensors(source) -> tuple:
+def _read_tensors(source, pair: str = "(state_dict, config)") -> tuple:
+    """(state dict, config.json contents) of a checkpoint directory (every ``*.safetensors`` file, each tensor in
+    one file only), or the given ``(state_dict, config)`` pair."""
     from safetensors.torch import load_file
 
     if isinstance(source, (str, os.PathLike)):
@@ -497,8 +499,7 @@ def _read_tensors(source) -> tuple:
         return sd, _read_json(cfg_path)
     if isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], Mapping):
         return dict(source[0]), source[1]
-    raise TypeError("source must be a checkpoint directory or a (state_dict, config) pair, got "
-                    f"{type(source).__name__}")
+    raise TypeError(f"source must be a checkpoint directory or a {pair} pair, got {type(source).__name__}")
 
 
 def _layer_weight(name: str, spec: dict, sd: Mapping, dtype, int8_min: str):

@@ -75,8 +75,6 @@ shapes that disagree with each other or with the skeleton.
 """
 from __future__ import annotations
 
-import glob
-import json
 import os
 from collections.abc import Mapping
 from typing import Optional
@@ -85,6 +83,7 @@ import torch
 from torch import nn
 
 from ..formats.int4 import Int4Weight, SYMMETRIC_ZERO
+from .compressed_tensors import _read_json, _read_tensors
 
 __all__ = ["gptq_to_int4", "awq_to_int4", "load_gptq", "load_awq", "load_hub_checkpoint",
            "GPTQ_FORMATS", "AWQ_VERSIONS", "AWQ_ORDER"]
@@ -261,36 +260,8 @@ def awq_to_int4(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tenso
 
 
 # ------------------------------------------------------------------ configuration
-def _read_json(path: str) -> dict:
-    with open(path, "r", encoding="utf-8") as f:
-        return json.load(f)
-
-
 def _read_source(source) -> tuple:
-    from safetensors.torch import load_file
-
-    if isinstance(source, (str, os.PathLike)):
-        d = os.fspath(source)
-        if not os.path.isdir(d):
-            raise ValueError(f"{d!r} is not a directory")
-        cfg_path = os.path.join(d, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise ValueError(f"{d!r} has no config.json")
-        files = sorted(glob.glob(os.path.join(d, "*.safetensors")))
-        if not files:
-            raise ValueError(f"{d!r} holds no *.safetensors file")
-        sd: dict = {}
-        for f in files:
-            part = load_file(f)
-            dup = set(part) & set(sd)
-            if dup:
-                raise ValueError(f"tensor {sorted(dup)[0]!r} appears in more than one file of {d!r}")
-            sd.update(part)
-        return sd, _read_json(cfg_path)
-    if isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], Mapping):
-        return dict(source[0]), source[1]
-    raise TypeError("source must be a checkpoint directory or a (state_dict, quantization_config) pair, got "
-                    f"{type(source).__name__}")
+    return _read_tensors(source, "(state_dict, quantization_config)")
 
 
 def _quant_config(cfg, method: str) -> dict:
