@@ -26,6 +26,15 @@ SLOW = (
 )
 
 
+def _listed_slow() -> tuple:
+    path = os.path.join(os.path.dirname(__file__), "slow_tests.txt")
+    with open(path, encoding="utf-8") as f:
+        return tuple(line.strip() for line in f if line.strip() and not line.startswith("#"))
+
+
+SLOW = SLOW + _listed_slow()
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.nodeid.startswith(SLOW):
