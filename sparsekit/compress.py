@@ -199,7 +199,7 @@ def compress(model: nn.Module, calib=None, scheme: str = "2:4", method: Optional
              layers=None, overrides=None, progress: bool = False, block_size=None, sparsity: Optional[float] = None,
              group_size: Optional[int] = None, symmetric: Optional[bool] = None, dtype: Optional[torch.dtype] = None,
              speed: str = "auto", inplace: bool = True, blocks="auto", device=None, offload: Optional[bool] = None,
-             activation_budget: Optional[int] = None, process_group=None, **method_options):
+             activation_budget: Optional[int] = None, process_group=None, split_layers=None, **method_options):
     """Compress ``model``'s linear layers; returns ``(model, report)`` (the same object unless ``inplace=False``).
 
     ``scheme``: a registry name (``"2:4"``, ``"2:4+int8"``, ``"block"``, ``"w8a8"``, ``"w4a8"``,
@@ -249,7 +249,10 @@ def compress(model: nn.Module, calib=None, scheme: str = "2:4", method: Optional
     calibration -- every rank calls ``compress`` with the same model and arguments and its own
     share of the calibration batches (at least one); the calibration statistics are summed
     over the group, so every rank builds the model that calibrating on the union gives
-    (:mod:`sparsekit.distributed.calibration`).
+    (:mod:`sparsekit.distributed.calibration`).  ``split_layers``: each rank solves only its share of
+    the layers of every sequential group and the owners broadcast the results
+    (:mod:`sparsekit.distributed.split`; same model); None (default): on with a process group
+    for gptq, awq and sparsegpt.
     """
     from .convert import _check_targets, convert_model
     from .schemes import registry
@@ -295,7 +298,7 @@ def compress(model: nn.Module, calib=None, scheme: str = "2:4", method: Optional
         result = convert_model(model, cfg, calib=calib, select=select, overrides=overrides,
                                calibrated=calib is not None, commit="block", blocks=blocks, device=device,
                                offload=offload, activation_budget=activation_budget, progress=progress,
-                               desc="compress", before_run=before_run)
+                               desc="compress", before_run=before_run, split_layers=split_layers)
     model.eval()
     names = result.names
     primary = [n for n in names if result.schemes[n] == scheme]

@@ -377,7 +377,7 @@ class ConversionResult:
 class _Processor:
     """Calibrates, builds and places the new modules for :func:`sparsekit.calibration.blockwise`."""
 
-    def __init__(self, model: nn.Module, entries: dict, commits: bool):
+    def __init__(self, model: nn.Module, entries: dict, commits: bool, split_group=None):
         self.model = model
         self.entries = entries            # name -> (Target, Scheme, config); popped when done
         self.commits = commits
@@ -385,12 +385,25 @@ class _Processor:
         self.stash: list = []
         self.compressed_bytes = 0
         self.committed = 0
+        self.splitter = None
+        if split_group is not None:
+            from .distributed.split import LayerSplit
+
+            self.splitter = LayerSplit(split_group, self._calibrate, self.results.__setitem__)
+
+    def _calibrate(self, name, module, stats):
+        t, scheme, cfg = self.entries[name]
+        return _named(t, scheme.calibrate, module, stats, cfg)
 
     def process(self, name, module, stats):
-        t, scheme, cfg = self.entries[name]
-        self.results[name] = _named(t, scheme.calibrate, module, stats, cfg)
+        if self.splitter is not None:
+            self.splitter.submit(name, module, stats)       # solved by one rank, broadcast (see flush)
+        else:
+            self.results[name] = self._calibrate(name, module, stats)
 
     def build(self, name, module):
+        if self.splitter is not None:
+            self.splitter.flush()
         t, scheme, cfg = self.entries[name]
         new = _named(t, scheme.build, module, self.results.pop(name), cfg)
         if not isinstance(new, nn.Module):
@@ -447,7 +460,7 @@ def convert_model(model: nn.Module, config, *, calib=None, select: Optional[Call
                   overrides=None, calibrated: bool = False, commit: str = "end", blocks="auto", device=None,
                   offload: Optional[bool] = None, activation_budget: Optional[int] = None, progress: bool = False,
                   desc: str = "convert", what: str = "overrides",
-                  before_run: Optional[Callable[[list], None]] = None) -> ConversionResult:
+                  before_run: Optional[Callable[[list], None]] = None, split_layers=None) -> ConversionResult:
     """Convert the layers of ``model`` that ``select(name, module)`` picks (default: every ``nn.Linear``).
 
     ``config``: the default scheme (a registry name, a scheme config, a classic
@@ -462,6 +475,10 @@ def convert_model(model: nn.Module, config, *, calib=None, select: Optional[Call
     done).  ``blocks``, ``device``, ``offload``, ``activation_budget``,
     ``progress``: see :func:`sparsekit.calibration.blockwise`.  ``before_run(names)``
     is called once every check has passed, before any calibration.
+
+    Inside :func:`sparsekit.distributed.calibration_group` (distributed calibration), ``split_layers``
+    splits the per-layer solves over the group's ranks (:mod:`sparsekit.distributed.split`; None:
+    on for GPTQ, SparseGPT and AWQ, whose solves cost more than the broadcast of their results).
     """
     from .calibration import LayerJob, blockwise, check_blockwise_args
 
@@ -485,12 +502,19 @@ def convert_model(model: nn.Module, config, *, calib=None, select: Optional[Call
     configs = {n: e[2] for n, e in entries.items()}
     jobs = [LayerJob(n, e[0].module, e[2].method_spec.stats, e[2].method_options.get("max_rows"),
                      e[2].method_spec.missing) for n, e in entries.items()]
-    processor = _Processor(model, entries, commit == "block")
+    from .distributed.calibration import current_calibration_group
+    from .distributed.split import split_enabled
+
+    group = current_calibration_group()
+    split = split_enabled(split_layers, group, [e[2].method for e in entries.values()])
+    processor = _Processor(model, entries, commit == "block", group if split else None)
     del entries          # from here on the processor and the jobs hold the only references to the old layers
     try:
         summary = blockwise(model, calib, jobs, processor, blocks=blocks, device=device, offload=offload,
                             activation_budget=activation_budget, progress=progress, desc=desc)
     except BaseException as e:
+        if processor.splitter is not None:
+            processor.splitter.discard()
         if processor.committed and hasattr(e, "add_note"):
             e.add_note(f"{processor.committed} of {len(names)} layers were already compressed in place when "
                        f"this error happened (compress with inplace=False to keep the input model unchanged)")
@@ -733,7 +757,7 @@ def _resolve(config) -> tuple:
 
 
 def _plan(model, config, filter_fn, progress, desc, calib, overrides, blocks, device, offload, activation_budget,
-          kind: Optional[str] = None) -> ConversionPlan:
+          kind: Optional[str] = None, process_group=None, split_layers=None) -> ConversionPlan:
     from .schemes import registry
 
     select, cfg, legacy, cfg_calib = _resolve(config)
@@ -757,26 +781,32 @@ def _plan(model, config, filter_fn, progress, desc, calib, overrides, blocks, de
             what = f"{type(config).__name__}.per_layer"
         overrides = legacy
     sel = select if filter_fn is None else (lambda n, m: select(n, m) and bool(filter_fn(m, n)))
-    result = convert_model(model, cfg, calib=calib, select=sel, overrides=overrides, calibrated=calib is not None,
-                           commit="end", blocks=blocks,
-                           device=device, offload=offload, activation_budget=activation_budget, progress=progress,
-                           desc=desc, what=what)
+    from .distributed.calibration import calibration_group
+
+    with calibration_group(process_group):
+        result = convert_model(model, cfg, calib=calib, select=sel, overrides=overrides,
+                               calibrated=calib is not None, commit="end", blocks=blocks, device=device,
+                               offload=offload, activation_budget=activation_budget, progress=progress, desc=desc,
+                               what=what, split_layers=split_layers)
     return result.plan
 
 
 def plan_conversion(model: nn.Module, config, filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
                     progress: bool = False, desc: Optional[str] = None, *, calib=None, overrides=None,
                     blocks="auto", device=None, offload: Optional[bool] = None,
-                    activation_budget: Optional[int] = None) -> ConversionPlan:
+                    activation_budget: Optional[int] = None, process_group=None,
+                    split_layers=None) -> ConversionPlan:
     """Find the targets of ``config`` (and ``filter_fn(module, name)``), validate every one, calibrate and
-    build every new module.  The model is not changed; ``plan.apply()`` swaps the new modules in."""
+    build every new module.  The model is not changed; ``plan.apply()`` swaps the new modules in.
+    ``process_group`` / ``split_layers``: as in :func:`quantize_`."""
     return _plan(model, config, filter_fn, progress, desc or "convert", calib, overrides, blocks, device, offload,
-                 activation_budget)
+                 activation_budget, process_group=process_group, split_layers=split_layers)
 
 
 def quantize_(model: nn.Module, config="int4", filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
               progress: bool = True, *, calib=None, overrides=None, blocks="auto", device=None,
-              offload: Optional[bool] = None, activation_budget: Optional[int] = None) -> nn.Module:
+              offload: Optional[bool] = None, activation_budget: Optional[int] = None, process_group=None,
+              split_layers=None) -> nn.Module:
     """Replace matching ``nn.Linear`` layers of ``model`` by quantized modules, in place; returns ``model``.
 
     ``config``: ``"int4"`` (RTN, group 128, asymmetric), another quantization
@@ -789,14 +819,25 @@ def quantize_(model: nn.Module, config="int4", filter_fn: Optional[Callable[[nn.
     (:func:`sparsekit.calibration.blockwise`).  All or nothing: every layer is
     validated, calibrated (on scratch copies of the weights) and built before
     any is replaced; on error the model is unchanged.
+
+    ``process_group`` (a ``torch.distributed`` group or 1-D ``DeviceMesh``): distributed
+    calibration -- every rank calls ``quantize_`` with the same model and arguments and its own
+    share of ``calib`` (at least one batch); the input statistics are summed over the group
+    (:mod:`sparsekit.distributed.calibration`), so every rank builds the model that calibrating
+    on the union gives.  ``split_layers``: each rank solves only its share of the layers of
+    every sequential group and the owners broadcast the results (codes, scales, zeros, masks)
+    (:mod:`sparsekit.distributed.split`); None (default): on with a process group for GPTQ /
+    AWQ / SparseGPT.
     """
     return _plan(model, config, filter_fn, progress, "quantize_", calib, overrides, blocks, device, offload,
-                 activation_budget, kind="quantize").apply()
+                 activation_budget, kind="quantize", process_group=process_group,
+                 split_layers=split_layers).apply()
 
 
 def sparsify_(model: nn.Module, config="2:4", filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
               progress: bool = True, *, calib=None, overrides=None, blocks="auto", device=None,
-              offload: Optional[bool] = None, activation_budget: Optional[int] = None) -> nn.Module:
+              offload: Optional[bool] = None, activation_budget: Optional[int] = None, process_group=None,
+              split_layers=None) -> nn.Module:
     """Replace matching layers of ``model`` in place; returns ``model``.
 
     ``config``: ``"2:4"``, ``"block"``, another sparsity scheme's name
@@ -807,7 +848,9 @@ def sparsify_(model: nn.Module, config="2:4", filter_fn: Optional[Callable[[nn.M
     converted; ``overrides`` gives layers other schemes or parameters.  All or
     nothing: every layer is validated and its replacement built before any is
     swapped in; on error the model is unchanged.  A tqdm bar shows progress
-    (``progress=False`` hides it).
+    (``progress=False`` hides it).  ``process_group`` / ``split_layers``: distributed calibration,
+    as in :func:`quantize_`.
     """
     return _plan(model, config, filter_fn, progress, "sparsify_", calib, overrides, blocks, device, offload,
-                 activation_budget, kind="sparsify").apply()
+                 activation_budget, kind="sparsify", process_group=process_group,
+                 split_layers=split_layers).apply()

@@ -310,6 +310,137 @@ def _check_calibration(rank, world):
         _close(got_model(x), ref_model(x), 1e-3, f"compress {scheme} output")
 
 
+def _split_model():
+    """Two chained blocks; in each, three layers read the same input (one sequential group of three, as
+    q/k/v), then an output layer (a group of one): 8 layers, so every rank owns some at world 2 and 4."""
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(64, 96), nn.Linear(64, 96), nn.Linear(64, 96)
+            self.o = nn.Linear(96, 64)
+
+        def forward(self, x):
+            return x + self.o(torch.nn.functional.gelu(self.a(x)) * self.b(x) + self.c(x))
+
+    torch.manual_seed(12)
+    return nn.Sequential(Block(), Block())
+
+
+class _Counting:
+    """Counts the calls of a module-level function while it is patched in."""
+
+    def __init__(self, module, name):
+        self.module, self.name, self.calls = module, name, 0
+        self.orig = getattr(module, name)
+
+    def __enter__(self):
+        def wrapped(*a, **k):
+            self.calls += 1
+            return self.orig(*a, **k)
+        setattr(self.module, self.name, wrapped)
+        return self
+
+    def __exit__(self, *exc):
+        setattr(self.module, self.name, self.orig)
+
+
+def _same_state(a, b, what, exact):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys(), what
+    for key in sa:
+        x, y = sa[key], sb[key]
+        if exact:
+            assert torch.equal(x, y), f"{what} {key}: not bit-identical"
+        elif x.is_floating_point():
+            _close(x, y, 1e-4, f"{what} {key}")
+        else:
+            same = (x == y).float().mean().item()
+            assert same > 0.995, f"{what} {key}: only {same:.4f} of the entries agree"
+
+
+def _check_quantize_prune(rank, world):
+    """quantize_ (int4 GPTQ) and prune_model_ (Wanda, SparseGPT 2:4) with a process group: each rank passes its
+    share of the batches; the result equals one process on the union; with the layers split over the ranks
+    (each rank solves layer i for i % world == rank, the owners broadcast) it is bit for bit the unsplit one."""
+    import copy
+
+    import torch.distributed as dist
+
+    import sparsekit.prune.sequential as seq
+    import sparsekit.quant as quant
+    from sparsekit.convert import quantize_
+    from sparsekit.prune import prune_model_
+    from sparsekit.schemes import Int4Params
+
+    g = dist.group.WORLD
+    torch.manual_seed(13)
+    batches = [torch.randn(2, 5, 64) for _ in range(2 * world + 1)]
+    mine = batches[rank::world]
+    base = _split_model()
+    n_layers = 8
+    own = len(range(rank, n_layers, world))
+    x = batches[0]
+
+    cfg = Int4Params(method="gptq", group_size=32)
+    ref = quantize_(copy.deepcopy(base), cfg, calib=batches, progress=False)
+    _set_backend(ref)
+    with _Counting(quant, "gptq_quantize") as cnt:
+        split = quantize_(copy.deepcopy(base), cfg, calib=mine, progress=False, process_group=g)
+    assert cnt.calls == own, f"quantize_ split: rank {rank} solved {cnt.calls} layers, expected {own}"
+    with _Counting(quant, "gptq_quantize") as cnt:
+        whole = quantize_(copy.deepcopy(base), cfg, calib=mine, progress=False, process_group=g, split_layers=False)
+    assert cnt.calls == n_layers
+    _set_backend(split), _set_backend(whole)
+    _same_state(split, whole, "quantize_ gptq split vs unsplit", exact=True)
+    _same_state(split, ref, "quantize_ gptq distributed vs one process", exact=False)
+    _close(split(x), ref(x), 1e-3, "quantize_ gptq output")
+
+    for method in ("wanda", "sparsegpt"):
+        m_ref = copy.deepcopy(base)
+        masks_ref = prune_model_(m_ref, batches, method=method, progress=False)
+        runs = {}
+        for split_layers in (None, True, False):
+            m = copy.deepcopy(base)
+            with _Counting(seq, "sparsegpt_prune") as cs, _Counting(seq, "wanda_mask") as cw:
+                masks = prune_model_(m, mine, method=method, progress=False, process_group=g,
+                                     split_layers=split_layers)
+            calls = cs.calls + cw.calls
+            splits = split_layers or (split_layers is None and method == "sparsegpt")
+            assert calls == (own if splits else n_layers), (method, split_layers, calls)
+            assert list(masks) == list(masks_ref)
+            runs[split_layers] = (m, masks)
+        for split_layers, (m, masks) in runs.items():
+            _same_state(m, runs[False][0], f"prune_model_ {method} split={split_layers} vs unsplit", exact=True)
+            for n in masks:
+                assert torch.equal(masks[n], runs[False][1][n]), f"{method} {n}: split mask differs"
+        m, masks = runs[None]
+        for n in masks:
+            same = (masks[n] == masks_ref[n]).float().mean().item()
+            assert same > 0.995, f"prune_model_ {method} {n}: only {same:.4f} of the mask agrees with one process"
+        _same_state(m, m_ref, f"prune_model_ {method} distributed vs one process", exact=False)
+        with torch.no_grad():
+            _close(m(x), m_ref(x), 1e-4, f"prune_model_ {method} output")
+    # the methods that cannot be distributed say so
+    from torch import nn
+
+    from sparsekit.quant.calibration import quantize_model_weights
+
+    for call, words in [
+        (lambda: prune_model_(copy.deepcopy(base), mine, method="moe_pruner", process_group=g), ["moe_pruner"]),
+        (lambda: quantize_model_weights(nn.Sequential(nn.Linear(64, 64)), mine, method="awq", group_size=32,
+                                        process_group=g), ["AWQ as published", "published=False"]),
+    ]:
+        try:
+            call()
+        except ValueError as e:
+            for w in words:
+                assert w in str(e), f"{w!r} not in {e}"
+        else:
+            raise AssertionError(f"{words[0]} with a process group must raise")
+
+
 def _check_sp(rank, world):
     from sparsekit.distributed import shard_sequence, sp_draft_attention
     from sparsekit.ops.draft_attention import draft_attention
@@ -455,7 +586,8 @@ def _job(rank, world, port, errfile):
     try:
         import time
 
-        checks = (_check_tp, _check_plan, _check_calibration, _check_sp) + ((_check_bench_cases,) if world == 2 else ())
+        checks = (_check_tp, _check_plan, _check_calibration, _check_quantize_prune, _check_sp)
+        checks += (_check_bench_cases,) if world == 2 else ()
         checks += (_check_fsdp,)
         for check in checks:
             t0 = time.perf_counter()

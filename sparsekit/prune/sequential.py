@@ -68,7 +68,7 @@ def collect_layer_inputs(model: nn.Module, layers, calib_loader: Iterable, progr
 
 def prune_model_(model: nn.Module, calib_loader: Iterable | None = None, method: str = "sparsegpt",
                  pattern: str = "2:4", sparsity: float = 0.5, layers=None, progress: bool = True,
-                 block_size: int = 128, damp: float = 0.01) -> dict:
+                 block_size: int = 128, damp: float = 0.01, process_group=None, split_layers=None) -> dict:
     """Prune the model's ``nn.Linear`` weights in place, layer by layer; returns ``{name: keep-mask}``.
 
     ``method``: ``"magnitude"`` (``|W|``, needs no data), ``"wanda"`` (``|W| * ||X_j||``,
@@ -86,10 +86,30 @@ def prune_model_(model: nn.Module, calib_loader: Iterable | None = None, method:
 
     Pruned weights become exact zeros; each mask can rebuild a compressed
     module, e.g. ``SparseLinear.from_dense(linear, mask=masks[name])`` for 2:4.
+
+    ``process_group`` (a ``torch.distributed`` group or 1-D ``DeviceMesh``): distributed
+    calibration -- every rank calls ``prune_model_`` with the same model and arguments and its
+    own share of the calibration batches (at least one); the input statistics are summed over
+    the group (:mod:`sparsekit.distributed.calibration`), so every rank prunes as one process
+    would on the union of the shares.  ``split_layers``: each rank solves only its share of
+    the layers of every sequential group (layer ``i`` on rank ``i % world``) and the owners
+    broadcast the new weights and masks (:mod:`sparsekit.distributed.split`); the result is the
+    same.  None (default): on with a process group for SparseGPT, off for Wanda (whose mask
+    costs less than its broadcast).  ``"magnitude"`` needs no data and no communication;
+    ``"moe_pruner"`` does not take a process group (``ValueError``).
     """
     if method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}; supported: {METHODS}")
     s = check_pattern(pattern, sparsity)
+    if process_group is not None and method == "moe_pruner":
+        raise ValueError("method 'moe_pruner' does not support distributed calibration (process_group=): its "
+                         "router-weighted expert statistics are gathered in one process; the distributed "
+                         "methods are 'wanda', 'sparsegpt' and 'magnitude'")
+    from ..distributed.calibration import calibration_group
+    from ..distributed.split import LayerSplit, split_enabled
+
+    with calibration_group(process_group) as group:
+        split = split_enabled(split_layers, group, [method])
     if method == "moe_pruner":
         from .moe import prune_moe_
         return prune_moe_(model, calib_loader, sparsity=s, pattern=pattern, dense_layers=layers, progress=progress)
@@ -106,7 +126,7 @@ def prune_model_(model: nn.Module, calib_loader: Iterable | None = None, method:
     calib_loader = reiterable(calib_loader)
     hess = method == "sparsegpt"
 
-    def process(name, lin, acc):
+    def solve(name, lin, acc):
         st = _finish(acc, hess)
         with torch.no_grad():
             if method == "wanda":
@@ -115,8 +135,26 @@ def prune_model_(model: nn.Module, calib_loader: Iterable | None = None, method:
             else:
                 w, m = sparsegpt_prune(lin.weight, st["hessian"], pattern, s, block_size=block_size, damp=damp)
                 lin.weight.copy_(w)
+        return m
+
+    def store(name, m):
         masks[name] = m
 
-    sequential(model, layers, calib_loader, process, stats=("xtx", "sumsq") if hess else ("sumsq",),
-               progress=progress, desc=f"{method} {pattern}", missing="error")
+    splitter = LayerSplit(group, solve, store) if split else None
+
+    def process(name, lin, acc):
+        if splitter is not None:
+            splitter.submit(name, lin, acc)
+        else:
+            store(name, solve(name, lin, acc))
+
+    try:
+        with calibration_group(group):
+            sequential(model, layers, calib_loader, process, stats=("xtx", "sumsq") if hess else ("sumsq",),
+                       progress=progress, desc=f"{method} {pattern}", missing="error")
+            if splitter is not None:
+                splitter.flush()
+    finally:
+        if splitter is not None:
+            splitter.discard()
     return masks
