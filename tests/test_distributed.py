@@ -401,7 +401,8 @@ def _check_quantize_prune(rank, world):
         m_ref = copy.deepcopy(base)
         masks_ref = prune_model_(m_ref, batches, method=method, progress=False)
         runs = {}
-        for split_layers in (None, True, False):
+        # the default (None: unsplit for Wanda, split for SparseGPT) and the other choice
+        for split_layers in (None, method == "wanda"):
             m = copy.deepcopy(base)
             with _Counting(seq, "sparsegpt_prune") as cs, _Counting(seq, "wanda_mask") as cw:
                 masks = prune_model_(m, mine, method=method, progress=False, process_group=g,
@@ -411,11 +412,10 @@ def _check_quantize_prune(rank, world):
             assert calls == (own if splits else n_layers), (method, split_layers, calls)
             assert list(masks) == list(masks_ref)
             runs[split_layers] = (m, masks)
-        for split_layers, (m, masks) in runs.items():
-            _same_state(m, runs[False][0], f"prune_model_ {method} split={split_layers} vs unsplit", exact=True)
-            for n in masks:
-                assert torch.equal(masks[n], runs[False][1][n]), f"{method} {n}: split mask differs"
-        m, masks = runs[None]
+        (m, masks), (m2, masks2) = runs[None], runs[method == "wanda"]
+        _same_state(m2, m, f"prune_model_ {method} split vs unsplit", exact=True)
+        for n in masks:
+            assert torch.equal(masks[n], masks2[n]), f"{method} {n}: split mask differs"
         for n in masks:
             same = (masks[n] == masks_ref[n]).float().mean().item()
             assert same > 0.995, f"prune_model_ {method} {n}: only {same:.4f} of the mask agrees with one process"
@@ -528,7 +528,9 @@ def _check_fsdp(rank, world):
     """FSDP2 over sparsekit modules: forward equals the unsharded model; one training step on each rank's share
     of the batch equals the single-process step on the whole batch (gradients averaged over ranks); the
     packed buffers stay plain replicated tensors; the state is saved with torch.distributed.checkpoint
-    (loaded at world size 1 by the test itself)."""
+    (loaded at world size 1 by the test itself) and reloaded at this world size; a checkpoint saved by the
+    world-2 job (``SPARSEKIT_TEST_CKPT_FROM``) loads into a freshly sharded model at this world size."""
+    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -565,6 +567,24 @@ def _check_fsdp(rank, world):
     dcp.load(sd, checkpoint_id=ckpt)
     with torch.no_grad():
         _close(fresh(x), ref(x), 1e-5, "FSDP2 model reloaded from its DCP checkpoint")
+    other = os.environ.get("SPARSEKIT_TEST_CKPT_FROM")
+    if other:
+        # saved at another world size: DCP reshards the parameters on load; the replicated buffers are read whole
+        fresh = _fsdp_model()
+        for i in (0, 2, 4, 6):
+            fully_shard(fresh[i], mesh=mesh)
+        fully_shard(fresh, mesh=mesh)
+        sd = fresh.state_dict()
+        with torch.no_grad():
+            for p in fresh.parameters():
+                p.zero_()
+        dcp.load(sd, checkpoint_id=other)
+        for (n, p), (_, q) in zip(fresh.named_parameters(), ref.named_parameters()):
+            _close(p.full_tensor(), q, 1e-5, f"DCP checkpoint of another world size -> {world}: {n}")
+        with torch.no_grad():
+            _close(fresh(x), ref(x), 1e-5, f"FSDP2 model at world {world} loaded from another world size's checkpoint")
+        if dist.get_rank() == 0:
+            open(ckpt + ".cross", "w").write(other)
 
 
 def _check_bench_cases(rank, world):
@@ -578,7 +598,7 @@ def _check_bench_cases(rank, world):
 
 def _job(rank, world, port, errfile):
     os.environ["SPARSEKIT_NO_CUDA_EXT"] = "1"
-    os.environ["SPARSEKIT_TEST_CKPT"] = f"{errfile}.ckpt"
+    os.environ.setdefault("SPARSEKIT_TEST_CKPT", f"{errfile}.ckpt")
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -610,13 +630,28 @@ def _free_port() -> int:
 
 
 # =========================================================================== pytest side
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+    """Shared by the jobs of this module: the world-2 job's DCP checkpoint is loaded by the world-4 job."""
+    return tmp_path_factory.mktemp("dcp")
+
+
+@pytest.mark.parametrize("world", [2, 4])          # in this order: world 4 loads world 2's checkpoint
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-def test_distributed_job(world, tmp_path):
+def test_distributed_job(world, tmp_path, ckpt_dir):
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
     errfile = str(tmp_path / "err")
-    env = dict(os.environ, SPARSEKIT_NO_CUDA_EXT="1", OMP_NUM_THREADS="1")
+    ckpt = str(ckpt_dir / f"world{world}.ckpt")
+    source = str(ckpt_dir / "world2.ckpt") if world != 2 else ""
+    if source and not os.path.exists(source):
+        import warnings
+
+        warnings.warn(f"world={world}: the DCP load of a world-2 checkpoint is not checked (the world-2 job did "
+                      f"not run first in this session)")
+        source = ""
+    env = dict(os.environ, SPARSEKIT_NO_CUDA_EXT="1", OMP_NUM_THREADS="1", SPARSEKIT_TEST_CKPT=ckpt,
+               SPARSEKIT_TEST_CKPT_FROM=source)
     try:
         proc = subprocess.run([sys.executable, __file__, str(world), str(_free_port()), errfile], env=env,
                               capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
@@ -635,12 +670,14 @@ def test_distributed_job(world, tmp_path):
     for v in sd.values():
         if v.is_floating_point():
             v.zero_()
-    dcp.load(sd, checkpoint_id=f"{errfile}.ckpt")
+    dcp.load(sd, checkpoint_id=ckpt)
     plain.load_state_dict(sd)
     for (n, a), b in zip(plain.state_dict().items(), ref.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6), f"DCP world={world} -> 1: {n}"
     x = _fsdp_data()
     assert torch.allclose(plain(x), ref(x), rtol=1e-5, atol=1e-6)
+    if source:
+        assert open(ckpt + ".cross").read() == source, f"world={world}: the world-2 checkpoint was not loaded"
 
 
 def test_shard_bounds():
