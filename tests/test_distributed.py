@@ -422,6 +422,29 @@ def _check_quantize_prune(rank, world):
         _same_state(m, m_ref, f"prune_model_ {method} distributed vs one process", exact=False)
         with torch.no_grad():
             _close(m(x), m_ref(x), 1e-4, f"prune_model_ {method} output")
+    # the broadcast of a solve's outcome: a structure whose header exceeds the fixed-size message, bit for bit
+    from sparsekit.distributed.split import broadcast_payload
+
+    torch.manual_seed(14)
+    payload = {f"t{i}": (torch.randn(i % 5, 3).to(dt), i, None) for i, dt in
+               enumerate([torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8] * 30)}
+    payload["mask"] = torch.rand(7, 4) > 0.5
+    src = world - 1
+    got = broadcast_payload(payload if rank == src else None, src, g, torch.device("cpu"))
+    for key, v in payload.items():
+        if isinstance(v, tuple):
+            assert torch.equal(got[key][0], v[0]) and got[key][0].dtype == v[0].dtype and got[key][1:] == v[1:]
+        else:
+            assert torch.equal(got[key], v)
+    # a solve that fails on its owner fails on every rank (no rank is left waiting in a broadcast)
+    try:
+        prune_model_(copy.deepcopy(base), mine, method="sparsegpt", damp=-1.0, progress=False, process_group=g)
+    except (ValueError, RuntimeError) as e:
+        assert "damp" in str(e), e
+        if isinstance(e, RuntimeError):
+            assert "solving it failed on rank" in str(e), e
+    else:
+        raise AssertionError("a failing split solve must raise on every rank")
     # the methods that cannot be distributed say so
     from torch import nn
 
@@ -691,6 +714,56 @@ def test_shard_bounds():
         shard_bounds(64, 2, 64, name="q", dim="K")
     with pytest.raises(ValueError, match="sum to"):
         shard_bounds(64, 2, 8, splits=[8, 8])
+
+
+def test_split_layers_arguments():
+    """split_layers needs a process group; a bad value names the argument (no process group needed to check)."""
+    from torch import nn
+
+    from sparsekit.convert import quantize_
+    from sparsekit.distributed import split_enabled
+    from sparsekit.prune import prune_model_
+    from sparsekit.schemes import Int4Params
+
+    batches = [torch.randn(4, 32)]
+    with pytest.raises(ValueError, match="split_layers=True .* process_group="):
+        prune_model_(nn.Sequential(nn.Linear(32, 16)), batches, method="sparsegpt", split_layers=True, progress=False)
+    with pytest.raises(ValueError, match="split_layers=True .* process_group="):
+        quantize_(nn.Sequential(nn.Linear(32, 16)), Int4Params(method="gptq", group_size=32), calib=batches,
+                  progress=False, split_layers=True)
+    with pytest.raises(TypeError, match="split_layers must be None, True or False, got 'yes'"):
+        split_enabled("yes", None, ["gptq"])
+    assert split_enabled(None, None, ["gptq"]) is False and split_enabled(False, None, ["gptq"]) is False
+
+
+def test_split_payload_encoding():
+    """The JSON header + byte buffer of a split broadcast round-trips results bit for bit (the encoder alone)."""
+    from sparsekit.distributed.split import _bytes_of, _decode, _encode, _specs
+    from sparsekit.quant import rtn_quantize
+
+    torch.manual_seed(0)
+    res = rtn_quantize(torch.randn(8, 64), 32, False, 4)
+    obj = {"r": (res, torch.rand(3, 5) > 0.5, None, 2.5), "w": torch.randn(4, 4, dtype=torch.float64).half()}
+    tensors = []
+    spec = _encode(obj, tensors)
+    import json
+
+    spec = json.loads(json.dumps(spec))
+    buf = torch.cat([_bytes_of(t) for t in tensors])
+    out, off = [], 0
+    for shape, dt in _specs(spec, []):
+        n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dt).element_size()
+        out.append(buf[off:off + n].clone().view(dt).reshape(shape))
+        off += n
+    back = _decode(spec, out)
+    r2, mask, none, num = back["r"]
+    assert type(r2) is type(res) and none is None and num == 2.5 and torch.equal(mask, obj["r"][1])
+    for f in ("q", "scales", "zeros"):
+        assert torch.equal(getattr(r2, f), getattr(res, f)) and getattr(r2, f).dtype == getattr(res, f).dtype
+    assert (r2.group_size, r2.symmetric, r2.bits) == (res.group_size, res.symmetric, res.bits)
+    assert torch.equal(back["w"], obj["w"]) and back["w"].dtype == torch.float16
+    with pytest.raises(TypeError, match="cannot broadcast a object"):
+        _encode(object(), [])
 
 
 def test_requires_initialized_group():

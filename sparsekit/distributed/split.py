@@ -120,23 +120,32 @@ def _bytes_of(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
+_HEAD = 4096       # bytes of the fixed-size header message
+
+
 def broadcast_payload(obj, src: int, group, device: torch.device, error: Optional[str] = None):
     """Send ``obj`` (on the global rank ``src``; ignored elsewhere) to every rank of ``group``; returns it
     everywhere (receivers get tensors on ``device``, the sender its own objects).  ``error`` (on ``src``):
     send that message instead; every receiver then raises it as a ``RuntimeError``.
-    One header (JSON) and one buffer holding every tensor's bytes."""
+    Two messages: a fixed-size header (JSON; a longer one follows in a third) and one buffer holding every
+    tensor's bytes."""
     me = dist.get_rank()
+    head = torch.zeros(_HEAD, dtype=torch.uint8, device=device)
     if me == src:
         tensors: list = []
         header = {"E": error} if error is not None else {"S": _encode(obj, tensors)}
-        raw = torch.tensor(list(json.dumps(header).encode()), dtype=torch.uint8, device=device)
-        length = torch.tensor([raw.numel()], dtype=torch.int64, device=device)
-    else:
-        length = torch.zeros(1, dtype=torch.int64, device=device)
-    dist.broadcast(length, src=src, group=group)
-    if me != src:
-        raw = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
-    dist.broadcast(raw, src=src, group=group)
+        text = json.dumps(header).encode()
+        head[:8] = torch.tensor(list(len(text).to_bytes(8, "little")), dtype=torch.uint8)
+        if len(text) <= _HEAD - 8:
+            head[8:8 + len(text)] = torch.tensor(list(text), dtype=torch.uint8)
+    dist.broadcast(head, src=src, group=group)        # the header (and its length) in one fixed-size message
+    n = len(text) if me == src else int.from_bytes(bytes(head[:8].cpu().tolist()), "little")
+    if n <= _HEAD - 8:
+        raw = head[8:8 + n]
+    else:                                             # a long header follows in full
+        raw = torch.tensor(list(text), dtype=torch.uint8, device=device) if me == src else \
+            torch.empty(n, dtype=torch.uint8, device=device)
+        dist.broadcast(raw, src=src, group=group)
     if me != src:
         header = json.loads(bytes(raw.cpu().tolist()).decode())
         if "E" in header:
