@@ -386,14 +386,21 @@ def _check_quantize_prune(rank, world):
     cfg = Int4Params(method="gptq", group_size=32)
     ref = quantize_(copy.deepcopy(base), cfg, calib=batches, progress=False)
     _set_backend(ref)
+    splits = []
+    for blocks in ("auto", None):          # block by block (the model's two blocks), and as one whole model
+        with _Counting(quant, "gptq_quantize") as cnt:
+            splits.append(quantize_(copy.deepcopy(base), cfg, calib=mine, progress=False, process_group=g,
+                                    blocks=blocks))
+        assert cnt.calls == own, f"quantize_ split: rank {rank} solved {cnt.calls} layers, expected {own}"
     with _Counting(quant, "gptq_quantize") as cnt:
-        split = quantize_(copy.deepcopy(base), cfg, calib=mine, progress=False, process_group=g)
-    assert cnt.calls == own, f"quantize_ split: rank {rank} solved {cnt.calls} layers, expected {own}"
-    with _Counting(quant, "gptq_quantize") as cnt:
-        whole = quantize_(copy.deepcopy(base), cfg, calib=mine, progress=False, process_group=g, split_layers=False)
+        # unsplit, and calibrated as one whole model instead of block by block (the same layer inputs)
+        whole = quantize_(copy.deepcopy(base), cfg, calib=mine, progress=False, process_group=g, split_layers=False,
+                          blocks=None)
     assert cnt.calls == n_layers
-    _set_backend(split), _set_backend(whole)
-    _same_state(split, whole, "quantize_ gptq split vs unsplit", exact=True)
+    _set_backend(whole)
+    for split, blocks in zip(splits, ("auto", None)):
+        _set_backend(split)
+        _same_state(split, whole, f"quantize_ gptq split (blocks={blocks}) vs unsplit", exact=True)
     _same_state(split, ref, "quantize_ gptq distributed vs one process", exact=False)
     _close(split(x), ref(x), 1e-3, "quantize_ gptq output")
 
