@@ -43,3 +43,10 @@ def test_float32_xtx_products_are_within_the_documented_tolerance():
     assert float((h64 - ref).norm() / ref.norm()) < 1e-12
     rel = float((h32 - ref).norm() / ref.norm())
     assert 0 < rel < 1e-5
+    # folding the float32 buffer into the float64 sum every 256 rows: within the same tolerance
+    old = core.set_xtx_fold_rows(256)
+    try:
+        hf = collect_linear_inputs(lin, None, batches, progress=False)[""]["H"]
+    finally:
+        core.set_xtx_fold_rows(old)
+    assert 0 < float((hf - ref).norm() / ref.norm()) < 1e-5

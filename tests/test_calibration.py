@@ -61,9 +61,19 @@ def test_accumulate_inputs_sums_match_direct_math():
     acc = accumulate_inputs(m, {"q": m.q, "o": m.o}, batches, stats=("xtx", "sumsq", "sumabs"), progress=False)
     x = torch.cat([b.reshape(-1, 12) for b in batches]).double()
     assert acc["q"]["n"] == 30
-    # per-batch products in float32 (summed in float64): float32 rounding of each product
+    # float32 accumulation (folded into the float64 statistic): float32 rounding
+    assert acc["q"]["xtx"].dtype == torch.float64
     torch.testing.assert_close(acc["q"]["xtx"], x.T @ x, rtol=1e-5, atol=1e-5)
-    from sparsekit.calibration.core import set_xtx_dtype
+    from sparsekit.calibration.core import set_xtx_dtype, set_xtx_fold_rows
+    old = set_xtx_fold_rows(10)
+    try:                                # a fold after every batch (10 rows): the same sums
+        acc_f = accumulate_inputs(m, {"q": m.q}, batches, stats=("xtx",), progress=False)
+    finally:
+        set_xtx_fold_rows(old)
+    torch.testing.assert_close(acc_f["q"]["xtx"], x.T @ x, rtol=1e-5, atol=1e-5)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="rows must be a positive int"):
+            set_xtx_fold_rows(bad)
     old = set_xtx_dtype(torch.float64)
     try:                                # float64 products: the exact sums
         acc64 = accumulate_inputs(m, {"q": m.q}, batches, stats=("xtx",), progress=False)
