@@ -103,9 +103,12 @@ def awq_search(w: torch.Tensor, x_stats_or_inputs: Union[torch.Tensor, Mapping],
 
     def sq_err(D):
         if X is not None:
-            return float((X @ D.t()).pow(2).sum(dtype=torch.float64))
+            # per-row norms in the compute dtype (one output buffer reused), their squares summed in float64
+            torch.mm(X, D.t(), out=ybuf)
+            return float(torch.linalg.vector_norm(ybuf, dim=1).to(torch.float64).square().sum())
         return float(torch.einsum("nk,kl,nl->", D, G, D).clamp_min(0.0))
 
+    ybuf = torch.empty(X.shape[0], n, dtype=edt, device=dev) if X is not None else None
     ref = sq_err(We)
     ref = ref if ref > 0 else 1.0
 
@@ -118,23 +121,43 @@ def awq_search(w: torch.Tensor, x_stats_or_inputs: Union[torch.Tensor, Mapping],
     errors = []
     best = None
     gs = check_quant_args(k, group_size, bits)
-    W64 = w.detach().to(torch.float64)
+    maxq = (1 << bits) - 1
+    # W s rounded to float32: for a weight of at most float32 precision the float32 product is the
+    # correctly rounded exact product, the same as the float64 product rounded to float32
+    wsrc = w.detach().to(torch.float64) if w.dtype == torch.float64 else w.detach().float()
+
+    def scaled(s32, out=None):
+        if wsrc.dtype == torch.float64:
+            return (wsrc * s32.to(torch.float64)).float()
+        return torch.mul(wsrc, s32, out=out)
+
+    wsb = torch.empty(n, k, dtype=torch.float32, device=dev)      # W s, reused per grid point
+    t = torch.empty(n, k, dtype=torch.float32, device=dev)        # Q(W s) / s, then W - Q(W s) / s
+    tg = t.view(n, k // gs, gs)
     for a in alphas:
         s = m.pow(a)
         s = s / torch.sqrt(s.max() * s.min())
         s32 = s.to(torch.float32)
-        ws = (W64 * s32.to(torch.float64)).float()
-        # rtn_quantize(ws).effective_weight(), without forming the codes' result object per grid point
-        wg = ws.reshape(n, k // gs, gs)
+        ws = scaled(s32, out=wsb)
+        # rtn_quantize(ws).effective_weight() in place (the same float32 operations as quantize_codes
+        # and the dequantization), without a result object per grid point
+        wg = ws.view(n, k // gs, gs)
         sc, z = grid_params(wg, symmetric, bits)
-        q = quantize_codes(wg, sc.unsqueeze(-1), z.unsqueeze(-1), bits)
-        eff = ((q - z.unsqueeze(-1)) * sc.unsqueeze(-1)).reshape(n, k) / s32
-        err = sq_err(We - eff.to(edt))
+        scu, zu = sc.unsqueeze(-1), z.unsqueeze(-1)
+        torch.div(wg, scu, out=tg)
+        tg.round_().add_(zu).clamp_(0, maxq).sub_(zu).mul_(scu)
+        t.div_(s32)
+        if edt == torch.float32:
+            err = sq_err(torch.sub(We, t, out=t))
+        else:
+            err = sq_err(We - t.to(edt))
         rel = (err / ref) ** 0.5
         errors.append(rel)
         if best is None or rel < best[0]:
-            best = (rel, a, s32, ws)
-    _, alpha, s, ws = best
+            best = (rel, a, s32)
+    del wsb, t, ybuf
+    _, alpha, s = best
+    ws = scaled(s)
     res = rtn_quantize(ws, group_size, symmetric, bits)
     res.input_scale = s
     if return_info:
