@@ -12,7 +12,7 @@ from sparsekit.prune import (MoEAdapter, MoEPruneReport, distill_experts_, find_
                              prune_model_, prune_moe_, register_moe_adapter)
 import sparsekit.prune.moe as moe_module
 from sparsekit.prune.moe import _capture_block_io
-from sparsekit.prune.wanda import magnitude_mask, pruned_per_row
+from sparsekit.prune.wanda import magnitude_mask, pruned_per_row, wanda_mask
 from sparsekit.testing import rel_err
 
 VOCAB = 64
@@ -49,6 +49,23 @@ def make_model(kind: str, seed: int = 0, layers: int = 1):
     elif kind == "olmoe":
         cfg = transformers.OlmoeConfig(intermediate_size=32, num_experts=4, num_experts_per_tok=2, **c)
         m = transformers.OlmoeForCausalLM(cfg)
+    elif kind in ("deepseek_v2", "deepseek_v3"):
+        # layer 0 dense MLP (first_k_dense_replace=1), then MoE blocks: 4 routed experts in 2 groups and a
+        # shared expert; MLA attention
+        d = dict(c, num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=32, n_routed_experts=4,
+                 num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1,
+                 kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)
+        if kind == "deepseek_v2":
+            cfg = transformers.DeepseekV2Config(q_lora_rank=None, topk_method="group_limited_greedy",
+                                                routed_scaling_factor=1.5, **d)
+            m = transformers.DeepseekV2ForCausalLM(cfg)
+        else:
+            cfg = transformers.DeepseekV3Config(q_lora_rank=16, norm_topk_prob=True, routed_scaling_factor=2.5,
+                                                **d)
+            m = transformers.DeepseekV3ForCausalLM(cfg)
+            with torch.no_grad():   # a non-zero score-correction bias (zeros at init) shifts the choice only
+                for blk in find_moe_blocks(m).values():
+                    blk.router.e_score_correction_bias.copy_(torch.tensor([0.3, -0.2, 0.1, 0.0]))
     else:
         raise ValueError(kind)
     return m.double().eval()
@@ -86,9 +103,9 @@ def block_error(dense, pruned, data) -> float:
     return sum(errs) / len(errs)
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"])
 def test_adapter_routing_equals_block(kind):
-    m = make_model(kind, seed=1, layers=2)
+    m = make_model(kind, seed=1, layers=3 if kind.startswith("deepseek") else 2)
     blocks = find_moe_blocks(m)
     assert len(blocks) == 2
     io = _capture_block_io(m, blocks, tokens(3, batches=1))
@@ -103,6 +120,38 @@ def test_adapter_routing_equals_block(kind):
         # the expert weights are views into the fused 3-D parameters
         assert ad.expert_weight(1, "up_proj").data_ptr() != ad.expert_weight(1, "gate_proj").data_ptr()
         assert ad.expert_weight(2, "down_proj")._base is not None
+
+
+@pytest.mark.parametrize("kind", ["deepseek_v2", "deepseek_v3"])
+def test_deepseek_shared_experts_wanda_routed_experts_moe_pruner(kind):
+    m = make_model(kind, seed=4, layers=2)
+    calib = tokens(7)
+    (bname, ad), = find_moe_blocks(m).items()
+    assert bname == "model.layers.1.mlp" and ad.num_experts == 4 and ad.top_k == 2
+    st = moe_module.collect_moe_stats(m, calib, {bname: ad})["blocks"][bname]
+    dense = copy.deepcopy(m)
+    router = ad.router.weight.clone()
+    shared_w = {n: lin.weight.clone() for n, lin in ad.shared_linears().items()}
+    rep = prune_moe_(m, calib, 0.5, shared="wanda")
+    # the shared experts are dense parts: Wanda over every token of the block (gate/up read the block input)
+    for proj in ("gate_proj", "up_proj"):
+        name = f"{bname}.shared_experts.{proj}"
+        ref = wanda_mask(shared_w[f"shared_experts.{proj}"], st["in_all"].sqrt(), "unstructured", 0.5)
+        assert torch.equal(rep[name], ref)
+    assert f"{bname}.shared_experts.down_proj" in rep
+    # routed experts: router-weighted statistics over their own tokens; every expert tensor at 50 % per row
+    for e in range(4):
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            t = f"{bname}.experts.{e}.{p}"
+            assert rep.sparsity[t] == 0.5
+            side = "mid" if p == "down_proj" else "in"
+            w0 = find_moe_blocks(dense)[bname].expert_weight(e, p)
+            assert torch.equal(rep[t], wanda_mask(w0, st["sumsq_w"][(e, side)].sqrt(), "unstructured", 0.5))
+    assert sum(rep.experts[bname]["tokens"]) == 2 * sum(b.numel() for b in calib)
+    # the router is never pruned; the dense layer-0 MLP and the MLA projections are (Wanda)
+    assert torch.equal(ad.router.weight, router)
+    assert "model.layers.0.mlp.down_proj" in rep and "model.layers.1.self_attn.kv_a_proj_with_mqa" in rep
+    assert 0 < block_error(dense, m, calib) < 1
 
 
 def test_mixtral_routing_normalizes_topk():

@@ -23,9 +23,10 @@ Pieces:
   ``(out, in)``; for the fused 3-D expert tensors of transformers >= 5 these
   are views into ``gate_up_proj[e]`` / ``down_proj[e]``, so masking them
   writes the fused parameter in place), the expert's forward, and the block's
-  dense shared parts (Qwen2-MoE ``shared_expert``).  Adapters for the
+  dense shared parts (Qwen2-MoE ``shared_expert``, DeepSeek ``shared_experts``).  Adapters for the
   transformers blocks ``MixtralSparseMoeBlock``, ``Qwen2MoeSparseMoeBlock``,
-  ``Qwen3MoeSparseMoeBlock`` and ``OlmoeSparseMoeBlock`` are registered;
+  ``Qwen3MoeSparseMoeBlock``, ``OlmoeSparseMoeBlock``, ``DeepseekV2Moe`` and
+  ``DeepseekV3MoE`` (shared experts plus routed experts) are registered;
   :func:`register_moe_adapter` adds block types.
 * :func:`collect_moe_stats` -- one calibration pass: router-weighted (and,
   for comparison, unweighted) per-expert input statistics, token counts and
@@ -51,7 +52,7 @@ from torch import nn
 from ..calibration import InputAccumulator, hooked, model_input, reiterable, resolve_layers
 from .wanda import check_pattern, magnitude_mask, wanda_mask
 
-__all__ = ["MoEAdapter", "FusedExpertsAdapter", "MixtralAdapter", "QwenMoeAdapter", "register_moe_adapter",
+__all__ = ["MoEAdapter", "FusedExpertsAdapter", "MixtralAdapter", "QwenMoeAdapter", "DeepseekMoeAdapter", "register_moe_adapter",
            "moe_adapter", "find_moe_blocks", "collect_moe_stats", "MoEPruneReport", "prune_moe_",
            "distill_experts_", "WEIGHTINGS", "PROJECTIONS"]
 
@@ -209,12 +210,34 @@ class QwenMoeAdapter(FusedExpertsAdapter):
         return {"shared_expert_gate": self.block.shared_expert_gate}
 
 
+class DeepseekMoeAdapter(FusedExpertsAdapter):
+    """DeepSeek-V2 / V3 (``DeepseekV2Moe``, ``DeepseekV3MoE``): fused routed experts, a router that
+    returns ``(logits, weights, index)`` (V2: softmax, greedy or group-limited top-k; V3: sigmoid
+    scores, bias-corrected group-limited choice, optional renormalisation; both times
+    ``routed_scaling_factor``), and an always-on dense ``shared_experts`` MLP added to the routed
+    output.  :meth:`route` calls the block's own router, so the routing is the block's exactly; the
+    shared experts are dense parts (pruned with the attention by :func:`prune_moe_`'s ``shared``)."""
+
+    def route(self, x):
+        _, w, idx = self.router(x)
+        return w, idx
+
+    def shared_forward(self, x):
+        return self.block.shared_experts(x)
+
+    def shared_linears(self):
+        return {f"shared_experts.{n}": m for n, m in self.block.shared_experts.named_modules()
+                if isinstance(m, nn.Linear)}
+
+
 # block class (or class name) -> adapter factory
 _REGISTRY: dict = {
     "MixtralSparseMoeBlock": MixtralAdapter,
     "Qwen2MoeSparseMoeBlock": QwenMoeAdapter,
     "Qwen3MoeSparseMoeBlock": FusedExpertsAdapter,
     "OlmoeSparseMoeBlock": FusedExpertsAdapter,
+    "DeepseekV2Moe": DeepseekMoeAdapter,
+    "DeepseekV3MoE": DeepseekMoeAdapter,
 }
 
 
