@@ -216,3 +216,35 @@ def test_awq_search_forward_loss_equals_the_hessian_loss():
     _, r2, i2 = awq_search(W, {"mean_abs": X64.abs().mean(0), "H": X64.T @ X64}, 32, return_info=True)
     assert i1["alpha"] == i2["alpha"] and torch.equal(r1.q, r2.q)
     torch.testing.assert_close(torch.tensor(i1["errors"]), torch.tensor(i2["errors"]), rtol=1e-5, atol=0)
+
+
+def test_transform_only_then_int4_conversion_gives_the_published_awq_weights():
+    """quantize=False folds the scales and clips the float model; quantize_(model, "int4") then rounds it
+    to the codes AWQ as published gives (the packed layer keeps float16 group scales)."""
+    from sparsekit import quantize_
+    from sparsekit.schemes.int4 import Int4Params
+
+    m, calib, test, layers = _llama(2, outliers=True)
+    ref = _logits(m, test)
+    # no clipping: the transform alone leaves the float function unchanged
+    m0 = copy.deepcopy(m)
+    rep0 = {}
+    assert awq_quantize_model_(m0, calib, group_size=32, layers=layers, auto_clip=False, progress=False,
+                               report=rep0, quantize=False) == {}
+    assert all(g["folded"] for g in rep0["groups"]) and rep0["input_scale_layers"] == []
+    assert _rel(_logits(m0, test), ref) < 1e-10
+    # with clipping, then the packed int4 conversion (round to nearest, the same groups)
+    m1, m2 = copy.deepcopy(m), copy.deepcopy(m)
+    awq_quantize_model_(m1, calib, group_size=32, layers=layers, progress=False, quantize=False)
+    quantize_(m1, Int4Params(group_size=32), filter_fn=lambda mod, name: name in layers, progress=False)
+    res = awq_quantize_model_(m2, calib, group_size=32, layers=layers, progress=False)
+    for name in layers:
+        q = m1.get_submodule(name)
+        assert type(q).__name__ == "QLinear"
+        want = res[name].effective_weight().double()
+        assert _rel(q.weight.double(), want) < 2e-3          # float16 group scales and zeros
+    with pytest.raises(ValueError, match="quantize=False needs fold=True"):
+        awq_quantize_model_(copy.deepcopy(m), calib, group_size=32, layers=layers, fold=False, quantize=False,
+                            progress=False)
+    with pytest.raises(TypeError, match="quantize must be a bool"):
+        awq_quantize_model_(copy.deepcopy(m), calib, group_size=32, layers=layers, quantize=1, progress=False)

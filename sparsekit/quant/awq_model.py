@@ -319,7 +319,7 @@ def _capture(model, layers, calib, mod: Optional[nn.Module], first: nn.Linear, s
 def awq_quantize_model_(model: nn.Module, calib_loader, group_size: int = 128, symmetric: bool = False,
                         bits: int = 4, layers=None, grid: int = 20, fold: bool = True, auto_clip: bool = True,
                         max_shrink: float = 0.5, clip_tokens: int = 512, max_rows: Optional[int] = None,
-                        progress: bool = True, report: Optional[dict] = None) -> dict:
+                        progress: bool = True, report: Optional[dict] = None, quantize: bool = True) -> dict:
     """AWQ as published on a whole model, in place (fake-quantized); returns ``{name: QuantResult}``.
 
     See the module doc.  ``layers``: as in
@@ -331,6 +331,14 @@ def awq_quantize_model_(model: nn.Module, calib_loader, group_size: int = 128, s
     dict that receives ``"groups"`` (producer, siblings, module, alpha, folded)
     and ``"input_scale_layers"`` (layers that kept a run-time scale).
     Layers that never run are rounded to nearest.
+
+    ``quantize=False`` (needs ``fold=True``): only transform the float model -- fold the scales of
+    the foldable groups and clip those groups' weights -- and leave the rounding to a later
+    round-to-nearest conversion with the same ``group_size`` / ``symmetric`` / ``bits`` (e.g.
+    ``sparsekit.quantize_(model, "int4")``), which then yields this function's codes for those
+    layers.  Groups without a foldable producer are left unchanged (no scale, no clipping: their
+    scale would need a run-time division); ``report["input_scale_layers"]`` lists them.  Returns
+    ``{}``.
     """
     from ..calibration import reiterable, resolve_layers
     from tqdm.auto import tqdm
@@ -341,9 +349,12 @@ def awq_quantize_model_(model: nn.Module, calib_loader, group_size: int = 128, s
             check_quant_args(mod.in_features, group_size, bits)
         except ValueError as e:
             raise ValueError(f"layer {nme!r}: {e}") from None
-    for nm, v in (("fold", fold), ("auto_clip", auto_clip)):
+    for nm, v in (("fold", fold), ("auto_clip", auto_clip), ("quantize", quantize)):
         if not isinstance(v, bool):
             raise TypeError(f"{nm} must be a bool, got {v!r}")
+    if not quantize and not fold:
+        raise ValueError("quantize=False needs fold=True (an unfolded scale needs a run-time division, which "
+                         "a later round-to-nearest conversion does not apply)")
     if not (isinstance(max_shrink, (int, float)) and 0 < max_shrink <= 1):
         raise ValueError(f"max_shrink must be in (0, 1], got {max_shrink!r}")
     calib = reiterable(calib_loader)
@@ -386,7 +397,7 @@ def awq_quantize_model_(model: nn.Module, calib_loader, group_size: int = 128, s
                 awq_fold_(prev, lins, s)
             for nme in sibs:
                 scales[nme] = (s, folded)
-            if auto_clip:
+            if auto_clip and (folded or quantize):
                 xs = (x / s.to(x.dtype))
                 for nme, lin in zip(sibs, lins):
                     if any(t in nme.rsplit(".", 1)[-1] for t in _NO_CLIP):
@@ -398,7 +409,7 @@ def awq_quantize_model_(model: nn.Module, calib_loader, group_size: int = 128, s
             del x, recs
         results = {}
         with torch.no_grad():
-            for nme, lin in layers.items():
+            for nme, lin in (layers.items() if quantize else ()):
                 s, folded = scales.get(nme, (None, True))
                 w = lin.weight.detach()
                 if s is not None and not folded:
@@ -411,6 +422,10 @@ def awq_quantize_model_(model: nn.Module, calib_loader, group_size: int = 128, s
                     res.input_scale = s.to(torch.float32)
                 lin.weight.copy_(res.effective_weight().to(lin.weight.dtype))
                 results[nme] = res
+            if not quantize:
+                for nme, m in clips.items():
+                    lin = layers[nme]
+                    lin.weight.copy_(_clip_(lin.weight.detach(), m).to(lin.weight.dtype))
     finally:
         for m, t in was.items():
             m.train(t)
