@@ -219,7 +219,7 @@ def run(n: int, k: int, rows: int, repeats: int = 2, algorithms=None, seed: int 
 
     def add(name, sk, orig, match, detail):
         out.append({"algorithm": name, "N": n, "K": k, "rows": rows, "threads": threads,
-                    "sparsekit_s": round(sk, 4), "original_s": round(orig, 4), "ratio": round(sk / orig, 3),
+                    "sparsekit_s": float(f"{sk:.5g}"), "original_s": float(f"{orig:.5g}"), "ratio": round(sk / orig, 3),
                     "match": bool(match), "detail": detail})
         print(f"{name:24s} sparsekit {sk:8.3f}s  original {orig:8.3f}s  ratio {sk / orig:6.3f}  "
               f"match {bool(match)}  {detail}", flush=True)
