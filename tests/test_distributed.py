@@ -554,6 +554,31 @@ def _fsdp_step(model, x):
     opt.step()
 
 
+def _fsdp_sharded(mesh):
+    """A fresh :func:`_fsdp_model` with each sparsekit layer and the whole model sharded by FSDP2 over ``mesh``."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = _fsdp_model()
+    for i in (0, 2, 4, 6):
+        fully_shard(model[i], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _fsdp_loaded(mesh, checkpoint_id):
+    """A fresh sharded model with its parameters zeroed, then loaded in place (into its local shards; the
+    buffers are replicated) from the DCP checkpoint ``checkpoint_id``."""
+    import torch.distributed.checkpoint as dcp
+
+    model = _fsdp_sharded(mesh)
+    sd = model.state_dict()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    dcp.load(sd, checkpoint_id=checkpoint_id)
+    return model
+
+
 def _check_fsdp(rank, world):
     """FSDP2 over sparsekit modules: forward equals the unsharded model; one training step on each rank's share
     of the batch equals the single-process step on the whole batch (gradients averaged over ranks); the
@@ -563,14 +588,10 @@ def _check_fsdp(rank, world):
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
     mesh = init_device_mesh("cpu", (world,))
-    ref, model = _fsdp_model(), _fsdp_model()
-    for i in (0, 2, 4, 6):
-        fully_shard(model[i], mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    ref, model = _fsdp_model(), _fsdp_sharded(mesh)
     assert all(isinstance(p, DTensor) for p in model.parameters())
     assert not any(isinstance(b, DTensor) for b in model.buffers())
     assert not model[2].meta_codes.requires_grad and not model[6].qweight.is_floating_point()
@@ -586,29 +607,13 @@ def _check_fsdp(rank, world):
     ckpt = os.environ["SPARSEKIT_TEST_CKPT"]
     dcp.save(model.state_dict(), checkpoint_id=ckpt)
     # and back into a fresh sharded model (in place into its local shards; the buffers are replicated)
-    fresh = _fsdp_model()
-    for i in (0, 2, 4, 6):
-        fully_shard(fresh[i], mesh=mesh)
-    fully_shard(fresh, mesh=mesh)
-    sd = fresh.state_dict()
-    with torch.no_grad():
-        for p in fresh.parameters():
-            p.zero_()
-    dcp.load(sd, checkpoint_id=ckpt)
+    fresh = _fsdp_loaded(mesh, ckpt)
     with torch.no_grad():
         _close(fresh(x), ref(x), 1e-5, "FSDP2 model reloaded from its DCP checkpoint")
     other = os.environ.get("SPARSEKIT_TEST_CKPT_FROM")
     if other:
         # saved at another world size: DCP reshards the parameters on load; the replicated buffers are read whole
-        fresh = _fsdp_model()
-        for i in (0, 2, 4, 6):
-            fully_shard(fresh[i], mesh=mesh)
-        fully_shard(fresh, mesh=mesh)
-        sd = fresh.state_dict()
-        with torch.no_grad():
-            for p in fresh.parameters():
-                p.zero_()
-        dcp.load(sd, checkpoint_id=other)
+        fresh = _fsdp_loaded(mesh, other)
         for (n, p), (_, q) in zip(fresh.named_parameters(), ref.named_parameters()):
             _close(p.full_tensor(), q, 1e-5, f"DCP checkpoint of another world size -> {world}: {n}")
         with torch.no_grad():
