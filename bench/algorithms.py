@@ -69,41 +69,52 @@ def orig_hinv_upper(H: torch.Tensor, W: torch.Tensor, damp: float = 0.01) -> tor
     return torch.linalg.cholesky(H, upper=True)
 
 
-def orig_sparsegpt(W: torch.Tensor, H: torch.Tensor, prunen: int = 0, prunem: int = 0, sparsity: float = 0.5,
-                   blocksize: int = 128) -> torch.Tensor:
-    W = W.clone().float()
+def _obs_sweep(W: torch.Tensor, Hinv: torch.Tensor, blocksize: int, column) -> torch.Tensor:
+    """The block loop SparseGPT and GPTQ share: the columns of ``W`` (updated in place) one at a time in blocks
+    of ``blocksize``; ``column(W1, Hinv1, i1, i)`` gives the new value of column ``i`` of the block starting at
+    ``i1`` (``W1``: the block's columns with the error of the earlier ones propagated); its error is
+    propagated to the rest of the block at once and to the later blocks after the block.  Returns the new
+    values of all the columns."""
     n, k = W.shape
-    Hinv = orig_hinv_upper(H.float(), W)
-    mask = torch.zeros_like(W, dtype=torch.bool)
+    Q = torch.zeros_like(W)
     for i1 in range(0, k, blocksize):
         i2 = min(i1 + blocksize, k)
-        count = i2 - i1
         W1 = W[:, i1:i2].clone()
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        if prunen == 0:
-            tmp = W1 ** 2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
-            thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
-            mask1 = tmp <= thresh
-        else:
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        for i in range(count):
+        for i in range(i2 - i1):
             w = W1[:, i]
-            d = Hinv1[i, i]
-            if prunen != 0 and i % prunem == 0:
-                tmp = W1[:, i:(i + prunem)] ** 2 / (torch.diag(Hinv1)[i:(i + prunem)].reshape((1, -1))) ** 2
-                mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
-            q = w.clone()
-            q[mask1[:, i]] = 0
+            q = column(W1, Hinv1, i1, i)
             Q1[:, i] = q
-            err1 = (w - q) / d
+            err1 = (w - q) / Hinv1[i, i]
             W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
             Err1[:, i] = err1
-        W[:, i1:i2] = Q1
-        mask[:, i1:i2] = mask1
+        Q[:, i1:i2] = Q1
         W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
-    return W, ~mask
+    return Q
+
+
+def orig_sparsegpt(W: torch.Tensor, H: torch.Tensor, prunen: int = 0, prunem: int = 0, sparsity: float = 0.5,
+                   blocksize: int = 128) -> torch.Tensor:
+    W = W.clone().float()
+    Hinv = orig_hinv_upper(H.float(), W)
+    mask = torch.zeros_like(W, dtype=torch.bool)
+
+    def column(W1, Hinv1, i1, i):
+        mask1 = mask[:, i1:i1 + W1.shape[1]]
+        if i == 0 and prunen == 0:
+            tmp = W1 ** 2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
+            thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
+            mask1.copy_(tmp <= thresh)
+        if prunen != 0 and i % prunem == 0:
+            tmp = W1[:, i:(i + prunem)] ** 2 / (torch.diag(Hinv1)[i:(i + prunem)].reshape((1, -1))) ** 2
+            mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
+        q = W1[:, i].clone()
+        q[mask1[:, i]] = 0
+        return q
+
+    return _obs_sweep(W, Hinv, blocksize, column), ~mask
 
 
 def _params(x: torch.Tensor, maxq: int = 15):
@@ -134,27 +145,15 @@ def orig_gptq(W: torch.Tensor, H: torch.Tensor, groupsize: int = 128, blocksize:
         H = H[perm][:, perm]
     H += 0.01 * torch.mean(torch.diag(H)) * torch.eye(k)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    Q = torch.zeros_like(W)
-    scale = zero = None
-    for i1 in range(0, k, blocksize):
-        i2 = min(i1 + blocksize, k)
-        count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(count):
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            if (i1 + i) % groupsize == 0:
-                scale, zero = _params(W[:, (i1 + i):(i1 + i + groupsize)])
-            q = _q(w.unsqueeze(1), scale, zero).flatten()
-            Q1[:, i] = q
-            err1 = (w - q) / d
-            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err1
-        Q[:, i1:i2] = Q1
-        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    group = {}
+
+    def column(W1, Hinv1, i1, i):
+        if (i1 + i) % groupsize == 0:
+            # the group's grid from W's columns as they stand at the start of the block
+            group["scale"], group["zero"] = _params(W[:, (i1 + i):(i1 + i + groupsize)])
+        return _q(W1[:, i].unsqueeze(1), group["scale"], group["zero"]).flatten()
+
+    Q = _obs_sweep(W, Hinv, blocksize, column)
     if actorder:
         Q = Q[:, torch.argsort(perm)]
     return Q
