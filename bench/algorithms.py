@@ -179,25 +179,21 @@ def orig_awq(W: torch.Tensor, x: torch.Tensor, group_size: int = 128, n_grid: in
 
 
 # ----------------------------------------------------------------------------- driver
-def _time(fn, repeats: int):
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
+def _timed(fn):
+    """(seconds, result) of one call of ``fn``."""
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
 
 
 def _pair(fn_sk, fn_or, repeats: int):
     """Both sides alternately ``repeats`` times (load drift hits both); the minimum of each."""
     t_sk, t_or, out_sk, out_or = float("inf"), float("inf"), None, None
     for _ in range(repeats):
-        t = time.perf_counter()
-        out_sk = fn_sk()
-        t_sk = min(t_sk, time.perf_counter() - t)
-        t = time.perf_counter()
-        out_or = fn_or()
-        t_or = min(t_or, time.perf_counter() - t)
+        t, out_sk = _timed(fn_sk)
+        t_sk = min(t_sk, t)
+        t, out_or = _timed(fn_or)
+        t_or = min(t_or, t)
     return t_sk, out_sk, t_or, out_or
 
 
