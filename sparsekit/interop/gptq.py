@@ -151,6 +151,18 @@ def _scales(scales, g: int, n: int, dtype, name: str = "scales") -> tuple:
     return scales, scales.dtype
 
 
+def _grouping(qweight, qzeros, scales, group_size, k: int, n: int, dtype) -> tuple:
+    """The group size and count of a ``(K, N)`` layer, its checked scales and their dtype, and the check of
+    ``qzeros``' shape ``(G, N/8)``: ``(group_size, groups, scales, dtype)``."""
+    gs = _group(group_size, k)
+    g = k // gs
+    scales, dt = _scales(scales, g, n, dtype)
+    if tuple(qzeros.shape) != (g, n // 8):
+        raise ValueError(f"qzeros must have shape {(g, n // 8)} (groups, out_features / 8) for qweight "
+                         f"{tuple(qweight.shape)} and group_size={group_size}, got {tuple(qzeros.shape)}")
+    return gs, g, scales, dt
+
+
 def _format(checkpoint_format) -> str:
     f = str(checkpoint_format).lower() if checkpoint_format is not None else "gptq"
     if f not in GPTQ_FORMATS:
@@ -185,12 +197,7 @@ def gptq_to_int4(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tens
         raise ValueError(f"qweight has an empty shape {tuple(qweight.shape)}")
     if n % 8:
         raise ValueError(f"out_features N={n} must be a multiple of 8 (qzeros packs 8 zero points per word)")
-    gs = _group(group_size, k)
-    g = k // gs
-    scales, dt = _scales(scales, g, n, dtype)
-    if tuple(qzeros.shape) != (g, n // 8):
-        raise ValueError(f"qzeros must have shape {(g, n // 8)} (groups, out_features / 8) for qweight "
-                         f"{tuple(qweight.shape)} and group_size={group_size}, got {tuple(qzeros.shape)}")
+    gs, g, scales, dt = _grouping(qweight, qzeros, scales, group_size, k, n, dtype)
     q = _nibbles(qweight.t()).reshape(n, k)                       # (N, K/8, 8) -> column k = 8w + nibble
     z = _nibbles(qzeros).reshape(g, n).t()                        # (N, G)
     if fmt == "gptq":
@@ -247,12 +254,7 @@ def awq_to_int4(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tenso
     if k % 8:
         raise ValueError(f"in_features K={k} must be a multiple of 8 (Int4Weight packs 8 codes per int32 "
                          "along in_features)")
-    gs = _group(group_size, k)
-    g = k // gs
-    scales, dt = _scales(scales, g, n, dtype)
-    if tuple(qzeros.shape) != (g, n // 8):
-        raise ValueError(f"qzeros must have shape {(g, n // 8)} (groups, out_features / 8) for qweight "
-                         f"{tuple(qweight.shape)} and group_size={group_size}, got {tuple(qzeros.shape)}")
+    gs, g, scales, dt = _grouping(qweight, qzeros, scales, group_size, k, n, dtype)
     col = torch.tensor(_AWQ_NIBBLE_OF_COL, device=qweight.device)
     q = _nibbles(qweight).index_select(-1, col).reshape(k, n).t()          # (N, K)
     z = _nibbles(qzeros).index_select(-1, col.to(qzeros.device)).reshape(g, n).t()
