@@ -223,6 +223,25 @@ def _inside(name: str, paths) -> bool:
     return name in paths or _under(name, paths) is not None
 
 
+def materialize_meta(modules, device) -> None:
+    """Put an uninitialized tensor on ``device`` (same shape, dtype and ``requires_grad``) in place of every
+    meta parameter and buffer of ``modules``, an iterable of modules; a tensor held in several places (tied
+    weights) is replaced by one tensor in all of them."""
+    new_tensors: dict = {}
+    for mod in modules:
+        for attr, t in list(mod._parameters.items()):
+            if t is not None and t.device.type == "meta":
+                if id(t) not in new_tensors:
+                    new_tensors[id(t)] = nn.Parameter(torch.empty_like(t, device=device),
+                                                      requires_grad=t.requires_grad)
+                mod._parameters[attr] = new_tensors[id(t)]
+        for attr, t in list(mod._buffers.items()):
+            if t is not None and t.device.type == "meta":
+                if id(t) not in new_tensors:
+                    new_tensors[id(t)] = torch.empty_like(t, device=device)
+                mod._buffers[attr] = new_tensors[id(t)]
+
+
 def load_pretrained(out_dir, model: nn.Module, *, device=None, backend: Optional[str] = None) -> nn.Module:
     """Load a :func:`save_pretrained` directory into ``model``, a dense skeleton of the saved architecture
     (plain ``nn.Linear`` layers where the saved model has compressed ones; possibly on the meta device);
@@ -348,21 +367,8 @@ def load_pretrained(out_dir, model: nn.Module, *, device=None, backend: Optional
 
     # --- every check passed: change the model
     target = device if device is not None else torch.device("cpu")
-    new_tensors: dict = {}
-    for name, mod in model.named_modules(remove_duplicate=False):
-        if _inside(name, replaced):
-            continue
-        for attr, t in list(mod._parameters.items()):
-            if t is not None and t.device.type == "meta":
-                if id(t) not in new_tensors:
-                    new_tensors[id(t)] = nn.Parameter(torch.empty_like(t, device=target),
-                                                      requires_grad=t.requires_grad)
-                mod._parameters[attr] = new_tensors[id(t)]
-        for attr, t in list(mod._buffers.items()):
-            if t is not None and t.device.type == "meta":
-                if id(t) not in new_tensors:
-                    new_tensors[id(t)] = torch.empty_like(t, device=target)
-                mod._buffers[attr] = new_tensors[id(t)]
+    materialize_meta((mod for name, mod in model.named_modules(remove_duplicate=False)
+                      if not _inside(name, replaced)), target)
     for name, mod in built.items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -333,6 +333,7 @@ def _rebuilt_buffer(mod: nn.Module, attr: str, target: torch.device):
 def _load(sd: dict, model: nn.Module, convert, tensors: tuple, *, backend, strict: bool, device,
           skip=()) -> nn.Module:
     from ..nn.qlinear import QLinear
+    from ..pretrained import materialize_meta
 
     target = torch.device(device) if device is not None else torch.device("cpu")
     layers = sorted(k[: -len(".qweight")] for k in sd if k.endswith(".qweight"))
@@ -412,20 +413,8 @@ def _load(sd: dict, model: nn.Module, convert, tensors: tuple, *, backend, stric
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, mod)
-    fresh: dict = {}                     # meta tensors -> materialized ones (tied weights stay tied)
-    for mod in model.modules():
-        if isinstance(mod, QLinear):
-            continue
-        for attr, t in list(mod._parameters.items()):
-            if t is not None and t.device.type == "meta":
-                if id(t) not in fresh:
-                    fresh[id(t)] = nn.Parameter(torch.empty_like(t, device=target), requires_grad=t.requires_grad)
-                mod._parameters[attr] = fresh[id(t)]
-        for attr, t in list(mod._buffers.items()):
-            if t is not None and t.device.type == "meta":
-                if id(t) not in fresh:
-                    fresh[id(t)] = torch.empty_like(t, device=target)
-                mod._buffers[attr] = fresh[id(t)]
+    # the skeleton's other meta tensors, materialized (tied weights stay tied)
+    materialize_meta((m for m in model.modules() if not isinstance(m, QLinear)), target)
     model.load_state_dict({k: v for k, v in dense.items() if k in expected}, strict=False)
     return model
 
