@@ -136,6 +136,31 @@ def _sl(t: Optional[torch.Tensor], lo: int, hi: int, dim: int = 0) -> Optional[t
     return t.detach().narrow(dim, lo, hi - lo).clone()
 
 
+def _local_block_sparse(mod: BlockSparseLinear, lo: int, hi: int, dim: int,
+                        bias: Optional[torch.Tensor]) -> BlockSparseLinear:
+    """The shard of a BlockSparseLinear over the features ``[lo, hi)`` of weight dimension ``dim`` (0: output
+    features, 1: input features; ``lo`` a multiple of the block size along ``dim``): the kept blocks of the
+    block rows (``dim=0``) or block columns (``dim=1``) that the range covers, with ``bias``."""
+    w = mod.weight_format()
+    b = mod.block_size[dim]
+    i0, i1 = lo // b, math.ceil(hi / b)
+    crow, col = w.crow.long(), w.col.long()
+    rows = torch.repeat_interleave(torch.arange(len(crow) - 1, device=col.device), crow.diff())
+    at = rows if dim == 0 else col
+    keep = (at >= i0) & (at < i1)
+    rows, col = rows[keep], col[keep]
+    if dim == 0:
+        rows, n_rows, shape = rows - i0, i1 - i0, (hi - lo, mod.in_features)
+    else:
+        col, n_rows, shape = col - i0, len(crow) - 1, (mod.out_features, hi - lo)
+    counts = torch.bincount(rows, minlength=n_rows)
+    crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    local = BlockSparseWeight.from_blocks(w.blocks.detach()[keep].clone(), crow, col, shape, mod.block_size)
+    out = BlockSparseLinear.from_weight(local, bias, backend=mod.backend)
+    out.blocks.requires_grad_(mod.blocks.requires_grad)
+    return out
+
+
 def _local_colwise(mod: nn.Module, lo: int, hi: int) -> nn.Module:
     n = hi - lo
     bias = _sl(mod.bias, lo, hi)
@@ -159,16 +184,7 @@ def _local_colwise(mod: nn.Module, lo: int, hi: int) -> nn.Module:
                 out.bias.copy_(bias)
         return out
     if isinstance(mod, BlockSparseLinear):
-        w = mod.weight_format()
-        bm, _ = mod.block_size
-        r0, r1 = lo // bm, math.ceil(hi / bm)
-        crow = w.crow.long()
-        b0, b1 = int(crow[r0]), int(crow[r1])
-        local = BlockSparseWeight.from_blocks(w.blocks.detach()[b0:b1].clone(), crow[r0:r1 + 1] - b0,
-                                              w.col[b0:b1].clone(), (n, mod.in_features), mod.block_size)
-        out = BlockSparseLinear.from_weight(local, bias, backend=mod.backend)
-        out.blocks.requires_grad_(mod.blocks.requires_grad)
-        return out
+        return _local_block_sparse(mod, lo, hi, 0, bias)
     if isinstance(mod, QLinear):
         if mod.bits == 8:
             w = Int8Weight(_sl(mod.qweight, lo, hi), _sl(mod.scales, lo, hi).float(), (n, mod.in_features))
@@ -209,19 +225,7 @@ def _local_rowwise(mod: nn.Module, lo: int, hi: int, gather: Optional[torch.Tens
         out.validate()
         return out
     if isinstance(mod, BlockSparseLinear):
-        w = mod.weight_format()
-        _, bk = mod.block_size
-        c0, c1 = lo // bk, math.ceil(hi / bk)
-        col = w.col.long()
-        keep = (col >= c0) & (col < c1)
-        rows = torch.repeat_interleave(torch.arange(len(w.crow) - 1, device=col.device), w.crow.long().diff())
-        counts = torch.bincount(rows[keep], minlength=len(w.crow) - 1)
-        crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-        local = BlockSparseWeight.from_blocks(w.blocks.detach()[keep].clone(), crow, col[keep] - c0, (n, k),
-                                              mod.block_size)
-        out = BlockSparseLinear.from_weight(local, None, backend=mod.backend)
-        out.blocks.requires_grad_(mod.blocks.requires_grad)
-        return out
+        return _local_block_sparse(mod, lo, hi, 1, None)
     if isinstance(mod, QLinear):
         if mod.bits == 8:
             w = Int8Weight(_sl(mod.qweight, lo, hi, 1), mod.scales.detach().float().clone(), (n, k))
