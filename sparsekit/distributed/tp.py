@@ -136,6 +136,19 @@ def _sl(t: Optional[torch.Tensor], lo: int, hi: int, dim: int = 0) -> Optional[t
     return t.detach().narrow(dim, lo, hi - lo).clone()
 
 
+def _local_linear(mod: nn.Linear, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
+    """An ``nn.Linear`` holding copies of ``weight`` (a slice of ``mod``'s) and ``bias``, on ``mod``'s device and
+    dtype, its weight trainable as ``mod``'s is."""
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=mod.weight.device,
+                    dtype=mod.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        if bias is not None:
+            out.bias.copy_(bias)
+    out.weight.requires_grad_(mod.weight.requires_grad)
+    return out
+
+
 def _local_block_sparse(mod: BlockSparseLinear, lo: int, hi: int, dim: int,
                         bias: Optional[torch.Tensor]) -> BlockSparseLinear:
     """The shard of a BlockSparseLinear over the features ``[lo, hi)`` of weight dimension ``dim`` (0: output
@@ -165,13 +178,7 @@ def _local_colwise(mod: nn.Module, lo: int, hi: int) -> nn.Module:
     n = hi - lo
     bias = _sl(mod.bias, lo, hi)
     if isinstance(mod, nn.Linear):
-        out = nn.Linear(mod.in_features, n, bias=bias is not None, device=mod.weight.device, dtype=mod.weight.dtype)
-        with torch.no_grad():
-            out.weight.copy_(mod.weight[lo:hi])
-            if bias is not None:
-                out.bias.copy_(bias)
-        out.weight.requires_grad_(mod.weight.requires_grad)
-        return out
+        return _local_linear(mod, mod.weight[lo:hi], bias)
     if isinstance(mod, SparseLinear):
         out = SparseLinear(mod.in_features, n, bias=bias is not None, device=mod.meta_codes.device,
                            dtype=mod._float_dtype(), backend=mod.backend, act_bits=mod.act_bits)
@@ -208,11 +215,7 @@ def _local_rowwise(mod: nn.Module, lo: int, hi: int, gather: Optional[torch.Tens
     k = hi - lo
     n = mod.out_features
     if isinstance(mod, nn.Linear):
-        out = nn.Linear(k, n, bias=False, device=mod.weight.device, dtype=mod.weight.dtype)
-        with torch.no_grad():
-            out.weight.copy_(mod.weight[:, lo:hi])
-        out.weight.requires_grad_(mod.weight.requires_grad)
-        return out
+        return _local_linear(mod, mod.weight[:, lo:hi], None)
     if isinstance(mod, SparseLinear):
         out = SparseLinear(k, n, bias=False, device=mod.meta_codes.device, dtype=mod._float_dtype(),
                            backend=mod.backend, act_bits=mod.act_bits)
