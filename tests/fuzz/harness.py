@@ -43,7 +43,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 
 __all__ = ["Case", "Outcome", "classify", "run_all", "run_isolated", "summarize", "assert_no_failures",
-           "close_to", "PASS_KINDS", "FAIL_KINDS", "tol_for", "structural_block_linear64"]
+           "suite_tests", "print_report", "close_to", "PASS_KINDS", "FAIL_KINDS", "tol_for",
+           "structural_block_linear64"]
 
 PASS_KINDS = ("clear-error", "correct-result")
 FAIL_KINDS = ("crash", "silent-wrong", "unclear-error")
@@ -190,6 +191,44 @@ def assert_no_failures(outcomes: Sequence[Outcome], what: str = "fuzz") -> None:
     if bad:
         lines = "\n".join(f"  [{o.kind}] {o.name}: {o.detail}" for o in bad[:40])
         raise AssertionError(f"{what}: {len(bad)} of {len(outcomes)} cases failed {summarize(outcomes)}\n{lines}")
+
+
+# --------------------------------------------------------------------------- a suite's pytest tests
+def suite_tests(path: str, factory: str, cases: Sequence[Case], min_count: int, what: str) -> tuple:
+    """The pytest tests of the suite ``cases``, built by the function ``factory`` of the module file ``path``:
+    ``(test_case_count, test_case, test_crash_prone_cases_in_a_child_process)`` -- the suite holds at least
+    ``min_count`` cases; each case that is not crash-prone is classified in this process (one test a case);
+    the crash-prone ones are classified in child processes (:func:`run_isolated`), ``what`` naming them in
+    the failure message.  The module assigns them to its own names of the same spelling, for pytest to
+    collect."""
+    import pytest
+
+    in_process = [c for c in cases if not c.crash_prone]
+    isolated = [i for i, c in enumerate(cases) if c.crash_prone]
+
+    def test_case_count():
+        assert len(cases) >= min_count, len(cases)
+
+    @pytest.mark.parametrize("case", in_process, ids=[c.name for c in in_process])
+    def test_case(case):
+        out = classify(case)
+        assert out.ok, f"[{out.kind}] {out.detail}"
+
+    def test_crash_prone_cases_in_a_child_process():
+        outs = run_isolated(path, factory, isolated, names=[c.name for c in cases])
+        assert len(outs) == len(isolated)
+        assert_no_failures(outs, what)
+
+    return test_case_count, test_case, test_crash_prone_cases_in_a_child_process
+
+
+def print_report(cases: Sequence[Case]) -> None:
+    """Classify every case in this process; print the counts per kind and each failing case."""
+    outs = run_all(cases)
+    print(summarize(outs))
+    for o in outs:
+        if not o.ok:
+            print(o.kind, o.name, o.detail)
 
 
 # --------------------------------------------------------------------------- comparisons with float64 references

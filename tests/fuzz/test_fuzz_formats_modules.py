@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness import (Case, assert_no_failures, classify, close_to, run_isolated, structural_block_linear64,
-                     summarize)
+from harness import Case, close_to, print_report, structural_block_linear64, suite_tests
 
 from sparsekit.formats import (BlockSparseWeight, Int4Weight, Int8Weight, Sparse24Int4Weight, Sparse24Int8Weight,
                                Sparse24Weight)
@@ -748,29 +746,9 @@ def build_cases() -> list:
 
 
 _CASES = build_cases()
-_IN_PROCESS = [c for c in _CASES if not c.crash_prone]
-_ISOLATED = [i for i, c in enumerate(_CASES) if c.crash_prone]
-
-
-def test_case_count():
-    assert len(_CASES) >= 300, len(_CASES)
-
-
-@pytest.mark.parametrize("case", _IN_PROCESS, ids=[c.name for c in _IN_PROCESS])
-def test_case(case):
-    out = classify(case)
-    assert out.ok, f"[{out.kind}] {out.detail}"
-
-
-def test_crash_prone_cases_in_a_child_process():
-    outs = run_isolated(__file__, "build_cases", _ISOLATED, names=[c.name for c in _CASES])
-    assert len(outs) == len(_ISOLATED)
-    assert_no_failures(outs, "crash-prone format/module cases")
+test_case_count, test_case, test_crash_prone_cases_in_a_child_process = suite_tests(
+    __file__, "build_cases", _CASES, 300, "crash-prone format/module cases")
 
 
 if __name__ == "__main__":
-    outs = [classify(c) for c in _CASES]
-    print(summarize(outs))
-    for o in outs:
-        if not o.ok:
-            print(o.kind, o.name, o.detail)
+    print_report(_CASES)

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import (Case, assert_no_failures, classify, close_to, run_isolated, structural_block_linear64,
-                     summarize)
+from harness import Case, close_to, print_report, structural_block_linear64, suite_tests
 
 from sparsekit import ops
 from sparsekit.formats import (BlockSparseWeight, Int4Weight, Int8Weight, Sparse24Int4Weight, Sparse24Int8Weight,
@@ -813,30 +811,10 @@ def build_cases() -> list:
 
 
 _CASES = build_cases()
-_IN_PROCESS = [c for c in _CASES if not c.crash_prone]
-_ISOLATED = [i for i, c in enumerate(_CASES) if c.crash_prone]
-
-
-def test_case_count():
-    # the adversarial suite of the ops (the formats / modules add theirs in test_fuzz_formats_modules.py)
-    assert len(_CASES) >= 500, len(_CASES)
-
-
-@pytest.mark.parametrize("case", _IN_PROCESS, ids=[c.name for c in _IN_PROCESS])
-def test_case(case):
-    out = classify(case)
-    assert out.ok, f"[{out.kind}] {out.detail}"
-
-
-def test_crash_prone_cases_in_a_child_process():
-    outs = run_isolated(__file__, "build_cases", _ISOLATED, names=[c.name for c in _CASES])
-    assert len(outs) == len(_ISOLATED)
-    assert_no_failures(outs, "crash-prone op cases")
+# the adversarial suite of the ops (the formats / modules add theirs in test_fuzz_formats_modules.py)
+test_case_count, test_case, test_crash_prone_cases_in_a_child_process = suite_tests(
+    __file__, "build_cases", _CASES, 500, "crash-prone op cases")
 
 
 if __name__ == "__main__":
-    outs = [classify(c) for c in _CASES]
-    print(summarize(outs))
-    for o in outs:
-        if not o.ok:
-            print(o.kind, o.name, o.detail)
+    print_report(_CASES)
