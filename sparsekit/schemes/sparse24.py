@@ -38,25 +38,28 @@ def prune_2to4(module: nn.Module, stats: Optional[dict], cfg: SchemeConfig) -> t
     return m
 
 
-def _check_sparsegpt_block(cfg: SchemeConfig) -> None:
-    bs = cfg.method_options.get("block_size")
-    if cfg.method == "sparsegpt" and bs is not None and bs % 4:
-        raise ValueError(f"sparsegpt block_size must be a multiple of 4 for 2:4, got {bs}")
-
-
 @dataclass
-class Sparse24Params(SchemeConfig):
-    """``"2:4"``: keep 2 of every 4 weights along K; float values + 2-bit indices
-    (:class:`~sparsekit.nn.SparseLinear`)."""
+class Pruned24Config(SchemeConfig):
+    """What the configs of the schemes that prune to 2:4 share: the pruning methods (magnitude without
+    data, SparseGPT with), and SparseGPT's ``block_size`` a multiple of 4."""
 
-    SCHEME: ClassVar[str] = "2:4"
     METHODS: ClassVar[tuple] = PRUNE_METHODS
     DEFAULT_METHOD: ClassVar[str] = "magnitude"
     CALIBRATED_METHOD: ClassVar[str] = "sparsegpt"
 
     def __post_init__(self):
         super().__post_init__()
-        _check_sparsegpt_block(self)
+        bs = self.method_options.get("block_size")
+        if self.method == "sparsegpt" and bs is not None and bs % 4:
+            raise ValueError(f"sparsegpt block_size must be a multiple of 4 for 2:4, got {bs}")
+
+
+@dataclass
+class Sparse24Params(Pruned24Config):
+    """``"2:4"``: keep 2 of every 4 weights along K; float values + 2-bit indices
+    (:class:`~sparsekit.nn.SparseLinear`)."""
+
+    SCHEME: ClassVar[str] = "2:4"
 
 
 @dataclass

@@ -6,14 +6,14 @@ from typing import ClassVar, Optional
 
 import torch
 
-from .base import Scheme, SchemeConfig, dtype_name, parse_dtype, torch_dtype
-from .sparse24 import PRUNE_METHODS, _check_sparsegpt_block, prune_2to4
+from .base import Scheme, dtype_name, parse_dtype, torch_dtype
+from .sparse24 import Pruned24Config, prune_2to4
 
 __all__ = ["Sparse24Int4Params", "Sparse24Int4Scheme"]
 
 
 @dataclass
-class Sparse24Int4Params(SchemeConfig):
+class Sparse24Int4Params(Pruned24Config):
     """``"2:4+int4"``: prune to 2:4 with ``method`` (SparseGPT compensates the kept weights), then
     round the kept values to int4, group-wise along the compressed row.
 
@@ -29,13 +29,9 @@ class Sparse24Int4Params(SchemeConfig):
     dtype: Optional[str] = None
 
     SCHEME: ClassVar[str] = "2:4+int4"
-    METHODS: ClassVar[tuple] = PRUNE_METHODS
-    DEFAULT_METHOD: ClassVar[str] = "magnitude"
-    CALIBRATED_METHOD: ClassVar[str] = "sparsegpt"
 
     def __post_init__(self):
         super().__post_init__()
-        _check_sparsegpt_block(self)
         if self.group_size is not None and (isinstance(self.group_size, bool)
                                             or self.group_size not in (32, 64, 128, -1)):
             raise ValueError(f"group_size must be None (largest fitting), 32, 64, 128 or -1 (one group per row), "
