@@ -1,12 +1,17 @@
 """The ``dense`` backend (sparsekit/ops/_dense.py): CPU's default for every compressed linear.
 
-The packed weight is expanded once per weight version and cached; the matmul
-runs in float32 on CPU.  These tests check it against the float64 math of the
-packed weight on odd shapes and every dtype, that in-place updates and new
-tensors are seen, that freed weights leave the cache, and the opt-out.
+The packed weight is expanded once per weight version and cached (per module:
+a ``CpuPlan``); the matmul runs in float32 on CPU, through fbgemm's
+float16-weight GEMM for few rows where the weight is exactly float16.  These
+tests check it against the float64 math of the packed weight on odd shapes
+and every dtype, that in-place updates and new tensors are seen, that freed
+weights leave the cache, copies and pickles, and the opt-out.
 """
+import copy
 import dataclasses
 import gc
+import io
+import weakref
 
 import pytest
 import torch
@@ -60,6 +65,10 @@ def test_dense_backend_equals_reference(scheme, dtype, m, monkeypatch):
     assert torch.equal(y, y2)
 
 
+def _plans(model):
+    return [m.__dict__.get(_dense._PLAN_ATTR) for m in model.modules() if m.__dict__.get(_dense._PLAN_ATTR)]
+
+
 def test_expansion_is_cached_and_follows_updates(monkeypatch):
     _with(monkeypatch, True)
     _dense.clear_dense_cache()
@@ -67,16 +76,17 @@ def test_expansion_is_cached_and_follows_updates(monkeypatch):
     x = torch.randn(4, 200)
     with torch.no_grad():
         model(x)
-    n0 = len(_dense._CACHE)
-    assert n0 == 2                                     # one expansion per layer
+    plans = _plans(model)
+    assert len(plans) == 2                             # one plan per layer
     with torch.no_grad():
         model(x)
-    assert len(_dense._CACHE) == n0
+    assert [id(p) for p in _plans(model)] == [id(p) for p in plans]
     # an in-place update (an optimizer step, copy_) is seen on the next call
     lin = model[0]
     with torch.no_grad():
         lin.values.mul_(2.0)
         y = model(x)
+    assert _plans(model)[0] is not plans[0] and _plans(model)[1] is plans[1]
     _with(monkeypatch, False)
     with torch.no_grad():
         ref = model(x)
@@ -99,11 +109,16 @@ def test_freed_weights_leave_the_cache(monkeypatch):
     _dense.clear_dense_cache()
     model = _model("block", torch.float32)
     with torch.no_grad():
-        model(torch.randn(2, 200))
-    assert len(_dense._CACHE) == 2
+        model(torch.randn(2, 200))                                      # the modules' plans
+        sparsekit.ops.block_sparse_linear_packed(                       # the op's cache
+            torch.randn(2, 200), *(getattr(model[0], a) for a in ("blocks", "crow", "col", "tcol_ptr", "trow",
+                                                                   "tblk")), model[0].out_features, 200,
+            None, backend="dense")
+    kept = [weakref.ref(p.weight32()) for p in _plans(model)]
+    assert len(kept) == 2 and len(_dense._CACHE) == 1
     del model
     gc.collect()
-    assert len(_dense._CACHE) == 0
+    assert len(_dense._CACHE) == 0 and all(r() is None for r in kept)
 
 
 def test_training_through_the_dense_backend(monkeypatch):
@@ -126,7 +141,7 @@ def test_inference_tensors_are_not_cached(monkeypatch):
         model = _model("2:4", torch.float32)
         x = torch.randn(2, 200)
         y = model(x)
-    assert len(_dense._CACHE) == 0
+    assert len(_dense._CACHE) == 0 and not _plans(model)
     _with(monkeypatch, False)
     with torch.inference_mode():
         assert_close_rel(y, model(x), torch.float32)
@@ -178,9 +193,15 @@ def _special_rows(m, k, dtype):
     return x
 
 
+# float32 results: a few units in the last place; float16/bfloat16 results: at most one rounding step apart
+_CODES_BOUND = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fast_paths_equal_the_dense_op_bit_for_bit(dtype, monkeypatch):
-    """The modules' CPU fast paths (no op dispatch) give exactly the ``dense`` op's result, special rows included."""
+def test_fast_paths_equal_the_dense_op(dtype, monkeypatch):
+    """The modules' CPU fast paths (no op dispatch) give the ``dense`` op's result, special rows included: the
+    same NaN rows, the same integer codes, float32 sums that may differ in order (the code-matrix layers
+    apply the token and channel scales after the matmul; few rows run fbgemm's float16-weight GEMM)."""
     from sparsekit.ops.block_sparse import block_sparse_linear_packed
     from sparsekit.ops.int8 import int8_linear_packed
     from sparsekit.ops.sparse24_int8 import sparse24_int8_linear_packed
@@ -194,13 +215,13 @@ def test_fast_paths_equal_the_dense_op_bit_for_bit(dtype, monkeypatch):
         ref = sparse24_int8_linear_packed(x, m.values, m.meta_codes, m.w_scale, m.in_features, m.bias,
                                           backend="dense")
         assert torch.equal(y.isnan(), ref.isnan()) and y[2:4].isnan().all()
-        assert torch.equal(y.nan_to_num(), ref.nan_to_num())
+        assert_close_rel(y.nan_to_num(), ref.nan_to_num(), dtype, bound=_CODES_BOUND[dtype])
         q = _model("w8a8", dtype, k=k)[0]
         xq = x.to(q.dtype)
         y = q(xq)
         ref = int8_linear_packed(xq, q.qweight, q.scales.float(), q.bias, act_bits=8, backend="dense")
         assert torch.equal(y.isnan(), ref.isnan()) and y[2:4].isnan().all()
-        assert torch.equal(y.nan_to_num(), ref.nan_to_num())
+        assert_close_rel(y.nan_to_num(), ref.nan_to_num(), q.dtype, bound=_CODES_BOUND[q.dtype])
         b = _model("block", dtype, k=k)[0]
         xb = torch.randn(3, k, dtype=dtype)
         xb[0, 0] = float("inf")         # outputs whose kept blocks do not read column 0 stay finite
@@ -220,3 +241,67 @@ def test_activation_quantized_gradients_stay_straight_through(scheme, monkeypatc
     x = torch.randn(4, 192, requires_grad=True)
     mod(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_fp16_gemm_for_few_rows_equals_float32(scheme, monkeypatch):
+    """Few rows take fbgemm's float16-weight GEMM exactly where every weight entry is a float16 number (the
+    int4 layers dequantized in float16, integer-code layers); the result equals the float32 matmul's within
+    float32 summation order; more rows than FP16_GEMM_MAX_ROWS take the float32 matmul."""
+    _with(monkeypatch, True)
+    layer = _model(scheme, torch.float32, k=200 if scheme not in HALF_ONLY else 192, n=72)[0]
+    k = layer.in_features
+    few, many = torch.randn(3, k), torch.randn(_dense.FP16_GEMM_MAX_ROWS + 1, k)
+    with torch.no_grad():
+        y_few = layer(few)
+        plan = layer.__dict__[_dense._PLAN_ATTR]
+        w = plan.make()
+        assert plan.fp16 == (bool(torch.equal(w.half().float(), w)) and _dense._fbgemm_ok is True)
+        if scheme in ("int4", "w8a8", "2:4+int4", "2:4+int8"):
+            assert plan.fp16 or _dense._fbgemm_ok is False      # exact by construction (torch with fbgemm)
+        if scheme in ("2:4", "block"):
+            assert plan.fp16 is False                           # float32 weights of a float32 model
+        assert plan.w32 is None or not plan.fp16                # only what was needed is built
+        # the float32 matmul on the same rows
+        ref = torch.nn.functional.linear(few, w)
+        got = plan.matmul(few, None)
+        assert_close_rel(got, ref, torch.float32, bound=1e-6)
+        y_many = layer(many)
+        assert plan.w32 is not None
+        _with(monkeypatch, False)
+        assert_close_rel(y_few, layer(few), torch.float16 if scheme in HALF_ONLY else torch.float32)
+        assert_close_rel(y_many, layer(many), torch.float16 if scheme in HALF_ONLY else torch.float32)
+
+
+def test_plans_are_not_copied_or_pickled_and_follow_clear(monkeypatch):
+    _with(monkeypatch, True)
+    model = _model("int4", torch.float16, k=192)
+    x = torch.randn(2, 192, dtype=torch.float16)
+    with torch.no_grad():
+        y = model(x)
+        twin = copy.deepcopy(model)
+        assert not _plans(twin) and len(_plans(model)) == 2
+        assert torch.equal(twin(x), y) and len(_plans(twin)) == 2
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        assert not _plans(loaded) and torch.equal(loaded(x), y)
+        old = _plans(model)
+        _dense.clear_dense_cache()
+        assert torch.equal(model(x), y) and all(a is not b for a, b in zip(old, _plans(model)))
+
+
+def test_bias_gradient_through_the_fast_path(monkeypatch):
+    """In grad mode a trainable bias gets its gradient on the fast path (the frozen packed weight does not)."""
+    grads = {}
+    for on in (True, False):
+        _with(monkeypatch, on)
+        for scheme in ("int4", "w8a8", "2:4+int4"):
+            layer = _model(scheme, torch.float32, k=192)[0]
+            x = torch.randn(5, 192)
+            layer(x).square().sum().backward()
+            grads[on, scheme] = layer.bias.grad.clone()
+    for scheme in ("int4", "w8a8", "2:4+int4"):
+        assert grads[True, scheme].abs().sum() > 0
+        assert_close_rel(grads[True, scheme].float(), grads[False, scheme].float(), torch.float16)

@@ -8,8 +8,8 @@ from torch import nn
 
 from ..formats._validate import validate_block_sparse
 from ..formats.block_sparse import BlockSparseWeight, check_block_size
-from ..ops._dense import module_fast_path
-from ..ops.block_sparse import block_sparse_linear_packed, dense_forward
+from ..ops._dense import module_fast_path, module_plan
+from ..ops.block_sparse import block_dense_f32, block_sparse_linear_packed, dense_forward, structural_fixup
 from . import _state
 
 __all__ = ["BlockSparseLinear"]
@@ -174,10 +174,18 @@ class BlockSparseLinear(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if module_fast_path(x, self.backend, self.in_features, (self.blocks.dtype,)) and not (
-                self.blocks.requires_grad and torch.is_grad_enabled()):
-            # CPU: the cached dense expansion, without the op's per-call machinery (ops/_dense.py)
-            return dense_forward(x, self.blocks, self.crow, self.col, self.out_features, self.in_features, self.bias)
+        params = self._parameters          # (dict reads: Module.__getattr__ costs more than a small layer's
+        blocks = params["blocks"]           # share of a CPU forward)
+        if module_fast_path(x, self.backend, self.in_features, (blocks.dtype,)) and not (
+                blocks.requires_grad and torch.is_grad_enabled()):
+            # CPU: the dense expansion kept per weight version, without the op's per-call machinery
+            # (ops/_dense.py)
+            bufs = self._buffers
+            crow, col, n, k, bias = bufs["crow"], bufs["col"], self.out_features, self.in_features, params["bias"]
+            plan = module_plan(self, (blocks, crow, col), lambda: block_dense_f32(blocks, crow, col, n, k), n, k, bias)
+            if plan is None:
+                return dense_forward(x, blocks, crow, col, n, k, bias)
+            return structural_fixup(plan.linear(x, bias), x, blocks, crow, col, n, k, bias)
         # the buffers were validated when built / loaded: no per-call content checks
         return block_sparse_linear_packed(x, self.blocks, self.crow, self.col, self.tcol_ptr, self.trow, self.tblk,
                                           self.out_features, self.in_features, self.bias, backend=self.backend,

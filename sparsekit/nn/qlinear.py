@@ -31,10 +31,13 @@ from ..formats.int4 import Int4Weight, check_perm, resolve_group_size
 from ..formats.int8 import Int8Weight
 from ..ops.act_quant import _check_frac8
 from ..ops._checks import check_x
-from ..ops._dense import dense_linear, module_fast_path
-from ..ops.int4 import dense_int4_weight, int4_linear_packed
-from ..ops.int8 import dense_w4_weight, dense_w8_weight, fake_quant_linear, int8_linear_packed, w4a8_linear_packed
+from ..formats.int4 import dequantize_int4
+from ..ops._dense import cpu_weight, module_plan, module_fast_path
+from ..ops.int4 import int4_linear_packed
+from ..ops.int8 import dequantize_int4_fp32, int8_linear_packed, w4a8_linear_packed
 from . import _state
+
+_F32_ONLY = (torch.float32,)
 
 __all__ = ["QLinear"]
 
@@ -326,14 +329,16 @@ class QLinear(nn.Module):
         """``importance`` (``x.shape[:-1]``, mixed mode only): per-token scores choosing the 8-bit tokens."""
         if importance is not None and self.act_bits != "mixed":
             raise ValueError(f"importance only applies to act_bits='mixed' (this layer has act_bits={self.act_bits!r})")
-        if isinstance(x, torch.Tensor) and x.dtype == torch.float32 and self.dtype != torch.float32:
+        bufs = self._buffers        # (buffers read from the dict: Module.__getattr__ costs more than a small layer's
+        #                              share of a forward on CPU)
+        if isinstance(x, torch.Tensor) and x.dtype is torch.float32 and self.dtype is not torch.float32:
             # the dtype rule of every low-bit module: float32 in, float32 out; the kernels run in the
             # compute dtype (float16/bfloat16, chosen at conversion) and only the boundary is cast
-            if self.input_scale is not None:
+            if bufs["input_scale"] is not None:
                 x = x / self.input_scale.float()
-            if self.in_perm is not None:
+            if bufs["in_perm"] is not None:
                 x = self._permute_input(x)
-            if module_fast_path(x, self.backend, self.in_features, (torch.float32,)):
+            if module_fast_path(x, self.backend, self.in_features, _F32_ONLY):
                 y = self._cpu_dense_forward(x)
                 if y is not None:
                     return y
@@ -350,23 +355,33 @@ class QLinear(nn.Module):
         return x.index_select(-1, self.in_perm)
 
     def _cpu_dense_forward(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """CPU's dense path (ops/_dense.py): the cached float32 weight, without the op's per-call machinery;
-        a float32 input is used as is (not rounded to the compute dtype first).  None where it does not
-        apply (mixed or per-token activation widths)."""
-        if self.bits == 4 and self.act_bits is None:
-            return dense_linear(x, dense_int4_weight(self.qweight, self.scales, self.zeros, self.group_size,
-                                                     self.in_features), self.bias)
-        if self.act_bits not in (8, 4) or (x.requires_grad and torch.is_grad_enabled()):
+        """CPU's dense path (ops/_dense.py): the float32 weight kept per weight version, without the op's
+        per-call machinery; a float32 input is used as is for weight-only layers (not rounded to the compute
+        dtype first).  None where it does not apply (mixed or per-token activation widths, an inference
+        tensor)."""
+        act = self.act_bits
+        if act is not None and (act not in (8, 4) or (x.requires_grad and torch.is_grad_enabled())):
             return None             # mixed widths; or a gradient: the ops' backward is straight-through
-        if self.bits == 8:
-            w = dense_w8_weight(self.qweight, self.scales)
+        bufs = self._buffers
+        q, s, z, bias = bufs["qweight"], bufs["scales"], bufs["zeros"], self._parameters["bias"]
+        gs, k = self.group_size, self.in_features
+        if self.bits == 8:          # W8A8: the integer codes, the channel scale applied after the matmul
+            plan = module_plan(self, (q,), lambda: q.float(), self.out_features, k, bias, s)
+        elif act is None:
+            plan = module_plan(self, (q, s, z), lambda: cpu_weight(dequantize_int4(q, s, z, gs, k)),
+                               self.out_features, k, bias)
         else:
-            w = dense_w4_weight(self.qweight, self.scales, self.zeros, self.group_size, self.in_features)
-        if x.dtype != self.dtype:
-            # the activations are quantized from the compute dtype, as on every other path (a float32 input
-            # rounded to float16 first can land on another integer code)
-            return fake_quant_linear(x.to(self.dtype), w, self.bias, self.act_bits).to(x.dtype)
-        return fake_quant_linear(x, w, self.bias, self.act_bits)
+            plan = module_plan(self, (q, s, z), lambda: dequantize_int4_fp32(q, s, z, gs, k).contiguous(),
+                               self.out_features, k, bias)
+        if plan is None:
+            return None
+        if act is None:
+            return plan.linear(x, bias)
+        # the activations are quantized from the compute dtype and the result is rounded to it, as on every
+        # other path (a float32 input rounded to float16 first can land on another integer code)
+        dt = s.dtype if self.bits == 4 else self.dtype
+        y = plan.quant_linear((x if x.dtype is dt else x.to(dt)).float(), act, bias).to(dt)
+        return y if x.dtype is dt else y.to(x.dtype)
 
     def _forward_compute(self, x: torch.Tensor, importance: Optional[torch.Tensor]) -> torch.Tensor:
         if importance is None and module_fast_path(x, self.backend, self.in_features, (self.dtype,)):

@@ -8,9 +8,9 @@ from torch import nn
 
 from ..formats._validate import validate_sparse24, validate_sparse24_int8
 from ..formats.sparse24 import Sparse24Int8Weight, Sparse24Weight, padded_k
-from ..ops._dense import dense_linear, module_fast_path
-from ..ops.sparse24 import cpu_dense_weight, sparse24_linear_packed
-from ..ops.sparse24_int8 import sparse24_int8_dense_forward, sparse24_int8_linear_packed
+from ..ops._dense import cpu_weight, module_fast_path, module_plan
+from ..ops.sparse24 import sparse24_dense, sparse24_linear_packed
+from ..ops.sparse24_int8 import sparse24_int8_codes_f32, sparse24_int8_linear_packed
 from ..prune.masks import mask_2to4
 from . import _state
 
@@ -200,9 +200,14 @@ class SparseLinear(nn.Module):
         if self.act_bits == 8:
             if module_fast_path(x, self.backend, self.in_features, _FLOATS) and not (
                     x.requires_grad and torch.is_grad_enabled()):      # the op's backward is straight-through
-                # CPU: the dense backend's math (cached float32 int8 expansion), without the op's machinery
-                return sparse24_int8_dense_forward(x, self.values, self.meta_codes, self.w_scale, self.in_features,
-                                                   self.bias)
+                # CPU: the dense backend's math (the int8 codes expanded once, as float32), without the op's
+                # machinery; the activations quantized from the input's dtype, as the op does
+                values, meta, k = self.values, self.meta_codes, self.in_features
+                plan = module_plan(self, (values, meta), lambda: sparse24_int8_codes_f32(values, meta, k),
+                                   self.out_features, k, self.bias, self.w_scale)
+                if plan is not None:
+                    y = plan.quant_linear(x.float(), 8, self.bias)
+                    return y if x.dtype is torch.float32 else y.to(x.dtype)
             return sparse24_int8_linear_packed(x, self.values, self.meta_codes, self.w_scale, self.in_features,
                                                self.bias, backend=self.backend, validate=False)
         values = self._parameters.get("values")       # a Parameter (trainable) or a buffer
@@ -210,9 +215,14 @@ class SparseLinear(nn.Module):
             values = self._buffers["values"]
         if module_fast_path(x, self.backend, self.in_features, (values.dtype,)) and not (
                 values.requires_grad and torch.is_grad_enabled()):
-            # CPU: the cached dense expansion, without the op's per-call machinery (ops/_dense.py)
-            return dense_linear(x, cpu_dense_weight(values, self._buffers["meta_codes"], self.in_features),
-                                self._parameters.get("bias"))
+            # CPU: the dense expansion kept per weight version, without the op's per-call machinery
+            # (ops/_dense.py)
+            meta, k = self._buffers["meta_codes"], self.in_features
+            bias = self._parameters.get("bias")
+            plan = module_plan(self, (values, meta), lambda: cpu_weight(sparse24_dense(values.detach(), meta, k)),
+                               self.out_features, k, bias)
+            if plan is not None:
+                return plan.linear(x, bias)
         # the buffers were validated when built / loaded: no per-call content checks
         return sparse24_linear_packed(x, self.values, self.meta_codes, self.in_features, self.bias,
                                       backend=self.backend, validate=False)

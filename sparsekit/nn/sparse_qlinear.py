@@ -9,8 +9,8 @@ from torch import nn
 from ..formats._validate import validate_sparse24_int4
 from ..formats.int4 import SCALE_DTYPES, resolve_group_size
 from ..formats.sparse24_int4 import Sparse24Int4Weight, compressed_group_size, k_padded16
-from ..ops._dense import dense_linear, module_fast_path
-from ..ops.sparse24_int4 import dense_sparse24_int4_weight, sparse24_int4_linear_packed
+from ..ops._dense import cpu_weight, dense_linear, module_fast_path, module_plan
+from ..ops.sparse24_int4 import dense_sparse24_int4_weight, dequantize_sparse24_int4, sparse24_int4_linear_packed
 from . import _state
 
 __all__ = ["SparseQLinear"]
@@ -151,11 +151,18 @@ class SparseQLinear(nn.Module):
         return lin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias
+        bias = self._parameters["bias"]
         if module_fast_path(x, self.backend, self.in_features, (self.compute_dtype, torch.float32)):
-            # CPU: the cached dense expansion, without the op's per-call machinery (ops/_dense.py)
-            return dense_linear(x, dense_sparse24_int4_weight(self.qweight, self.scales, self.zeros, self.meta_codes,
-                                                              self.group_size, self.in_features), bias)
+            # CPU: the dense expansion kept per weight version, without the op's per-call machinery
+            # (ops/_dense.py)
+            bufs = self._buffers    # (dict reads: Module.__getattr__ costs more than a small layer's CPU forward share)
+            q, s, z, m = bufs["qweight"], bufs["scales"], bufs["zeros"], bufs["meta_codes"]
+            gs, k = self.group_size, self.in_features
+            plan = module_plan(self, (q, s, z, m), lambda: cpu_weight(dequantize_sparse24_int4(q, s, z, m, gs, k)),
+                               self.out_features, k, bias)
+            if plan is not None:
+                return plan.linear(x, bias)
+            return dense_linear(x, dense_sparse24_int4_weight(q, s, z, m, gs, k), bias)
         if bias is not None and x.dtype != bias.dtype:
             bias = bias.to(x.dtype)
         # the buffers were validated when built / loaded: no per-call content checks

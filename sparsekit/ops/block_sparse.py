@@ -20,6 +20,7 @@ block-row ``n``), on every backend.  With no dropped blocks this is dense
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -73,19 +74,31 @@ def dense_forward(x, blocks, crow, col, out_features, in_features, bias):
     return _reference_forward(x, blocks, crow, col, out_features, in_features, bias, cached=True)
 
 
+def block_dense_f32(blocks, crow, col, out_features, in_features) -> torch.Tensor:
+    """The dense ``(N, K)`` weight as the ``dense`` backend holds it (float32 on CPU), uncached."""
+    return cpu_weight(_dense(blocks.detach(), crow, col, out_features, in_features))
+
+
 def _reference_forward(x, blocks, crow, col, out_features, in_features, bias, cached: bool = False):
     if cached:      # the dense backend: the expansion kept per weight version, float32 math on CPU
         w = cached_weight(("block", out_features, in_features), (blocks, crow, col),
-                          lambda: cpu_weight(_dense(blocks.detach(), crow, col, out_features, in_features)))
+                          lambda: block_dense_f32(blocks, crow, col, out_features, in_features))
         y = dense_linear(x, w, bias)
     else:
         w = _dense(blocks, crow, col, out_features, in_features)
         y = F.linear(x, w, bias)
+    return structural_fixup(y, x, blocks, crow, col, out_features, in_features, bias)
+
+
+def structural_fixup(y, x, blocks, crow, col, out_features, in_features, bias):
+    """``y`` (the dense math's result) with the rows of non-finite inputs recomputed over the kept blocks
+    only, as the kernels compute them (dense math multiplies dropped blocks too: 0 * Inf = NaN)."""
     if x.numel() == 0 or blocks.shape[0] == _full_pattern_blocks(crow, in_features, blocks):
         return y.contiguous()
-    if bool(torch.isfinite(y).all()):
+    if math.isfinite(float(y.sum(dtype=torch.float32))):
         # an Inf/NaN input always reaches the output of the dense math (Inf * w, or 0 * Inf = NaN), so a
-        # finite output means a finite input: nothing to redo (one reduction over the output per call)
+        # finite output means a finite input: nothing to redo (one reduction over the output per call; a sum
+        # that overflows only sends the call to the exact row check below)
         return y.contiguous()
     x2 = x.reshape(-1, in_features)
     bad = ~torch.isfinite(x2).all(dim=-1)

@@ -55,34 +55,19 @@ def _int_dense(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Tensor
     return sparse24_dense(values, meta, k)
 
 
+def sparse24_int8_codes_f32(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Tensor:
+    """The layer's int8 codes as a dense float32 ``(N, K)`` matrix (pruned entries 0), uncached."""
+    return _int_dense(values, meta, k).float().contiguous()
+
+
 def _dense_f32(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Tensor:
-    return cached_weight(("sp24i8", k), (values, meta), lambda: _int_dense(values, meta, k).float().contiguous())
+    return cached_weight(("sp24i8", k), (values, meta), lambda: sparse24_int8_codes_f32(values, meta, k))
 
 
 def _dense_math(xq, xs, values, meta, w_scale, in_features):
     acc = xq.float() @ _dense_f32(values, meta, in_features).t()
     # the scales multiply each other first: acc * x_scale alone can overflow fp32 for |x| ~ 1e37
     return acc * (xs * w_scale.float()[None, :])
-
-
-def sparse24_int8_dense_forward(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, w_scale: torch.Tensor,
-                                in_features: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """The ``dense`` backend's result without the op's dispatch (a module's CPU fast path): ``x`` a CPU float
-    tensor with ``in_features`` (> 0) in its last dimension, the packed tensors already validated."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)
-    if x2.shape[0] == 0 or values.shape[0] == 0:
-        return x.new_zeros((*lead, values.shape[0]))
-    # per-token int8 codes as float32 (the values of per_token_quant_reference's codes for finite rows; a
-    # row holding Inf/NaN gives NaN codes, hence a NaN output row, as the op's)
-    xf = x2.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True)
-    xs = (amax / 127.0).masked_fill_(amax == 0, 1.0)
-    xq = xf.div(xs).round_().clamp_(-127.0, 127.0)
-    y = _dense_math(xq, xs, values, meta, w_scale, in_features)
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y.to(x.dtype).reshape(*lead, values.shape[0])
 
 
 @torch.library.custom_op("sparsekit::sparse24_int8_linear", mutates_args=())
