@@ -85,6 +85,17 @@ def measure(dense: nn.Module, comp: nn.Module, x: torch.Tensor, rounds: int, bud
     return statistics.median(td), statistics.median(tc)
 
 
+def _matmul_kind(comp: nn.Module, m: int) -> str:
+    """Which matmul the module's CPU fast path ran for ``m`` rows: ``fp16w`` (fbgemm's float16-weight GEMM,
+    the weight exactly float16), ``fp32`` (F.linear on the float32 expansion) or ``op`` (no fast path)."""
+    from sparsekit.ops import _dense
+
+    plan = comp.__dict__.get(_dense._PLAN_ATTR)
+    if plan is None:
+        return "op"
+    return "fp16w" if plan.fp16 and m <= _dense.FP16_GEMM_MAX_ROWS else "fp32"
+
+
 def _torch_lowbit(scheme: str, n: int, k: int):
     """torch's own CPU low-bit matmul for ``scheme``'s weight kind, as a callable builder ``x -> fn`` (None if
     torch lacks it or the scheme has no counterpart): int4 (``_weight_int4pack_mm_for_cpu``, group 128 or K)
@@ -144,7 +155,8 @@ def run(schemes=SCHEMES, shapes=SHAPES, ms=MS, rounds: int = 7, budget_s: float 
                 x = torch.randn(m, k)
                 chosen = dispatch.resolve(op, "cpu", backend, m)
                 td, tc = measure(base, comp, x, rounds, budget_s)
-                row = {"scheme": scheme, "op": op, "backend": chosen, "N": n, "K": k, "M": m, "dtype": "fp32",
+                row = {"scheme": scheme, "op": op, "backend": chosen, "matmul": _matmul_kind(comp, m),
+                       "N": n, "K": k, "M": m, "dtype": "fp32",
                        "dense_ms": round(td * 1e3, 4), "compressed_ms": round(tc * 1e3, 4),
                        "ratio": round(td / tc, 3)}
                 peer = _torch_lowbit(scheme, n, k) if peers else None
@@ -171,12 +183,16 @@ def write(rows: list, out: str, header: dict) -> tuple:
     lines += [f"- {k}: {v}" for k, v in header.items()]
     lines += ["", "torch low-bit: torch's own CPU matmul for the weight kind, timed as a peer (int4: "
               "`_weight_int4pack_mm_for_cpu`, w8a8: `_weight_int8pack_mm`, weight-only int8), fp32 / bf16 input.",
-              "", "| scheme | backend | N x K | M | dense ms | compressed ms | ratio | torch low-bit ms (fp32 / bf16) |",
-              "|---|---|---|---|---|---|---|---|"]
+              "", "matmul: what the compressed layer's CPU fast path ran -- `fp16w`: fbgemm's float16-weight GEMM "
+              "(the expanded weight is exactly float16: int4 dequantized in float16, integer codes), `fp32`: "
+              "F.linear on the float32 expansion.", "",
+              "| scheme | backend | matmul | N x K | M | dense ms | compressed ms | ratio | torch low-bit ms (fp32 / bf16) |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peer = (f"{r['torch_lowbit_fp32_ms']} / {r['torch_lowbit_bf16_ms']}"
                 if r.get("torch_lowbit_fp32_ms") != "" or r.get("torch_lowbit_bf16_ms") != "" else "")
-        lines.append(f"| {r['scheme']} | {r['backend']} | {r['N']}x{r['K']} | {r['M']} | {r['dense_ms']} | "
+        lines.append(f"| {r['scheme']} | {r['backend']} | {r.get('matmul', '')} | {r['N']}x{r['K']} | {r['M']} | "
+                     f"{r['dense_ms']} | "
                      f"{r['compressed_ms']} | {r['ratio']:.2f} | {peer} |")
     worst = min(rows, key=lambda r: r["ratio"])
     lines += ["", f"Lowest ratio: {worst['ratio']:.2f} ({worst['scheme']}, {worst['N']}x{worst['K']}, M={worst['M']})."]
