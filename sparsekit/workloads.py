@@ -7,14 +7,22 @@
   the dense model's, over the evaluation sentences (1.0 for the dense model).
 * :func:`digits_workload`: an MLP 64-256-256-10 trained from scratch in about
   a second on scikit-learn's bundled 8x8 digits.  Quality = test accuracy.
+* :func:`digits_moe_workload`: a mixture-of-experts classifier on the same
+  digits whose hidden layers are transformers' own ``MixtralSparseMoeBlock``
+  and ``Qwen2MoeSparseMoeBlock`` (8 experts, top-2, fused 3-D expert tensors;
+  the second with a gated shared expert), trained from scratch in seconds
+  without a load-balancing loss, so that the experts receive clearly unequal
+  token shares (measured on the calibration images and kept in
+  ``workload.extra["token_shares"]``).  Quality = test accuracy.
 
-Both return a :class:`Workload`: a model whose forward takes ONE tensor (the
+All return a :class:`Workload`: a model whose forward takes ONE tensor (the
 calibration contract of :func:`sparsekit.prune.prune_model_` and
 :func:`sparsekit.quant.quantize_model_weights`), a list of calibration
 batches, and ``quality(model)``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
@@ -23,7 +31,8 @@ import torch
 from torch import nn
 
 __all__ = ["Workload", "WORKLOADS", "DEFAULT_CALIB", "CALIB_LIMITS", "SENTENCES", "MiniLMEmbedder", "minilm_model_dir", "minilm_workload",
-           "digits_data", "train_digits_mlp", "digits_workload", "load_workload"]
+           "digits_data", "train_digits_mlp", "digits_workload", "DigitsMoE", "train_digits_moe",
+           "digits_moe_workload", "one_thread", "load_workload"]
 
 
 @dataclass
@@ -299,11 +308,155 @@ def digits_workload(seed: int = 0, epochs: int = 20, num_calib: int = 384, calib
                     group_size=64, extra={"x_test": xte, "y_test": yte})
 
 
-WORKLOADS = {"minilm": minilm_workload, "digits": digits_workload}
+# ----------------------------------------------------------------------------- digits, mixture of experts
+@contextlib.contextmanager
+def one_thread():
+    """Within the block, torch uses one intra-op thread (the previous count is restored)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+class DigitsMoE(nn.Module):
+    """A digits classifier whose hidden layers are transformers' MoE blocks.
+
+    ``forward(x)`` takes ONE tensor ``(B, 64)`` (the flattened 8x8 image): its 8 pixel rows become 8
+    tokens (``Linear(8, hidden)`` plus a learned position embedding), two pre-norm residual layers
+    run ``moe1`` (``MixtralSparseMoeBlock``) and ``moe2`` (``Qwen2MoeSparseMoeBlock``, with its
+    sigmoid-gated shared expert) on the ``(B, 8, hidden)`` sequence, and ``head`` reads the 8
+    tokens flattened.  Both blocks: ``experts`` routed experts, ``top_k`` per token, SiLU-gated
+    expert MLPs of width ``intermediate`` stored as fused 3-D tensors (``experts.gate_up_proj``,
+    ``experts.down_proj``); the shared expert is twice as wide.  Built from configs (no download);
+    the eager expert loop, so the forward is plain PyTorch on any device.
+    """
+
+    def __init__(self, hidden: int = 32, experts: int = 8, top_k: int = 2, intermediate: int = 32):
+        super().__init__()
+        try:
+            import transformers
+            from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+            from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+        except ImportError as e:
+            raise ImportError("the digits_moe workload needs the package `transformers` (>= 5, fused MoE experts)"
+                              ) from e
+        common = dict(hidden_size=hidden, num_experts_per_tok=top_k, experts_implementation="eager")
+        mixtral = transformers.MixtralConfig(intermediate_size=intermediate, num_local_experts=experts, **common)
+        qwen = transformers.Qwen2MoeConfig(moe_intermediate_size=intermediate,
+                                           shared_expert_intermediate_size=2 * intermediate, num_experts=experts,
+                                           norm_topk_prob=False, **common)
+        self.embed = nn.Linear(8, hidden)
+        self.pos = nn.Parameter(0.1 * torch.randn(8, hidden))
+        self.norm1 = nn.LayerNorm(hidden)
+        self.moe1 = MixtralSparseMoeBlock(mixtral)
+        self.norm2 = nn.LayerNorm(hidden)
+        self.moe2 = Qwen2MoeSparseMoeBlock(qwen)
+        self.head = nn.Linear(8 * hidden, 10)
+        with torch.no_grad():   # the blocks allocate their router and expert tensors uninitialized (or zero)
+            for blk in (self.moe1, self.moe2):
+                for t in (blk.gate.weight, blk.experts.gate_up_proj, blk.experts.down_proj):
+                    nn.init.normal_(t, std=t.shape[-1] ** -0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x.reshape(-1, 8, 8)) + self.pos
+        h = h + self.moe1(self.norm1(h))
+        h = h + self.moe2(self.norm2(h))
+        return self.head(h.flatten(1))
+
+
+def train_digits_moe(x: torch.Tensor, y: torch.Tensor, seed: int = 0, epochs: int = 20, lr: float = 3e-3,
+                     weight_decay: float = 1e-4, batch_size: int = 64, **arch) -> DigitsMoE:
+    """A :class:`DigitsMoE` (``arch``: its constructor's arguments) trained with Adam on cross-entropy only
+    (no load-balancing loss); returned in eval mode.  Deterministic per ``seed`` as
+    :func:`train_digits_mlp`.  Trains on one intra-op thread (restored afterwards): the tensors are
+    tiny, and more threads only cost time on a shared machine (about 10 s on one core)."""
+    torch.manual_seed(seed)
+    model = DigitsMoE(**arch)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(seed)
+    with torch.enable_grad(), one_thread():
+        model.train()
+        for _ in range(epochs):
+            perm = torch.randperm(len(x), generator=g)
+            for i in range(0, len(x), batch_size):
+                idx = perm[i:i + batch_size]
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+                loss.backward()
+                opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def _token_counts(model: DigitsMoE, batches) -> dict:
+    """``{block name: [routed tokens per expert]}`` over ``batches`` (each token counts ``top_k`` times)."""
+    counts = {}
+    hooks = []
+
+    def make(name, blk):
+        def hook(mod, args):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            _, _, idx = blk.gate(x)
+            c = torch.bincount(idx.reshape(-1), minlength=blk.gate.num_experts)
+            counts[name] = counts.get(name, 0) + c
+        return hook
+
+    for name in ("moe1", "moe2"):
+        blk = getattr(model, name)
+        hooks.append(blk.register_forward_pre_hook(make(name, blk)))
+    try:
+        for (x,) in batches:
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: c.tolist() for n, c in counts.items()}
+
+
+_DIGITS_MOE_CACHE: dict = {}
+
+
+def digits_moe_workload(seed: int = 0, epochs: int = 20, num_calib: int = 384,
+                        calib_batch_size: int = 128) -> Workload:
+    """A :class:`DigitsMoE` (two transformers MoE blocks, 8 experts top-2, hidden 32) trained from scratch on
+    sklearn's digits (75/25 split, standardized pixels); quality = test accuracy; calibration =
+    ``num_calib`` training images (8 tokens each).
+
+    ``extra``: ``x_test``/``y_test``; ``token_counts`` and ``token_shares`` (``{block: [per expert]}``,
+    routed tokens of the calibration images, shares summing to 1 per block); ``max_min_share`` (per
+    block, the largest share over the smallest non-zero one) and ``empty_experts`` (per block, experts
+    that received no calibration token).  The trained model is cached per process and ``(seed, epochs)``;
+    each call returns a fresh copy.
+    """
+    import copy
+
+    xtr, ytr, xte, yte = digits_data(seed)
+    key = (seed, epochs)
+    if key not in _DIGITS_MOE_CACHE:
+        trained = train_digits_moe(xtr, ytr, seed=seed, epochs=epochs)
+        for p in trained.parameters():
+            p.requires_grad_(False)
+        _DIGITS_MOE_CACHE[key] = trained
+    model = copy.deepcopy(_DIGITS_MOE_CACHE[key])
+    calib = [(xtr[i:i + calib_batch_size],) for i in range(0, min(num_calib, len(xtr)), calib_batch_size)]
+    with one_thread():
+        counts = _token_counts(model, calib)
+    shares = {n: [c / sum(v) for c in v] for n, v in counts.items()}
+    extra = {"x_test": xte, "y_test": yte, "token_counts": counts, "token_shares": shares,
+             "max_min_share": {n: max(v) / min(s for s in v if s > 0) for n, v in shares.items()},
+             "empty_experts": {n: [e for e, c in enumerate(v) if c == 0] for n, v in counts.items()}}
+    return Workload("digits_moe", model, calib, lambda m: _accuracy(m, xte, yte), "test accuracy",
+                    group_size=8, extra=extra)
+
+
+WORKLOADS = {"minilm": minilm_workload, "digits": digits_workload, "digits_moe": digits_moe_workload}
 # calibration samples used by `sparsekit compress` and the quality table unless told otherwise (MiniLM:
 # sentences, digits: training images): one default, so both report the same number for the same run
-DEFAULT_CALIB = {"minilm": 16, "digits": 384}
-CALIB_LIMITS = {"minilm": (1, NUM_CALIB_SENTENCES), "digits": (1, 1347)}   # digits: its 75% training split
+DEFAULT_CALIB = {"minilm": 16, "digits": 384, "digits_moe": 384}
+CALIB_LIMITS = {"minilm": (1, NUM_CALIB_SENTENCES), "digits": (1, 1347),   # digits: its 75% training split
+                "digits_moe": (1, 1347)}
 
 
 def load_workload(name: str, num_calib: Optional[int] = None, **kwargs) -> Workload:

@@ -91,3 +91,53 @@ def test_minilm_wanda_beats_magnitude_at_2to4(minilm_quality):
 def test_minilm_gptq_at_least_rtn_int4(minilm_quality):
     q = minilm_quality
     assert q[("int4", "gptq")] >= q[("int4", "rtn")], q
+
+
+def test_digits_moe_workload_trains_routes_unequally_and_prunes():
+    """The MoE classifier: real transformers MoE blocks, one-tensor forward, clearly unequal token shares;
+    MoE-Pruner at 50 % unstructured matches Wanda (per expert over its routed tokens) within one test image.
+
+    Measured (seed 0, the table's): dense 0.9756, both pruners 0.9578; over seeds 0-4 MoE-Pruner was
+    never below Wanda (equal on 2 seeds, +1 or +2 test images on 3), so only "not below by more than one
+    test image" is asserted here.  At 2:4 MoE-Pruner was below Wanda on 4 of those 5 seeds (not asserted).
+    """
+    pytest.importorskip("transformers")
+    import copy
+
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
+    from sparsekit.prune import find_moe_blocks, prune_model_, prune_moe_
+    from sparsekit.workloads import load_workload, one_thread
+
+    wl = load_workload("digits_moe")
+    assert isinstance(wl.model.moe1, MixtralSparseMoeBlock) and isinstance(wl.model.moe2, Qwen2MoeSparseMoeBlock)
+    assert wl.model.moe1.experts.gate_up_proj.shape == (8, 64, 32) and wl.model.moe1.gate.top_k == 2
+    assert sorted(find_moe_blocks(wl.model)) == ["moe1", "moe2"]
+    assert wl.dense_quality > 0.95 and wl.extra["calib_size"] == 384
+    (x,) = wl.calib[0]
+    assert x.shape == (128, 64) and wl.model(x).shape == (128, 10)   # the calibration contract: one tensor
+    for name, counts in wl.extra["token_counts"].items():
+        assert sum(counts) == 2 * 8 * 384                             # 8 tokens per image, top-2
+        shares = wl.extra["token_shares"][name]
+        assert abs(sum(shares) - 1) < 1e-12 and max(shares) > 0.2 and min(shares) < 0.02, (name, shares)
+        assert wl.extra["max_min_share"][name] > 10
+    q = {}
+    with one_thread():
+        for method in ("wanda", "moe_pruner"):
+            m = copy.deepcopy(wl.model)
+            if method == "wanda":
+                rep = prune_moe_(m, wl.calib, 0.5, "unstructured", weighting="routed")
+            else:
+                rep = prune_model_(m, wl.calib, method="moe_pruner", pattern="unstructured", sparsity=0.5,
+                                   progress=False)
+            for blk in (m.moe1, m.moe2):   # the zeros are in the fused expert tensors
+                assert float((blk.experts.gate_up_proj == 0).double().mean()) == 0.5
+                assert float((blk.experts.down_proj == 0).double().mean()) == 0.5
+            assert "moe2.shared_expert.down_proj" in rep and "head" in rep and "moe2.shared_expert_gate" not in rep
+            q[method] = wl.quality(m)
+    n_test = len(wl.extra["y_test"])
+    assert q["moe_pruner"] >= q["wanda"] - 1 / n_test - 1e-9, q
+    assert min(q.values()) > 0.9, q
+    # each load is a fresh copy of the cached trained model: pruning one leaves the next intact
+    assert load_workload("digits_moe").quality() == wl.dense_quality
