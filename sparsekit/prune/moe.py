@@ -32,7 +32,8 @@ Pieces:
   for comparison, unweighted) per-expert input statistics, token counts and
   gate mass, plus plain Wanda statistics of the dense layers.
 * :func:`prune_moe_` -- the one-shot pruner (unstructured with an exact count
-  per row, or 2:4); returns a :class:`MoEPruneReport`.
+  per row, or 2:4; the dense layers -- attention, shared experts -- by Wanda
+  or SparseGPT); returns a :class:`MoEPruneReport`.
 * :func:`distill_experts_` -- optional expert-wise distillation of the kept
   weights towards a dense teacher's MoE-block outputs.
 
@@ -50,13 +51,16 @@ import torch
 from torch import nn
 
 from ..calibration import InputAccumulator, hooked, model_input, reiterable, resolve_layers
+from .sparsegpt import sparsegpt_prune
 from .wanda import check_pattern, magnitude_mask, wanda_mask
 
 __all__ = ["MoEAdapter", "FusedExpertsAdapter", "MixtralAdapter", "QwenMoeAdapter", "DeepseekMoeAdapter", "register_moe_adapter",
            "moe_adapter", "find_moe_blocks", "collect_moe_stats", "MoEPruneReport", "prune_moe_",
-           "distill_experts_", "WEIGHTINGS", "PROJECTIONS"]
+           "distill_experts_", "WEIGHTINGS", "PROJECTIONS", "SHARED_METHODS"]
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# how prune_moe_ treats the dense layers (attention, shared experts)
+SHARED_METHODS = ("wanda", "sparsegpt", "none")
 # per-expert statistic: "router" (MoE-Pruner, gate-weighted over routed tokens), "routed" (plain Wanda
 # over the expert's routed tokens), "all" (plain Wanda over every token of the block, as if dense)
 WEIGHTINGS = ("router", "routed", "all")
@@ -322,7 +326,7 @@ def _dense_layers(model: nn.Module, blocks: Mapping[str, MoEAdapter], layers) ->
 
 def collect_moe_stats(model: nn.Module, calib_loader: Iterable, blocks: Optional[Mapping[str, MoEAdapter]] = None,
                       dense_layers: Optional[Mapping[str, nn.Linear]] = None, all_tokens: bool = False,
-                      progress: bool = False) -> dict:
+                      progress: bool = False, dense_stats=("sumsq",)) -> dict:
     """One calibration pass (eval mode, no_grad) collecting, per MoE block and expert ``e``:
 
     * ``tokens[e]``: routed token count; ``mass[e]``: summed gate probability;
@@ -332,7 +336,8 @@ def collect_moe_stats(model: nn.Module, calib_loader: Iterable, blocks: Optional
       ``sumsq_all[e]``, the unweighted ``"mid"`` statistic over every token (each expert's intermediate
       is then computed for all tokens, ``num_experts / top_k`` times the routed cost);
 
-    and Wanda's ``sumsq`` for ``dense_layers``.  Float64, on each block's expert-weight device.  Returns
+    and the raw sums ``dense_stats`` of :mod:`sparsekit.calibration` for ``dense_layers`` (Wanda's
+    ``sumsq``; add ``"xtx"`` for SparseGPT's Hessian).  Float64, on each block's expert-weight device.  Returns
     ``{"blocks": {name: stats}, "dense": raw sums of sparsekit.calibration}``.
     """
     blocks = find_moe_blocks(model) if blocks is None else dict(blocks)
@@ -383,7 +388,7 @@ def collect_moe_stats(model: nn.Module, calib_loader: Iterable, blocks: Optional
                 st["sumsq"][(e, "mid")] += me.pow(2).sum(0)
         return hook
 
-    accum = InputAccumulator(dense_layers, ("sumsq",))
+    accum = InputAccumulator(dense_layers, tuple(dense_stats))
     handles = []
     from tqdm.auto import tqdm
     with hooked(model, dense_layers, accum.make_hook), torch.no_grad():
@@ -400,6 +405,7 @@ def collect_moe_stats(model: nn.Module, calib_loader: Iterable, blocks: Optional
                 hd.remove()
     if nb == 0:
         raise ValueError("calib_loader yielded no batches")
+    accum.flush()   # float32 partial X^T X sums (the "xtx" statistic) into the float64 totals
     return {"blocks": stats, "dense": accum.acc}
 
 
@@ -443,7 +449,7 @@ def _mask(weight, norm, pattern, s):
 
 def prune_moe_(model: nn.Module, calib_loader: Iterable, sparsity: float = 0.5, pattern: str = "unstructured",
                shared: str = "wanda", weighting: str = "router", empty: str = "magnitude", dense_layers=None,
-               progress: bool = False) -> MoEPruneReport:
+               progress: bool = False, block_size: int = 128, damp: float = 0.01) -> MoEPruneReport:
     """Prune a mixture-of-experts model in place with MoE-Pruner; returns a :class:`MoEPruneReport`.
 
     Every routed expert's gate/up/down weight is pruned per output row by
@@ -452,21 +458,25 @@ def prune_moe_(model: nn.Module, calib_loader: Iterable, sparsity: float = 0.5, 
     token of the block).  ``pattern``: ``"unstructured"`` (exactly ``floor(sparsity * in)`` zeros per
     row) or ``"2:4"`` (sparsity 0.5).  ``shared``: ``"wanda"`` prunes the dense layers (attention,
     shared experts; every ``nn.Linear`` except routers, shared-expert gates and the output head, or
-    ``dense_layers``) with plain Wanda statistics from the same pass; ``"none"`` leaves them dense.
+    ``dense_layers``) with plain Wanda statistics from the same pass; ``"sparsegpt"`` prunes them with
+    SparseGPT (mask and OBS compensation of the kept weights, :func:`sparsekit.prune.sparsegpt_prune`
+    with ``block_size`` and ``damp``) on the Hessian ``2 X^T X / n`` of the same pass -- the dense
+    model's inputs, not re-collected layer by layer as :func:`sparsekit.prune.prune_model_` does;
+    ``"none"`` leaves them dense.
     ``empty``: experts that got no calibration token are pruned by magnitude (``"magnitude"``) or
     left dense (``"keep"``); a dense layer that did not run in the pass is pruned by magnitude.  All
     statistics come from one pass over ``calib_loader`` with the dense model (not layer by layer).  Masked weights become exact zeros, fused 3-D expert tensors included.
     """
     s = check_pattern(pattern, sparsity)
-    if shared not in ("wanda", "none"):
-        raise ValueError(f"shared must be 'wanda' or 'none', got {shared!r}")
+    if shared not in SHARED_METHODS:
+        raise ValueError(f"shared must be one of {SHARED_METHODS}, got {shared!r}")
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     if empty not in ("magnitude", "keep"):
         raise ValueError(f"empty must be 'magnitude' or 'keep', got {empty!r}")
     blocks = find_moe_blocks(model)
-    dense = _dense_layers(model, blocks, dense_layers) if shared == "wanda" else {}
-    if shared == "wanda" and dense_layers is None:
+    dense = _dense_layers(model, blocks, dense_layers) if shared != "none" else {}
+    if shared != "none" and dense_layers is None:
         # the routed experts are not nn.Linear in fused layouts; if some block keeps per-expert linears,
         # the adapter already covers them -- never prune those twice
         routed = set()
@@ -475,7 +485,8 @@ def prune_moe_(model: nn.Module, calib_loader: Iterable, sparsity: float = 0.5, 
                 for p in PROJECTIONS:
                     routed.add(ad.expert_weight(e, p).data_ptr())
         dense = {n: m for n, m in dense.items() if m.weight.data_ptr() not in routed}
-    st = collect_moe_stats(model, calib_loader, blocks, dense, all_tokens=weighting == "all", progress=progress)
+    st = collect_moe_stats(model, calib_loader, blocks, dense, all_tokens=weighting == "all", progress=progress,
+                           dense_stats=("sumsq", "xtx") if shared == "sparsegpt" else ("sumsq",))
     report = MoEPruneReport()
     report.empty, report.weighting = empty, weighting
     with torch.no_grad():
@@ -506,9 +517,14 @@ def prune_moe_(model: nn.Module, calib_loader: Iterable, sparsity: float = 0.5, 
                     report.sparsity[tname] = float((w == 0).double().mean())
         for name, lin in dense.items():
             acc = st["dense"][name]
-            norm = acc["sumsq"].sqrt() if acc["n"] > 0 else None
-            m = _mask(lin.weight, norm, pattern, s)
-            lin.weight.mul_(m.to(lin.weight.dtype))
+            if shared == "sparsegpt" and acc["n"] > 0:
+                w, m = sparsegpt_prune(lin.weight, acc["xtx"].mul_(2.0 / acc["n"]), pattern, s,
+                                       block_size=block_size, damp=damp)
+                lin.weight.copy_(w)
+            else:
+                norm = acc["sumsq"].sqrt() if acc["n"] > 0 else None
+                m = _mask(lin.weight, norm, pattern, s)
+                lin.weight.mul_(m.to(lin.weight.dtype))
             report[name] = m
             report.sparsity[name] = float((lin.weight == 0).double().mean())
     return report
