@@ -1,5 +1,6 @@
 """AWQ as published: shared sibling scales, folding, clipping search (sparsekit.quant.awq_model)."""
 import copy
+import re
 
 import pytest
 import torch
@@ -248,3 +249,81 @@ def test_transform_only_then_int4_conversion_gives_the_published_awq_weights():
                             progress=False)
     with pytest.raises(TypeError, match="quantize must be a bool"):
         awq_quantize_model_(copy.deepcopy(m), calib, group_size=32, layers=layers, quantize=1, progress=False)
+
+
+def _opt_or_bert(kind, seed):
+    """Tiny OPT (pre-LN, or post-LN like OPT-350m) or BERT, float64, LLM-like norm outliers, random biases."""
+    torch.manual_seed(seed)
+    if kind == "bert":
+        cfg = transformers.BertConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=64)
+        m = transformers.BertModel(cfg, add_pooling_layer=False)
+    else:
+        cfg = transformers.OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64,
+                                     do_layer_norm_before=kind == "opt_pre_ln")
+        m = transformers.OPTForCausalLM(cfg)
+    m = m.double().eval()
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if ("layer_norm" in n or "LayerNorm" in n) and n.endswith("weight"):
+                p.mul_(torch.exp(torch.randn(p.shape, generator=g, dtype=p.dtype)))
+            elif n.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
+    calib = [torch.randint(0, 128, (2, 16), generator=g) for _ in range(4)]
+    test = torch.randint(0, 128, (4, 16), generator=g)
+    layers = [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear) and "lm_head" not in n]
+    return m, calib, test, layers
+
+
+def _out(m, x):
+    with torch.no_grad():
+        o = m(x)
+    return o.logits if hasattr(o, "logits") else o.last_hidden_state
+
+
+@pytest.mark.parametrize("kind", ["opt_pre_ln", "opt_post_ln", "bert"])
+def test_opt_and_bert_folds_leave_the_float_function_unchanged(kind):
+    m, calib, test, layers = _opt_or_bert(kind, 0)
+    ref = _out(m, test)
+    rep = {}
+    # folds only (no clipping, no rounding): the float64 function must not change
+    awq_quantize_model_(m, calib, group_size=32, layers=layers, auto_clip=False, quantize=False, progress=False,
+                        report=rep)
+    assert _rel(_out(m, test), ref) < 1e-10
+    folded = {re.sub(r"^.*\.\d+\.", "", g["producer"]) for g in rep["groups"] if g["folded"]}
+    if kind == "opt_pre_ln":
+        assert folded == {"self_attn_layer_norm", "self_attn.v_proj", "final_layer_norm", "fc1"}
+        assert rep["input_scale_layers"] == []
+    elif kind == "opt_post_ln":
+        # post-LN: the norms' outputs are the residual stream, so only v_proj -> out_proj and fc1 -> fc2 fold
+        assert folded == {"self_attn.v_proj", "fc1"}
+        assert sorted(n.rsplit(".", 1)[-1] for n in rep["input_scale_layers"]) == ["fc1", "fc1", "k_proj", "k_proj",
+                                                                                  "q_proj", "q_proj", "v_proj",
+                                                                                  "v_proj"]
+    else:
+        assert folded == {"attention.self.value"}
+        assert all(g["producer"] is None for g in rep["groups"] if not g["folded"])
+
+
+@pytest.mark.parametrize("kind", ["opt_pre_ln", "opt_post_ln"])
+def test_opt_published_awq_beats_rtn(kind):
+    """Measured (relative logit error, seeds 0/1/2): pre-LN published 0.043/0.064/0.040 vs RTN 0.051/0.065/0.066
+    (per-linear run-time-scale AWQ 0.038/0.083/0.030: no consistent order, not asserted); post-LN published
+    0.011/0.008/0.006 vs RTN 0.033/0.032/0.009 and per-linear 0.018/0.013/0.018.  (Before the post-LN
+    condition the norm folds changed the function there: published 0.53-0.72.)  BERT is not asserted:
+    published 0.0023/0.0061/0.0102 vs RTN 0.0052/0.0056/0.0109 -- no consistent order."""
+    for seed in range(3):
+        m, calib, test, layers = _opt_or_bert(kind, seed)
+        ref = _out(m, test)
+        errs = {}
+        for name, kw in (("published", dict(method="awq")), ("per_layer", dict(method="awq", published=False)),
+                         ("rtn", dict(method="rtn"))):
+            mm = copy.deepcopy(m)
+            quantize_model_weights(mm, calib if name != "rtn" else None, group_size=32, layers=layers,
+                                   progress=False, **kw)
+            errs[name] = _rel(_out(mm, test), ref)
+        assert errs["published"] < errs["rtn"], (seed, errs)
+        if kind == "opt_post_ln":
+            assert errs["published"] < errs["per_layer"], (seed, errs)

@@ -15,7 +15,8 @@ original AWQ does:
 * **folding** (``fold=True``) -- when the adapter table names the op that
   produces the group's input (a LayerNorm / RMSNorm, or a linear whose output
   feeds the group only through a positively homogeneous path: ``v_proj ->
-  o_proj``, ``up_proj -> down_proj``), ``1/s`` is folded into that op (norm
+  o_proj``, ``up_proj -> down_proj``, OPT's ``fc1 -> ReLU -> fc2``), ``1/s``
+  is folded into that op (norm
   weight and bias; the linear's output rows and bias) and ``s`` into the
   siblings' input columns: the float model computes the same function and no
   run-time scale is left.  Groups without a foldable producer keep a
@@ -37,7 +38,13 @@ layer is rounded to nearest.
 The adapter table (:data:`AWQ_ADAPTERS`) knows Llama / Mistral / Qwen2 /
 Qwen3-class decoder layers, OPT decoder layers and BERT-class encoder layers
 by module names; other models get the generic sibling grouping without
-folding.
+folding.  A fold that is valid only for some configurations of a block
+carries a condition on the block (``"fold_if"``): OPT's norm folds need a
+pre-LN layer (``do_layer_norm_before``; in a post-LN layer such as OPT-350m's
+the norm's output is the residual stream, not only the siblings' input), and
+its ``fc1 -> fc2`` fold needs a ReLU between them (``ReLU(z / s) = ReLU(z) / s``
+for ``s > 0``; the published OPT models all use ReLU).  A group whose
+condition fails keeps a run-time scale.
 """
 from __future__ import annotations
 
@@ -51,7 +58,18 @@ from .rtn import QuantResult, check_quant_args, rtn_quantize
 __all__ = ["AWQ_ADAPTERS", "awq_group_search", "awq_fold_", "awq_auto_clip", "awq_quantize_model_"]
 
 # One adapter per block family: the block is any module holding every path in "needs";
-# "groups": (producer path or None, [sibling linear paths], module path whose output is the loss).
+# "groups": (producer path or None, [sibling linear paths], module path whose output is the loss);
+# "fold_if" (optional): {producer path: predicate(block) -> bool}, the producer is folded only where it holds.
+
+
+def _pre_ln(block: nn.Module) -> bool:
+    return bool(getattr(block, "do_layer_norm_before", True))
+
+
+def _relu_between(block: nn.Module) -> bool:
+    return isinstance(getattr(block, "activation_fn", None), nn.ReLU)
+
+
 AWQ_ADAPTERS = {
     "llama": {  # Llama, Mistral, Qwen2, Qwen3 (pre-norm decoder layers, gated MLP)
         "needs": ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
@@ -69,7 +87,8 @@ AWQ_ADAPTERS = {
                     "self_attn"),
                    ("self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj"),
                    ("final_layer_norm", ("fc1",), "fc1"),
-                   (None, ("fc2",), "fc2")),
+                   ("fc1", ("fc2",), "fc2")),
+        "fold_if": {"self_attn_layer_norm": _pre_ln, "final_layer_norm": _pre_ln, "fc1": _relu_between},
     },
     "bert": {  # post-LN: the LayerNorm before the next layer also feeds the residual, so no norm fold
         "needs": ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
@@ -253,6 +272,9 @@ def _plan_groups(model: nn.Module, layers: Mapping[str, nn.Linear], batch) -> li
                     continue
                 if any(f in covered for f in full):
                     continue
+                cond = ad.get("fold_if", {}).get(prev)
+                if prev and cond is not None and not cond(block):
+                    prev = None
                 planned.append((pre + prev if prev else None, full, pre + modp))
                 covered.update(full)
             break
