@@ -71,13 +71,19 @@ def resolve_layers(model: nn.Module, layers=None) -> dict:
     return dict(items)
 
 
+def first_tensor(obj, error: str) -> torch.Tensor:
+    """``obj`` if it is a tensor, else the first item of a tuple/list starting with one; else
+    ``TypeError(f"{error}, got <type>")``."""
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, (tuple, list)) and obj and isinstance(obj[0], torch.Tensor):
+        return obj[0]
+    raise TypeError(f"{error}, got {type(obj).__name__}")
+
+
 def split_batch(batch):
     """The model input of a calibration batch: the batch itself, or ``x`` of an ``(x, y, ...)`` tuple."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    raise TypeError(f"calibration batches must be tensors or (x, y) tuples, got {type(batch).__name__}")
+    return first_tensor(batch, "calibration batches must be tensors or (x, y) tuples")
 
 
 def reiterable(calib_loader):

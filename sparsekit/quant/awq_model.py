@@ -106,11 +106,9 @@ _CACHE_KW = ("past_key_values", "past_key_value", "layer_past", "cache_position_
 
 
 def _first(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise TypeError(f"module output must be a tensor or a tuple starting with one, got {type(out).__name__}")
+    from ..calibration.core import first_tensor
+
+    return first_tensor(out, "module output must be a tensor or a tuple starting with one")
 
 
 def _scale(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -362,15 +360,11 @@ def awq_quantize_model_(model: nn.Module, calib_loader, group_size: int = 128, s
     scale would need a run-time division); ``report["input_scale_layers"]`` lists them.  Returns
     ``{}``.
     """
-    from ..calibration import reiterable, resolve_layers
+    from ..calibration import reiterable
+    from .calibration import resolve_quant_layers
     from tqdm.auto import tqdm
 
-    layers = resolve_layers(model, layers)
-    for nme, mod in layers.items():
-        try:
-            check_quant_args(mod.in_features, group_size, bits)
-        except ValueError as e:
-            raise ValueError(f"layer {nme!r}: {e}") from None
+    layers = resolve_quant_layers(model, layers, group_size, bits)
     for nm, v in (("fold", fold), ("auto_clip", auto_clip), ("quantize", quantize)):
         if not isinstance(v, bool):
             raise TypeError(f"{nm} must be a bool, got {v!r}")

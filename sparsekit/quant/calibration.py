@@ -62,6 +62,18 @@ def collect_linear_inputs(model: nn.Module, layers: Union[Mapping[str, nn.Linear
     return {n: _finish(acc[n]) for n in layers}
 
 
+def resolve_quant_layers(model: nn.Module, layers, group_size: int, bits: int) -> dict:
+    """:func:`sparsekit.calibration.resolve_layers`, then every layer checked against ``group_size`` /
+    ``bits`` (a ValueError naming the layer)."""
+    layers = resolve_layers(model, layers)
+    for nme, mod in layers.items():
+        try:
+            check_quant_args(mod.in_features, group_size, bits)
+        except ValueError as e:
+            raise ValueError(f"layer {nme!r}: {e}") from None
+    return layers
+
+
 def linear_forward_order(model: nn.Module, layers: Mapping[str, nn.Linear], batch) -> list:
     """Names of ``layers`` in the order of their first call in a forward of ``batch``;
     layers that did not run follow in their given order."""
@@ -113,12 +125,7 @@ def quantize_model_weights(model: nn.Module, calib_loader: Optional[Iterable], m
     """
     if method not in QUANT_METHODS:
         raise ValueError(f"unknown quantization method {method!r}; known: {QUANT_METHODS}")
-    layers = resolve_layers(model, layers)
-    for nme, mod in layers.items():
-        try:
-            check_quant_args(mod.in_features, group_size, bits)
-        except ValueError as e:
-            raise ValueError(f"layer {nme!r}: {e}") from None
+    layers = resolve_quant_layers(model, layers, group_size, bits)
     if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
         raise ValueError(f"max_rows must be None or a positive int, got {max_rows!r}")
 
