@@ -699,12 +699,12 @@ def _quality_table(args) -> None:
     if not getattr(args, "quality", False):
         return
     try:
-        from sparsekit.bench.quality import print_quality_table
+        from sparsekit.bench.quality import DEFAULT_WORKLOADS, print_quality_table
     except ImportError:
-        from quality import print_quality_table  # run as a script from bench/
+        from quality import DEFAULT_WORKLOADS, print_quality_table  # run as a script from bench/
     try:
         quiet = getattr(args, "quiet", False)
-        print_quality_table(workloads=("digits",) if args.quick else ("digits", "minilm"),
+        print_quality_table(workloads=("digits",) if args.quick else DEFAULT_WORKLOADS,
                             progress=not quiet and sys.stderr.isatty(), log=None if quiet else sys.stderr)
     except Exception as e:  # the table is a report: a failure must not mask the benchmarks' exit status
         print(f"quality table failed: {type(e).__name__}: {e}")
