@@ -11,6 +11,12 @@ then nvcc's real location -- through symlinks and wrapper scripts --, then
 /usr/local/cuda*), and ``CUDA_HOME`` is set to it before torch's extension
 tooling is imported: torch's own guess (the parent of ``bin/`` of the nvcc on
 PATH) is wrong where that nvcc is a wrapper script outside the toolkit.
+
+Independently of CUDA, the small C extension ``sparsekit._cpu_ext`` (csrc/cpu/*.c:
+fused per-token activation quantization for the CPU fast path; CPython C API
+only) is built as an optional extension: without a working C compiler the
+install goes on without it (sparsekit then uses torch ops).  Set
+``SPARSEKIT_NO_CPU_EXT=1`` to skip it.
 """
 import os
 import glob
@@ -127,7 +133,50 @@ def _cuda_extensions():
     return [ext], {"build_ext": build_ext}
 
 
+CPU_EXT_NAME = "sparsekit._cpu_ext"
+
+
+def _cpu_extensions():
+    """The optional pure-C extension sparsekit._cpu_ext (no torch headers: builds in about a second)."""
+    if os.environ.get("SPARSEKIT_NO_CPU_EXT", "0") == "1":
+        _say(f"sparsekit: SPARSEKIT_NO_CPU_EXT=1: not building the C extension {CPU_EXT_NAME}")
+        return []
+    from setuptools import Extension
+
+    # baseline ISA (no -march): the binary must run on any x86-64 / aarch64; never -ffast-math (the results
+    # must be bit-identical to torch's IEEE arithmetic)
+    args = [] if sys.platform == "win32" else ["-O3"]
+    return [Extension(CPU_EXT_NAME, sources=sorted(glob.glob(os.path.join("csrc", "cpu", "*.c"))),
+                      extra_compile_args=args, optional=True)]
+
+
+def _with_cpu_extension(base):
+    """A build_ext that builds the C extension with plain setuptools (optional: a failure only warns) before
+    ``base`` (torch's BuildExtension when the CUDA extension is built) builds the others."""
+
+    from setuptools.command.build_ext import build_ext as setuptools_build_ext
+
+    class build_ext(base):
+        def build_extensions(self):
+            own = [e for e in self.extensions if e.name == CPU_EXT_NAME]
+            self.extensions = [e for e in self.extensions if e.name != CPU_EXT_NAME]
+            for ext in own:
+                with self._filter_build_errors(ext):
+                    setuptools_build_ext.build_extension(self, ext)
+            if self.extensions:
+                super().build_extensions()
+            self.extensions = own + self.extensions
+
+    return build_ext
+
+
 ext_modules, cmdclass = _cuda_extensions()
+_cpu = _cpu_extensions()
+if _cpu:
+    ext_modules = ext_modules + _cpu
+    if "build_ext" in cmdclass:
+        # torch's BuildExtension would compile the C file with its C++ flags: keep it to the CUDA extension
+        cmdclass = dict(cmdclass, build_ext=_with_cpu_extension(cmdclass["build_ext"]))
 
 setup(
     name="sparsekit",
