@@ -135,6 +135,25 @@ def test_near_ties(nbits):
 
 
 @needs_ext
+@pytest.mark.parametrize("nbits", [8, 4])
+def test_tensor_constant_chain(nbits):
+    # the same chain with 0-d tensor constants (as the CPU fast path writes it) gives the same bits
+    qmax, nqmax, zero = (torch.tensor(float(2 ** (nbits - 1) - 1)), torch.tensor(float(1 - 2 ** (nbits - 1))),
+                         torch.tensor(0.0))
+    g = _gen(7)
+    x = torch.randn(33, 257, generator=g) * torch.exp(torch.randn(33, 1, generator=g) * 10)
+    x[0] = 0.0
+    x[1, 4] = math.nan
+    x[2, 9] = -math.inf
+    amax = torch.amax(torch.abs(x), -1, True)
+    s = (amax / qmax).masked_fill_(amax == zero, 1.0)
+    want = x.div(s).round_().clamp_(nqmax, qmax)
+    codes, got_s = _cpu_ext.token_quant(x, nbits)
+    assert_bit_identical(got_s, s)
+    assert_bit_identical(codes, want)
+
+
+@needs_ext
 def test_many_random_seeds():
     # wide dynamic range per row, odd K, both bit widths: hunting for any 1-ulp mismatch
     for seed in range(20):
