@@ -160,12 +160,14 @@ def _with_cpu_extension(base):
         def build_extensions(self):
             own = [e for e in self.extensions if e.name == CPU_EXT_NAME]
             self.extensions = [e for e in self.extensions if e.name != CPU_EXT_NAME]
-            for ext in own:
-                with self._filter_build_errors(ext):
-                    setuptools_build_ext.build_extension(self, ext)
-            if self.extensions:
-                super().build_extensions()
-            self.extensions = own + self.extensions
+            try:
+                for ext in own:
+                    with self._filter_build_errors(ext):
+                        setuptools_build_ext.build_extension(self, ext)
+                if self.extensions:
+                    super().build_extensions()
+            finally:
+                self.extensions = own + self.extensions
 
     return build_ext
 
