@@ -4,8 +4,10 @@ For each scheme, layer shape ``N x K`` and batch ``M``: a float32 ``nn.Linear``
 and the module its scheme converts it to (``sparsify_`` / ``quantize_`` with
 the scheme's defaults, no calibration) run the same input under
 ``torch.no_grad``, alternating, in one process; each side's time is the
-median over rounds of the mean of a few calls.  ``ratio = dense / compressed``
-(>= 1.0: the compressed layer is at least as fast).  The default CPU path is
+median over rounds of the mean of a few calls.  ``ratio`` is the median over
+rounds of the round's dense time / compressed time (paired: the two sides of
+a round run back to back, so a slow spell of a shared machine hits both;
+>= 1.0: the compressed layer is at least as fast).  The default CPU path is
 what automatic dispatch picks (``dense``: the expansion cached per weight
 version, see ``sparsekit/ops/_dense.py``); ``--backend reference`` times the
 per-call expansion instead.  Writes ``cpu_speed.csv`` and ``cpu_speed.md`` to
@@ -71,7 +73,8 @@ def _time(fn, calls: int) -> float:
 
 
 def measure(dense: nn.Module, comp: nn.Module, x: torch.Tensor, rounds: int, budget_s: float) -> tuple:
-    """(dense seconds, compressed seconds) per call: medians over alternating rounds."""
+    """(dense seconds, compressed seconds, ratio) per call: medians over alternating rounds; the ratio is the
+    median of the per-round ratios (each round's two sides run back to back; the first side alternates)."""
     with torch.no_grad():
         for _ in range(2):                       # warm-up (and the cached expansion on the first call)
             dense(x)
@@ -79,10 +82,14 @@ def measure(dense: nn.Module, comp: nn.Module, x: torch.Tensor, rounds: int, bud
         t1 = max(_time(lambda: dense(x), 1), 1e-6)
         calls = max(1, min(50, int(budget_s / rounds / 2 / t1)))
         td, tc = [], []
-        for _ in range(rounds):
-            td.append(_time(lambda: dense(x), calls))
-            tc.append(_time(lambda: comp(x), calls))
-    return statistics.median(td), statistics.median(tc)
+        for r in range(rounds):
+            if r % 2:
+                tc.append(_time(lambda: comp(x), calls))
+                td.append(_time(lambda: dense(x), calls))
+            else:
+                td.append(_time(lambda: dense(x), calls))
+                tc.append(_time(lambda: comp(x), calls))
+    return statistics.median(td), statistics.median(tc), statistics.median(a / b for a, b in zip(td, tc))
 
 
 def _matmul_kind(comp: nn.Module, m: int) -> str:
@@ -136,7 +143,7 @@ def _peer_ms(build, x, rounds, budget_s):
         return ""
 
 
-def run(schemes=SCHEMES, shapes=SHAPES, ms=MS, rounds: int = 7, budget_s: float = 1.0, backend=None,
+def run(schemes=SCHEMES, shapes=SHAPES, ms=MS, rounds: int = 15, budget_s: float = 1.0, backend=None,
         progress=print, peers: bool = True) -> list:
     from sparsekit.ops import dispatch
 
@@ -154,11 +161,11 @@ def run(schemes=SCHEMES, shapes=SHAPES, ms=MS, rounds: int = 7, budget_s: float 
             for m in ms:
                 x = torch.randn(m, k)
                 chosen = dispatch.resolve(op, "cpu", backend, m)
-                td, tc = measure(base, comp, x, rounds, budget_s)
+                td, tc, ratio = measure(base, comp, x, rounds, budget_s)
                 row = {"scheme": scheme, "op": op, "backend": chosen, "matmul": _matmul_kind(comp, m),
                        "N": n, "K": k, "M": m, "dtype": "fp32",
                        "dense_ms": round(td * 1e3, 4), "compressed_ms": round(tc * 1e3, 4),
-                       "ratio": round(td / tc, 3)}
+                       "ratio": round(ratio, 3)}
                 peer = _torch_lowbit(scheme, n, k) if peers else None
                 row["torch_lowbit_fp32_ms"] = _peer_ms(peer, x, rounds, budget_s)
                 row["torch_lowbit_bf16_ms"] = _peer_ms(peer, x.bfloat16(), rounds, budget_s)
@@ -207,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schemes", nargs="+", default=list(SCHEMES), help="schemes to time (default: all)")
     p.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="NxK list, comma separated")
     p.add_argument("--m", default=",".join(str(m) for m in MS), help="batch sizes M, comma separated")
-    p.add_argument("--rounds", type=int, default=7, help="alternating rounds per case (median)")
+    p.add_argument("--rounds", type=int, default=15, help="alternating rounds per case (median)")
     p.add_argument("--budget-s", type=float, default=1.0, help="seconds of calls per case and side, roughly")
     p.add_argument("--backend", default=None, help="force a backend (e.g. reference) instead of the CPU default")
     p.add_argument("--out", default=DEFAULT_OUT, help="output directory (default bench/results/cpu)")

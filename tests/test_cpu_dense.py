@@ -262,9 +262,10 @@ def test_fp16_gemm_for_few_rows_equals_float32(scheme, monkeypatch):
         if scheme in ("2:4", "block"):
             assert plan.fp16 is False                           # float32 weights of a float32 model
         assert plan.w32 is None or not plan.fp16                # only what was needed is built
-        # the float32 matmul on the same rows
+        # the float32 matmul on the same rows (a code matrix: the fp16 GEMM reads the codes themselves)
         ref = torch.nn.functional.linear(few, w)
-        got = plan.matmul(few, None)
+        got = (_dense._fbgemm_linear(few, plan.pk16, None) if plan.col_scale is not None and plan.fp16
+               else plan.matmul(few, None) if plan.col_scale is None else ref)
         assert_close_rel(got, ref, torch.float32, bound=1e-6)
         y_many = layer(many)
         assert plan.w32 is not None

@@ -146,8 +146,9 @@ class QLinear(nn.Module):
     def dtype(self) -> torch.dtype:
         """The compute (input/output) dtype."""
         if self.bits == 4:
-            return self.scales.dtype
-        return self.bias.dtype if self.bias is not None else self.compute_dtype
+            return self._buffers["scales"].dtype     # (dict reads: read on every CPU forward)
+        bias = self._parameters["bias"]
+        return bias.dtype if bias is not None else self.compute_dtype
 
     @classmethod
     def from_weight(cls, weight: Union[Int4Weight, Int8Weight], bias: Optional[torch.Tensor] = None,

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats.sparse24 import TensorCache
+from . import _cpu_ext
 
 __all__ = ["CPU_DENSE_ENV", "FP16_GEMM_MAX_ROWS", "CpuPlan", "cpu_dense_enabled", "set_cpu_dense",
            "clear_dense_cache", "cached_weight", "dense_linear", "module_fast_path", "module_plan"]
@@ -237,14 +238,18 @@ class CpuPlan:
         return (_no_plan, ())
 
     def weight32(self) -> torch.Tensor:
+        """The float32 weight ``F.linear`` reads: ``make()``, times ``col_scale`` per row for a code matrix."""
         w = self.w32
         if w is None:
-            w = self.w32 = self.make()
+            w = self.make()
+            if self.col_scale is not None:
+                w = w.mul_(self.col_scale[:, None])
+            self.w32 = w
         return w
 
     def _packed16(self):
         if self.fp16 is None:
-            w = self.w32 if self.w32 is not None else self.make()
+            w = self.w32 if self.w32 is not None and self.col_scale is None else self.make()
             self.fp16 = bool(w.numel()) and bool(torch.equal(w.half().float(), w))
             if self.fp16:
                 self.pk16 = _fbgemm_pack(w)
@@ -252,7 +257,8 @@ class CpuPlan:
         return self.pk16
 
     def matmul(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        """``x @ W^T + bias`` in float32 (``x`` float32, any leading dimensions)."""
+        """``x @ W^T + bias`` in float32 (``x`` float32, any leading dimensions; a plan without
+        ``col_scale``)."""
         if x.numel() <= FP16_GEMM_MAX_ROWS * self.k and self.fp16 is not False:
             pk = self._packed16()
             if pk is not None:
@@ -273,22 +279,31 @@ class CpuPlan:
         """The layer on ``x`` (float32 values; no gradient through it) quantized per token to ``nbits``
         (symmetric, scale = row amax / qmax, all-zero rows scale 1: the codes of
         :func:`sparsekit.ops.act_quant.per_token_quant_reference`), float32 math, float32 result.  A code
-        matrix (``col_scale`` set): ``(codes @ W^T) * (scale * col_scale) + bias`` -- the two scales multiply
-        each other first, so a huge token scale cannot overflow the product; otherwise
-        ``(codes * scale) @ W^T + bias``.  A row holding Inf/NaN gives a NaN output row.  ``bias`` as in
-        :meth:`linear` (added differentiably where it requires grad)."""
-        # every constant a tensor made once: a Python float operand costs a wrapped tensor per call, more
-        # than the op on a one-token row
-        qmax, nqmax, zero = _QMAX[nbits]
-        amax = torch.amax(torch.abs(x), -1, True)
-        s = (amax / qmax).masked_fill_(amax == zero, 1.0)
-        xq = x.div(s).round_().clamp_(nqmax, qmax)
+        matrix (``col_scale`` set) on few rows: ``(codes @ C^T) * (scale * col_scale) + bias`` with the
+        integer matrix ``C`` in fbgemm's float16 GEMM (the two scales multiply each other first); otherwise
+        ``(codes * scale) @ W^T + bias`` with the float32 weight (bias fused into the matmul, one pass fewer
+        over the output).  A row holding Inf/NaN gives a NaN output row.  ``bias`` as in :meth:`linear`
+        (added differentiably where it requires grad)."""
+        if _cpu_ext.available():
+            # one pass per row in C (ops/_cpu_ext.py), bit-identical to the chain below
+            xq, s = _cpu_ext.token_quant(x, nbits)
+        else:
+            # every constant a tensor made once: a Python float operand costs a wrapped tensor per call, more
+            # than the op on a one-token row
+            qmax, nqmax, zero = _QMAX[nbits]
+            amax = torch.amax(torch.abs(x), -1, True)
+            s = (amax / qmax).masked_fill_(amax == zero, 1.0)
+            xq = x.div(s).round_().clamp_(nqmax, qmax)
         live = bias is not None and bias.requires_grad and _grad_enabled()
         b = None if live else self.bias32
-        if self.col_scale is None:
-            y = self.matmul(xq.mul_(s), b)
+        pk = (self._packed16() if self.fp16 is not False and xq.numel() <= FP16_GEMM_MAX_ROWS * self.k
+              else None)
+        if pk is None:
+            y = F.linear(xq.mul_(s), self.weight32(), b)
+        elif self.col_scale is None:
+            y = _fbgemm_linear(xq.mul_(s), pk, b)
         else:
-            y = self.matmul(xq, None)
+            y = _fbgemm_linear(xq, pk, None)
             y = y.mul_(s * self.col_scale) if b is None else torch.addcmul(b, y, s * self.col_scale)
         return y + bias.float() if live else y
 
