@@ -29,6 +29,29 @@
  *         (|v| + 2^23) - 2^23, exact for |v| < 2^23 in the current (default
  *         round-to-nearest-even) mode, and the sign copied back (so -0.3 gives
  *         -0.0, as torch.round does).
+ *
+ * Optionally the row is first rounded to float16 or bfloat16 and back to float32
+ * (bit-identical to x.to(dt).float() in torch, round to nearest even) in the
+ * same row loop; round_ does that rounding alone, in place.  Both roundings are
+ * integer operations on the float32 bit pattern (no _Float16, no F16C), written
+ * as branch-free selects so that they vectorize:
+ *
+ *   bfloat16: keep the top 16 bits, rounded to nearest even on the 16 dropped
+ *         bits: (u + 0x7fff + bit16(u)) & 0xffff0000.  A carry runs into the
+ *         exponent (and from the largest finite values to Inf) exactly as in a
+ *         float rounding; bfloat16 has float32's exponent range, so float32
+ *         subnormals round the same way.
+ *   float16: (|x| + M) - M with M = 1.5 * 2^(e + 13), e = max(exponent of
+ *         |x|, -14), M built from |x|'s exponent bits: the sum lies in M's
+ *         binade, where the float32 ulp is 2^(e - 10), float16's spacing at |x|
+ *         (2^-24 for float16 subnormals), so the float32 addition itself rounds
+ *         |x| to nearest even at float16's precision (exact float32 arithmetic,
+ *         the default rounding mode, no fast-math); a carry into the next binade
+ *         comes out right.  |x| >= 65520 (the midpoint from 65504, float16's
+ *         largest finite value, to 2^16: ties to even, up) is Inf, as torch
+ *         gives; the sign is put back (-1e-9 gives -0.0, as torch gives).
+ *   NaN stays NaN (quieted; for bfloat16 its payload truncated to 7 bits, the
+ *         sign kept), Inf stays Inf.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -59,6 +82,115 @@
 
 /* Above this many elements the GIL is released around the loop. */
 #define RELEASE_GIL_ELEMS 16384
+
+/* Rounding modes (the round_to argument of token_quant, the mode of round_). */
+#define ROUND_NONE 0
+#define ROUND_F16 1
+#define ROUND_BF16 2
+
+static inline uint32_t
+round_f16_bits(uint32_t u)
+{
+    const uint32_t a = u & 0x7fffffffu;
+    /* the rounding magic 1.5 * 2^(e + 13), e = max(exponent of |x|, -14): its ulp is 2^(e - 10), float16's ulp at
+       |x| (2^-24 for float16 subnormals); the exponents of the largest floats, Inf and NaN wrap around into a
+       tiny negative magic, which leaves them unchanged (Inf and NaN) or is overridden below (the rest) */
+    const int32_t e = (int32_t)(a & 0x7f800000u);
+    const uint32_t mb = (uint32_t)(e > 0x38800000 ? e : 0x38800000) + 0x06c00000u;
+    float f, m;
+    memcpy(&f, &a, sizeof f);
+    memcpy(&m, &mb, sizeof m);
+    f = (f + m) - m; /* |x| rounded to nearest even at float16's precision; a NaN comes out quiet */
+    uint32_t r;
+    memcpy(&r, &f, sizeof r);
+    /* 65520 <= |x| <= Inf: float16 overflow (65520, the midpoint from 65504 to 2^16, rounds to even, up) */
+    const uint32_t big = 0u - (uint32_t)(((int32_t)a >= 0x477ff000) & ((int32_t)a <= 0x7f800000));
+    return (u & 0x80000000u) | (r & ~big) | (0x7f800000u & big);
+}
+
+static inline uint32_t
+round_bf16_bits(uint32_t u)
+{
+    const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    /* NaN: quiet, payload cut to 7 bits, the sign kept (the rounding above could carry out of a NaN) */
+    return (u & 0x7fffffffu) > 0x7f800000u ? ((u | 0x00400000u) & 0xffff0000u) : r;
+}
+
+SPARSEKIT_CLONES static void
+round_f16_inplace(float *restrict y, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        uint32_t u;
+        memcpy(&u, y + i, sizeof u);
+        u = round_f16_bits(u);
+        memcpy(y + i, &u, sizeof u);
+    }
+}
+
+SPARSEKIT_CLONES static void
+round_bf16_inplace(float *restrict y, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        uint32_t u;
+        memcpy(&u, y + i, sizeof u);
+        u = round_bf16_bits(u);
+        memcpy(y + i, &u, sizeof u);
+    }
+}
+
+/* The codes of one row (the second half of quant_rows), from xr (which may be cr itself) given amax's bits m. */
+static inline float
+quant_row_codes(const float *xr, float *cr, Py_ssize_t k, uint32_t m, float qmax)
+{
+    const float nq = -qmax;
+    const float magic = 8388608.0f; /* 2^23 */
+    float amax;
+    memcpy(&amax, &m, sizeof amax);
+    const float s = (m == 0) ? 1.0f : amax / qmax;
+    for (Py_ssize_t i = 0; i < k; ++i) {
+        float v = xr[i] / s;
+        v = v > qmax ? qmax : v;
+        v = v < nq ? nq : v;
+        float t = (fabsf(v) + magic) - magic;
+        cr[i] = copysignf(t, v);
+    }
+    return s;
+}
+
+/*
+ * quant_rows with the row first rounded to float16 (mode ROUND_F16) or bfloat16 (ROUND_BF16): the rounded row is
+ * written to the codes row (it stays in L1), its amax taken on the way, then the codes overwrite it.
+ */
+SPARSEKIT_CLONES static void
+quant_rows_rounded(const float *restrict x, float *restrict codes, float *restrict scale,
+                   Py_ssize_t rows, Py_ssize_t k, float qmax, int mode)
+{
+    for (Py_ssize_t r = 0; r < rows; ++r) {
+        const float *restrict xr = x + r * k;
+        float *restrict cr = codes + r * k;
+        uint32_t m = 0;
+        if (mode == ROUND_F16) {
+            for (Py_ssize_t i = 0; i < k; ++i) {
+                uint32_t u;
+                memcpy(&u, xr + i, sizeof u);
+                u = round_f16_bits(u);
+                memcpy(cr + i, &u, sizeof u);
+                u &= 0x7fffffffu;
+                m = u > m ? u : m;
+            }
+        } else {
+            for (Py_ssize_t i = 0; i < k; ++i) {
+                uint32_t u;
+                memcpy(&u, xr + i, sizeof u);
+                u = round_bf16_bits(u);
+                memcpy(cr + i, &u, sizeof u);
+                u &= 0x7fffffffu;
+                m = u > m ? u : m;
+            }
+        }
+        scale[r] = quant_row_codes(cr, cr, k, m, qmax);
+    }
+}
 
 SPARSEKIT_CLONES static void
 quant_rows(const float *restrict x, float *restrict codes, float *restrict scale,
@@ -93,19 +225,20 @@ quant_rows(const float *restrict x, float *restrict codes, float *restrict scale
 }
 
 PyDoc_STRVAR(token_quant_doc,
-"token_quant(x_ptr, codes_ptr, scale_ptr, rows, k, qmax) -> None\n"
+"token_quant(x_ptr, codes_ptr, scale_ptr, rows, k, qmax, mode=0) -> None\n"
 "\n"
 "Per-token symmetric quantization of a contiguous float32 (rows, k) matrix at\n"
 "address x_ptr: writes the float32 codes (rows, k) at codes_ptr and the float32\n"
 "scales (rows,) at scale_ptr.  qmax is the integer code bound (127 for 8 bits,\n"
-"7 for 4 bits).  The arguments are trusted: use sparsekit.ops._cpu_ext.token_quant.");
+"7 for 4 bits).  mode 1 (2) first rounds x to float16 (bfloat16) values, 0 does\n"
+"not.  The arguments are trusted: use sparsekit.ops._cpu_ext.token_quant.");
 
 static PyObject *
 token_quant(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 6) {
-        PyErr_Format(PyExc_TypeError, "token_quant() takes 6 arguments (%zd given)", nargs);
+    if (nargs != 6 && nargs != 7) {
+        PyErr_Format(PyExc_TypeError, "token_quant() takes 6 or 7 arguments (%zd given)", nargs);
         return NULL;
     }
     void *xp = PyLong_AsVoidPtr(args[0]);
@@ -126,6 +259,17 @@ token_quant(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     long qmax = PyLong_AsLong(args[5]);
     if (qmax == -1 && PyErr_Occurred())
         return NULL;
+    long mode = ROUND_NONE;
+    if (nargs == 7) {
+        mode = PyLong_AsLong(args[6]);
+        if (mode == -1 && PyErr_Occurred())
+            return NULL;
+        if (mode != ROUND_NONE && mode != ROUND_F16 && mode != ROUND_BF16) {
+            PyErr_Format(PyExc_ValueError, "token_quant(): mode must be 0 (none), 1 (float16) or 2 (bfloat16), got %ld",
+                         mode);
+            return NULL;
+        }
+    }
     if (rows < 0 || k < 1 || qmax < 1 || qmax > 8388607) {
         PyErr_Format(PyExc_ValueError,
                      "token_quant(): need rows >= 0, k >= 1, 1 <= qmax < 2**23; got rows=%zd, k=%zd, qmax=%ld",
@@ -137,26 +281,75 @@ token_quant(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     if (rows > 0) {
-        if (rows * k >= RELEASE_GIL_ELEMS) {
-            Py_BEGIN_ALLOW_THREADS
+        const int release = rows * k >= RELEASE_GIL_ELEMS;
+        PyThreadState *ts = release ? PyEval_SaveThread() : NULL;
+        if (mode == ROUND_NONE)
             quant_rows((const float *)xp, (float *)cp, (float *)sp, rows, k, (float)qmax);
-            Py_END_ALLOW_THREADS
-        } else {
-            quant_rows((const float *)xp, (float *)cp, (float *)sp, rows, k, (float)qmax);
-        }
+        else
+            quant_rows_rounded((const float *)xp, (float *)cp, (float *)sp, rows, k, (float)qmax, (int)mode);
+        if (release)
+            PyEval_RestoreThread(ts);
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(round_doc,
+"round_(y_ptr, n, mode) -> None\n"
+"\n"
+"Rounds the n contiguous float32 values at address y_ptr in place to float16\n"
+"(mode 1) or bfloat16 (mode 2) values, round to nearest even, as torch's\n"
+"y.copy_(y.to(dt).float()).  The arguments are trusted: use\n"
+"sparsekit.ops._cpu_ext.round_.");
+
+static PyObject *
+round_(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "round_() takes 3 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    void *yp = PyLong_AsVoidPtr(args[0]);
+    if (yp == NULL && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t n = PyLong_AsSsize_t(args[1]);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    long mode = PyLong_AsLong(args[2]);
+    if (mode == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 0 || (mode != ROUND_F16 && mode != ROUND_BF16)) {
+        PyErr_Format(PyExc_ValueError, "round_(): need n >= 0 and mode 1 (float16) or 2 (bfloat16); got n=%zd, mode=%ld",
+                     n, mode);
+        return NULL;
+    }
+    if (n > 0 && yp == NULL) {
+        PyErr_SetString(PyExc_ValueError, "round_(): null data pointer");
+        return NULL;
+    }
+    if (n > 0) {
+        const int release = n >= RELEASE_GIL_ELEMS;
+        PyThreadState *ts = release ? PyEval_SaveThread() : NULL;
+        if (mode == ROUND_F16)
+            round_f16_inplace((float *)yp, n);
+        else
+            round_bf16_inplace((float *)yp, n);
+        if (release)
+            PyEval_RestoreThread(ts);
     }
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"token_quant", (PyCFunction)(void (*)(void))token_quant, METH_FASTCALL, token_quant_doc},
+    {"round_", (PyCFunction)(void (*)(void))round_, METH_FASTCALL, round_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     "sparsekit._cpu_ext",
-    "Fused per-token activation quantization on CPU (see sparsekit.ops._cpu_ext).",
+    "Fused per-token activation quantization and float16/bfloat16 rounding on CPU (see sparsekit.ops._cpu_ext).",
     -1,
     methods,
     NULL, NULL, NULL, NULL,
