@@ -306,3 +306,24 @@ def test_bias_gradient_through_the_fast_path(monkeypatch):
     for scheme in ("int4", "w8a8", "2:4+int4"):
         assert grads[True, scheme].abs().sum() > 0
         assert_close_rel(grads[True, scheme].float(), grads[False, scheme].float(), torch.float16)
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a8", "2:4+int8"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 5, _dense.FP16_GEMM_MAX_ROWS + 3])
+def test_c_token_quant_path_equals_the_torch_path(scheme, dtype, m, monkeypatch):
+    """The C per-token quantization (ops/_cpu_ext.py, with the compute-dtype rounding of input and output)
+    gives the same result, bit for bit, as the torch-op chain it replaces, special rows included."""
+    from sparsekit.ops import _cpu_ext
+
+    if not _cpu_ext.available():
+        pytest.skip(f"C extension not available: {_cpu_ext.unavailable_reason()}")
+    _with(monkeypatch, True)
+    layer = _model(scheme, dtype, k=192)[0]
+    x = _special_rows(max(m, 6), 192, dtype)[:m]
+    with torch.no_grad():
+        y_c = layer(x)
+        monkeypatch.setenv(_cpu_ext.CPU_EXT_ENV, "0")
+        y_t = layer(x)
+    assert y_c.dtype == y_t.dtype == dtype
+    assert torch.equal(y_c.isnan(), y_t.isnan()) and torch.equal(y_c.nan_to_num(), y_t.nan_to_num())

@@ -381,8 +381,9 @@ class QLinear(nn.Module):
         # the activations are quantized from the compute dtype and the result is rounded to it, as on every
         # other path (a float32 input rounded to float16 first can land on another integer code)
         dt = s.dtype if self.bits == 4 else self.dtype
-        y = plan.quant_linear((x if x.dtype is dt else x.to(dt)).float(), act, bias).to(dt)
-        return y if x.dtype is dt else y.to(x.dtype)
+        if x.dtype is dt:
+            return plan.quant_linear(x.float(), act, bias).to(dt)
+        return plan.quant_linear(x, act, bias, round_to=dt)       # float32 in, float32 out
 
     def _forward_compute(self, x: torch.Tensor, importance: Optional[torch.Tensor]) -> torch.Tensor:
         if importance is None and module_fast_path(x, self.backend, self.in_features, (self.dtype,)):

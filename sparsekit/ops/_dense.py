@@ -275,7 +275,8 @@ class CpuPlan:
             return self.matmul(x, self.bias32)
         return self.matmul(x.float(), self.bias32).to(x.dtype)
 
-    def quant_linear(self, x: torch.Tensor, nbits: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def quant_linear(self, x: torch.Tensor, nbits: int, bias: Optional[torch.Tensor],
+                     round_to: Optional[torch.dtype] = None) -> torch.Tensor:
         """The layer on ``x`` (float32 values; no gradient through it) quantized per token to ``nbits``
         (symmetric, scale = row amax / qmax, all-zero rows scale 1: the codes of
         :func:`sparsekit.ops.act_quant.per_token_quant_reference`), float32 math, float32 result.  A code
@@ -283,11 +284,16 @@ class CpuPlan:
         integer matrix ``C`` in fbgemm's float16 GEMM (the two scales multiply each other first); otherwise
         ``(codes * scale) @ W^T + bias`` with the float32 weight (bias fused into the matmul, one pass fewer
         over the output).  A row holding Inf/NaN gives a NaN output row.  ``bias`` as in :meth:`linear`
-        (added differentiably where it requires grad)."""
-        if _cpu_ext.available():
+        (added differentiably where it requires grad).  ``round_to`` (float16/bfloat16: a layer computing in
+        that dtype): the input is rounded to it before quantizing and the result after, as
+        ``x.to(round_to).float()`` and ``y.to(round_to).float()``; the result stays float32."""
+        ext = _cpu_ext.available()
+        if ext:
             # one pass per row in C (ops/_cpu_ext.py), bit-identical to the chain below
-            xq, s = _cpu_ext.token_quant(x, nbits)
+            xq, s = _cpu_ext.token_quant(x, nbits, round_to)
         else:
+            if round_to is not None:
+                x = x.to(round_to).float()
             # every constant a tensor made once: a Python float operand costs a wrapped tensor per call, more
             # than the op on a one-token row
             qmax, nqmax, zero = _QMAX[nbits]
@@ -305,7 +311,13 @@ class CpuPlan:
         else:
             y = _fbgemm_linear(xq, pk, None)
             y = y.mul_(s * self.col_scale) if b is None else torch.addcmul(b, y, s * self.col_scale)
-        return y + bias.float() if live else y
+        if live:
+            y = y + bias.float()
+        if round_to is None:
+            return y
+        if ext and not live:
+            return _cpu_ext.round_(y, round_to)       # in place, one pass
+        return y.to(round_to).float()
 
 
 _QMAX = {b: (torch.tensor(float(2 ** (b - 1) - 1)), torch.tensor(float(1 - 2 ** (b - 1))), torch.tensor(0.0))
