@@ -32,10 +32,11 @@ W8A8 and 2:4+int8 layers, float16 models), a batch of at most
 (``torch.fbgemm_linear_fp16_weight_fp32_activation``: the weight read as
 float16, converted to float32 in registers, float32 products and sums) --
 the same values as the float32 matmul, half the weight bytes to read.
-Measured on a 2-core AMD EPYC (AVX2), one run, float32 ``nn.Linear`` time /
-fbgemm time: 2.2x (512x512) to 1.4x (4096x4096) at one row, 1.4-2.6x at 16,
-1.1-1.7x at 64, 0.7-1.4x at 256 (fbgemm runs on one thread), hence the row
-limit.  Its packed copy is a further 2 bytes per weight, built on the first
+Measured on a 2-core AMD EPYC (AVX2), one thread, CPU time, ``F.linear`` time
+/ fbgemm time: 2.2x (512x512) to 1.4x (4096x4096) at one row, 1.4-2.6x at
+16, 1.1-1.7x at 64, 0.97-1.2x at 256; with two threads ``F.linear`` uses
+both and fbgemm one, and at 256 rows fbgemm measured 0.7x at 512x512.  The
+limit (32 rows) keeps to the rows where it won clearly.  Its packed copy is a further 2 bytes per weight, built on the first
 call with few rows; the float32 copy is built on the first call with more.
 Torch builds without fbgemm (or a release that drops the deprecated call)
 use the float32 matmul for every batch.
@@ -180,7 +181,7 @@ def _getenv(name: str) -> Optional[str]:
 
 
 # ----------------------------------------------------------------------------- per-module plans
-FP16_GEMM_MAX_ROWS = 64
+FP16_GEMM_MAX_ROWS = 32
 _PLAN_ATTR = "_sparsekit_cpu_plan"
 _plan_epoch = 0
 _fbgemm_ok: Optional[bool] = None       # None: not tried yet
