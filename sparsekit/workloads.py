@@ -269,6 +269,13 @@ def train_digits_mlp(x: torch.Tensor, y: torch.Tensor, seed: int = 0, epochs: in
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                           nn.Linear(hidden, 10))
+    return _fit_classifier(model, x, y, epochs, batch_size, lr, weight_decay, seed)
+
+
+def _fit_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int, lr: float,
+                    weight_decay: float, seed: int) -> nn.Module:
+    """Adam on cross-entropy over shuffled mini-batches (the shuffles seeded by ``seed``); ``model`` in eval
+    mode afterwards."""
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
     with torch.enable_grad():
@@ -374,19 +381,8 @@ def train_digits_moe(x: torch.Tensor, y: torch.Tensor, seed: int = 0, epochs: in
     tiny, and more threads only cost time on a shared machine (about 10 s on one core)."""
     torch.manual_seed(seed)
     model = DigitsMoE(**arch)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    g = torch.Generator().manual_seed(seed)
-    with torch.enable_grad(), one_thread():
-        model.train()
-        for _ in range(epochs):
-            perm = torch.randperm(len(x), generator=g)
-            for i in range(0, len(x), batch_size):
-                idx = perm[i:i + batch_size]
-                opt.zero_grad()
-                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-                loss.backward()
-                opt.step()
-    return model.eval()
+    with one_thread():
+        return _fit_classifier(model, x, y, epochs, batch_size, lr, weight_decay, seed)
 
 
 @torch.no_grad()

@@ -129,6 +129,15 @@ def _round_mode(dt, name: str) -> int:
     return mode
 
 
+def _check_f32_cpu(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype is not _float32:
+        raise TypeError(f"{name} must be float32, got {t.dtype}")
+    if not t.is_cpu:
+        raise ValueError(f"{name} must be on the CPU, got device {t.device}")
+
+
 def token_quant(x: torch.Tensor, nbits: int,
                 round_to: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token symmetric quantization of float32 CPU ``x`` (..., K): ``(codes, scale)`` as float32 tensors of
@@ -140,12 +149,7 @@ def token_quant(x: torch.Tensor, nbits: int,
     if type(nbits) is not int or (nbits != 8 and nbits != 4):
         raise ValueError(f"nbits must be 4 or 8, got {nbits!r}")
     mode = 0 if round_to is None else _round_mode(round_to, "round_to")
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype is not _float32:
-        raise TypeError(f"x must be float32, got {x.dtype}")
-    if not x.is_cpu:
-        raise ValueError(f"x must be on the CPU, got device {x.device}")
+    _check_f32_cpu(x, "x")
     shape = x.shape
     if not shape or shape[-1] < 1:
         raise ValueError(f"x must have a last dimension of size >= 1, got shape {tuple(shape)}")
@@ -166,12 +170,7 @@ def round_(y: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
     if _ext is None or not _enabled():
         raise RuntimeError(f"sparsekit.ops._cpu_ext.round_ is not available: {unavailable_reason()}")
     mode = _round_mode(dt, "dt")
-    if not isinstance(y, torch.Tensor):
-        raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
-    if y.dtype is not _float32:
-        raise TypeError(f"y must be float32, got {y.dtype}")
-    if not y.is_cpu:
-        raise ValueError(f"y must be on the CPU, got device {y.device}")
+    _check_f32_cpu(y, "y")
     if not y.is_contiguous():
         raise ValueError(f"y must be contiguous (it is rounded in place), got strides {y.stride()} for shape "
                          f"{tuple(y.shape)}")
