@@ -22,19 +22,8 @@ def _llama(seed, outliers=False, bias=False):
         cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
         m = transformers.LlamaForCausalLM(cfg)
-    m = m.double().eval()
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "layernorm" in n:
-                # LLM-like activation outliers: a few channels much larger than the rest
-                p.mul_(torch.exp(torch.randn(p.shape, generator=g, dtype=p.dtype) * (1.0 if outliers else 0.3)))
-            elif n.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
-    calib = [torch.randint(0, 128, (2, 16), generator=g) for _ in range(4)]
-    test = torch.randint(0, 128, (4, 16), generator=g)
-    layers = [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear) and "lm_head" not in n]
-    return m, calib, test, layers
+    # LLM-like activation outliers: a few channels much larger than the rest
+    return _perturbed(m, seed, lambda n: "layernorm" in n, 1.0 if outliers else 0.3)
 
 
 def _logits(m, x):
@@ -263,12 +252,18 @@ def _opt_or_bert(kind, seed):
                                      num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64,
                                      do_layer_norm_before=kind == "opt_pre_ln")
         m = transformers.OPTForCausalLM(cfg)
+    return _perturbed(m, seed, lambda n: ("layer_norm" in n or "LayerNorm" in n) and n.endswith("weight"), 1.0)
+
+
+def _perturbed(m, seed, is_norm, spread):
+    """``m`` in float64 with its norm weights (``is_norm(name)``) scaled by exp(N(0, spread)) and random biases;
+    calibration and test token batches; the names of its linears other than lm_head."""
     m = m.double().eval()
     g = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
         for n, p in m.named_parameters():
-            if ("layer_norm" in n or "LayerNorm" in n) and n.endswith("weight"):
-                p.mul_(torch.exp(torch.randn(p.shape, generator=g, dtype=p.dtype)))
+            if is_norm(n):
+                p.mul_(torch.exp(torch.randn(p.shape, generator=g, dtype=p.dtype) * spread))
             elif n.endswith("bias"):
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
     calib = [torch.randint(0, 128, (2, 16), generator=g) for _ in range(4)]

@@ -84,23 +84,6 @@ def dense_w4_weight(qweight, scales, zeros, group_size: int, in_features: int) -
                          lambda: dequantize_int4_fp32(qweight, scales, zeros, group_size, in_features).contiguous())
 
 
-def fake_quant_linear(x: torch.Tensor, w_fp32: torch.Tensor, bias: Optional[torch.Tensor], nbits: int) -> torch.Tensor:
-    """The reference math of W8A8 / W4A8 with one activation width for every token, in fewer passes:
-    ``x`` quantized per token to ``nbits`` and dequantized (bit for bit the values of
-    :func:`sparsekit.ops.act_quant.per_token_quant_reference` times its scale; non-finite rows give NaN),
-    times ``w_fp32``, in float32; the result in ``x``'s dtype."""
-    qmax = float(2 ** (nbits - 1) - 1)
-    x2 = x.reshape(-1, x.shape[-1])
-    xf = x2 if x2.dtype == torch.float32 else x2.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True)
-    # all-zero rows: scale 1 (codes 0); an Inf/NaN row has scale Inf/NaN, and every element of it turns
-    # NaN below (x / Inf = 0 times Inf, or NaN), as the reference's non-finite rows
-    scale = (amax / qmax).masked_fill_(amax == 0, 1.0)
-    xh = xf.div(scale).round_().clamp_(-qmax, qmax).mul_(scale)
-    y = F.linear(xh, w_fp32, None if bias is None else bias.float())
-    return y.to(x.dtype).reshape(*x.shape[:-1], w_fp32.shape[0])
-
-
 def _empty_k(x, n, bias):
     y = torch.zeros((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     return y + bias if bias is not None else y
