@@ -143,11 +143,44 @@ def _cpu_extensions():
         return []
     from setuptools import Extension
 
-    # baseline ISA (no -march): the binary must run on any x86-64 / aarch64; never -ffast-math (the results
-    # must be bit-identical to torch's IEEE arithmetic)
+    # baseline ISA (no -march): the binary must run on any x86-64 / aarch64 (the AVX2 loops are per-function
+    # targets chosen at run time); never -ffast-math (the results must be bit-identical to torch's IEEE arithmetic)
     args = [] if sys.platform == "win32" else ["-O3"]
+    link = []
+    if _has_openmp():
+        # the sparse matmuls parallelize over output columns; torch's CPU wheels load libgomp (soname
+        # libgomp.so.1) before this module, so both share one OpenMP runtime and thread pool
+        args, link = args + ["-fopenmp"], ["-fopenmp"]
     return [Extension(CPU_EXT_NAME, sources=sorted(glob.glob(os.path.join("csrc", "cpu", "*.c"))),
-                      extra_compile_args=args, optional=True)]
+                      depends=sorted(glob.glob(os.path.join("csrc", "cpu", "*.h"))),
+                      extra_compile_args=args, extra_link_args=link, optional=True)]
+
+
+def _has_openmp() -> bool:
+    """Whether the C compiler builds and links a program with ``-fopenmp`` (GCC; Clang with libomp).
+    ``SPARSEKIT_CPU_EXT_OPENMP=0`` builds without (the sparse matmuls then run on one thread)."""
+    if sys.platform == "win32" or os.environ.get("SPARSEKIT_CPU_EXT_OPENMP", "1") == "0":
+        return False
+    import shutil
+    import subprocess
+    import sysconfig
+    import tempfile
+
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()
+    if not shutil.which(cc[0]):
+        return False
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "omp.c")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\nint main(void) { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+        try:
+            r = subprocess.run(cc + ["-fopenmp", src, "-o", os.path.join(d, "omp")], capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return False
+    ok = r.returncode == 0
+    if not ok:
+        _say("sparsekit: the C compiler has no OpenMP: the CPU sparse matmuls of sparsekit._cpu_ext run on one thread")
+    return ok
 
 
 def _with_cpu_extension(base):

@@ -256,6 +256,9 @@ def test_fp16_gemm_for_few_rows_equals_float32(scheme, monkeypatch):
         y_few = layer(few)
         plan = layer.__dict__[_dense._PLAN_ATTR]
         w = plan.make()
+        if plan.kern:                                           # the sparse kernel ran instead (2:4, block)
+            assert scheme in ("2:4", "block") and plan.fp16 is None
+            plan._packed16()
         assert plan.fp16 == (bool(torch.equal(w.half().float(), w)) and _dense._fbgemm_ok is True)
         if scheme in ("int4", "w8a8", "2:4+int4", "2:4+int8"):
             assert plan.fp16 or _dense._fbgemm_ok is False      # exact by construction (torch with fbgemm)

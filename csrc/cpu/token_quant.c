@@ -60,6 +60,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "sparse_mm.h"
+
 #if defined(_MSC_VER) && !defined(restrict)
 #define restrict __restrict
 #endif
@@ -343,13 +345,14 @@ round_(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 static PyMethodDef methods[] = {
     {"token_quant", (PyCFunction)(void (*)(void))token_quant, METH_FASTCALL, token_quant_doc},
     {"round_", (PyCFunction)(void (*)(void))round_, METH_FASTCALL, round_doc},
+    SPARSEKIT_SPARSE_MM_METHODS
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     "sparsekit._cpu_ext",
-    "Fused per-token activation quantization and float16/bfloat16 rounding on CPU (see sparsekit.ops._cpu_ext).",
+    "Fused per-token activation quantization, float16/bfloat16 rounding and 2:4 / block-sparse float32 matmuls on CPU (see sparsekit.ops._cpu_ext).",
     -1,
     methods,
     NULL, NULL, NULL, NULL,

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 from typing import Optional
 
+import sys
+
 import torch
 from torch import nn
 
 from ..formats._validate import validate_block_sparse
 from ..formats.block_sparse import BlockSparseWeight, check_block_size
+from ..ops._cpu_ext import block_kernel
 from ..ops._dense import module_fast_path, module_plan
 from ..ops.block_sparse import block_dense_f32, block_sparse_linear_packed, dense_forward, structural_fixup
 from . import _state
@@ -182,9 +185,15 @@ class BlockSparseLinear(nn.Module):
             # (ops/_dense.py)
             bufs = self._buffers
             crow, col, n, k, bias = bufs["crow"], bufs["col"], self.out_features, self.in_features, params["bias"]
-            plan = module_plan(self, (blocks, crow, col), lambda: block_dense_f32(blocks, crow, col, n, k), n, k, bias)
+            plan = module_plan(self, (blocks, crow, col), lambda: block_dense_f32(blocks, crow, col, n, k), n, k, bias,
+                               kernel=(lambda: block_kernel(blocks, crow, col, n, k), sys.maxsize))
             if plan is None:
                 return dense_forward(x, blocks, crow, col, n, k, bias)
+            # the kernel over the kept blocks (ops/_cpu_ext.py) computes the structural result itself; the dense
+            # matmul needs the non-finite fix-up
+            y = plan.kernel_linear(x, bias)
+            if y is not None:
+                return y
             return structural_fixup(plan.linear(x, bias), x, blocks, crow, col, n, k, bias)
         # the buffers were validated when built / loaded: no per-call content checks
         return block_sparse_linear_packed(x, self.blocks, self.crow, self.col, self.tcol_ptr, self.trow, self.tblk,

@@ -63,7 +63,8 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["CPU_EXT_ENV", "available", "unavailable_reason", "token_quant", "round_"]
+__all__ = ["CPU_EXT_ENV", "available", "unavailable_reason", "token_quant", "round_", "sparse_available",
+           "sp24_kernel", "block_kernel", "SP24_MAX_ROWS"]
 
 #: ``SPARSEKIT_CPU_EXT=0`` switches the extension off at run time (default on where built).
 CPU_EXT_ENV = "SPARSEKIT_CPU_EXT"
@@ -176,3 +177,101 @@ def round_(y: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
                          f"{tuple(y.shape)}")
     _ext.round_(y.data_ptr(), y.numel(), mode)
     return y
+
+
+# ----------------------------------------------------------------------------- sparse matmuls (csrc/cpu/sparse_mm.c)
+#: The 2:4 kernel runs for up to this many rows (tokens): measured faster than the dense float32 matmul up to
+#: about 24-32 rows on 512-4096 wide layers (2 threads, AVX2; README "CPU"), the dense matmul above.
+SP24_MAX_ROWS = 24
+_SIMD = bool(_ext is not None and hasattr(_ext, "simd") and _ext.simd())
+_get_threads = torch.get_num_threads
+_uint8 = torch.uint8
+
+
+def sparse_available() -> bool:
+    """Whether the 2:4 / block-sparse float32 matmuls of the extension run here: built, not switched off, and the
+    CPU has AVX2 + FMA (their plain-C loops elsewhere are slower than a dense BLAS matmul, so callers keep the
+    dense one there)."""
+    return _SIMD and _enabled()
+
+
+def _padded(x2: torch.Tensor, width: int) -> torch.Tensor:
+    """``x2`` (rows, K) with zero columns up to ``width`` (the kernels read whole groups / blocks)."""
+    if x2.shape[1] == width:
+        return x2
+    out = x2.new_zeros(x2.shape[0], width)
+    out[:, :x2.shape[1]] = x2
+    return out
+
+
+def sp24_kernel(values: torch.Tensor, meta: torch.Tensor, k: int):
+    """A callable ``f(x2, bias32) -> y`` computing ``x2 @ W^T + bias32`` in float32 over the stored 2:4 values
+    only (``values`` (N, Kp/2), ``meta`` (N, Kp/8) uint8: sparsekit's packed layout; ``x2`` a contiguous float32
+    (rows, k) CPU tensor, rows <= :data:`SP24_MAX_ROWS`; ``bias32`` float32 (N,) or None), or None where the
+    kernel does not run here (:func:`sparse_available`).  ``f`` returns None when ``x2`` holds an Inf or NaN:
+    the dense matmul multiplies the pruned zeros too (0 * Inf = NaN), which the caller reproduces by running
+    it.  Prepared once per weight: a float32 copy of ``values`` (none when already float32 and contiguous), a
+    uint8 lane index and a uint16 column index per value (3 bytes per stored value)."""
+    if not sparse_available():
+        return None
+    from ..formats._validate import sparse24_columns
+
+    n, kh = values.shape
+    kp = 2 * kh
+    if kh % 4 or meta.shape != (n, kp // 8) or not 0 < k <= kp:
+        raise ValueError(f"sp24_kernel: values {tuple(values.shape)} / meta {tuple(meta.shape)} do not describe "
+                         f"a 2:4 weight with in_features={k}")
+    vals = values.detach().to(torch.float32).contiguous()
+    cols = sparse24_columns(meta)                                           # (N, kh) int64 column per value
+    t = torch.arange(kh)
+    base = 16 * (t // 8) + 8 * ((t % 8) >= 4)                               # first column of the value's window
+    pidx = (cols - base).to(_uint8).contiguous()
+    kidx = cols.to(torch.int32).to(torch.int16).contiguous() if kp <= 65536 else None   # uint16 bit patterns
+    vp, pp, kip = vals.data_ptr(), pidx.data_ptr(), 0 if kidx is None else kidx.data_ptr()
+    keep = (vals, pidx, kidx)
+    mm, fin = _ext.sp24_mm, _ext.all_finite
+
+    def f(x2: torch.Tensor, bias32: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        rows = x2.shape[0]
+        if (kidx is None and rows > 3) or not fin(x2.data_ptr(), x2.numel()):
+            return None
+        xp = _padded(x2, kp) if rows <= 3 else x2
+        y = _empty(rows, n, dtype=_float32)
+        mm(xp.data_ptr(), rows, k, xp.shape[1], vp, pp, kip, kh, n, 0 if bias32 is None else bias32.data_ptr(),
+           y.data_ptr(), _get_threads())
+        return y
+
+    f.keep = keep       # the prepared tensors live as long as the callable
+    return f
+
+
+def block_kernel(blocks: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, n: int, k: int):
+    """A callable ``f(x2, bias32) -> y`` computing ``x2 @ W^T + bias32`` in float32 over the kept blocks only
+    (``blocks`` (nnzb, bm, bk), ``crow``/``col`` the block-row pointers and block columns: sparsekit's packed
+    layout of an (n, k) weight; ``x2`` a contiguous float32 (rows, k) CPU tensor, any number of rows), or None
+    where the kernel does not run here.  Dropped blocks are never read, so an Inf/NaN input only reaches the
+    outputs of blocks that read it (the kernels' structural semantics).  Prepared once per weight: the blocks
+    transposed, in float32 (the size of ``blocks`` in float32)."""
+    if not sparse_available():
+        return None
+    nnzb, bm, bk = blocks.shape
+    if bm % 16 or crow.shape[0] != -(-n // bm) + 1 or col.shape[0] != nnzb:
+        raise ValueError(f"block_kernel: blocks {tuple(blocks.shape)}, crow {tuple(crow.shape)}, col "
+                         f"{tuple(col.shape)} do not describe an ({n}, {k}) block-sparse weight")
+    bT = blocks.detach().to(torch.float32).transpose(1, 2).contiguous()
+    crow64 = crow.to(torch.int64).contiguous()
+    col64 = col.to(torch.int64).contiguous()
+    width = -(-k // bk) * bk
+    bp, cp, colp = bT.data_ptr(), crow64.data_ptr(), col64.data_ptr()
+    mm = _ext.block_mm
+
+    def f(x2: torch.Tensor, bias32: Optional[torch.Tensor]) -> torch.Tensor:
+        rows = x2.shape[0]
+        xp = _padded(x2, width)
+        y = _empty(rows, n, dtype=_float32)
+        mm(xp.data_ptr(), rows, width, bp, cp, colp, n, bm, bk, 0 if bias32 is None else bias32.data_ptr(),
+           y.data_ptr(), _get_threads())
+        return y
+
+    f.keep = (bT, crow64, col64)
+    return f

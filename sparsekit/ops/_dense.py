@@ -217,10 +217,11 @@ class CpuPlan:
     float32 (None without one).  ``col_scale``: a per-output-channel float32 scale for code matrices
     (W8A8, 2:4+int8), else None.  Not copied by ``copy.deepcopy`` nor pickled (rebuilt on the next call)."""
 
-    __slots__ = ("srcs", "versions", "epoch", "make", "w32", "pk16", "fp16", "bias32", "col_scale", "n", "k")
+    __slots__ = ("srcs", "versions", "epoch", "make", "w32", "pk16", "fp16", "bias32", "col_scale", "n", "k",
+                 "kmake", "kmax", "kern")
 
     def __init__(self, srcs: tuple, make: Callable[[], torch.Tensor], bias: Optional[torch.Tensor],
-                 col_scale: Optional[torch.Tensor], n: int, k: int):
+                 col_scale: Optional[torch.Tensor], n: int, k: int, kernel: Optional[tuple] = None):
         self.srcs = srcs
         self.versions = tuple(-1 if t is None else t._version for t in srcs)
         self.epoch = _plan_epoch
@@ -231,6 +232,9 @@ class CpuPlan:
         self.bias32 = None if bias is None else bias.detach().float()
         self.col_scale = None if col_scale is None else col_scale.detach().float().contiguous()
         self.n, self.k = n, k
+        # a sparse matmul over the stored weights only (ops/_cpu_ext.py): (make, max_rows); built on first use
+        self.kmake, self.kmax = kernel if kernel is not None else (None, -1)
+        self.kern = None
 
     def __deepcopy__(self, memo):
         return None
@@ -266,10 +270,41 @@ class CpuPlan:
                 return _fbgemm_linear(x, pk, bias)
         return F.linear(x, self.weight32(), bias)
 
+    def kernel_linear(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The layer on ``x`` through the plan's sparse kernel (float32 math over the stored weights, result
+        in ``x``'s dtype), or None where it does not run: no kernel for this plan or on this machine, more
+        rows than it takes, autograd needed, or the kernel declined (a 2:4 input with Inf/NaN)."""
+        if self.kmax < 0:
+            return None
+        k = self.k
+        rows = x.numel() // k
+        if rows > self.kmax or rows == 0 or (_grad_enabled() and (
+                x.requires_grad or (bias is not None and bias.requires_grad))) or not _cpu_ext.sparse_available():
+            return None
+        kern = self.kern
+        if kern is None:
+            kern = self.kern = self.kmake() or False
+        if kern is False:
+            return None
+        x32 = x if x.dtype is _F32 else x.float()
+        shape = x.shape
+        flat = len(shape) == 2          # (a view costs ~1-2 us: none for the common 2-D input)
+        y = kern((x32 if flat else x32.reshape(rows, k)).contiguous(), self.bias32)
+        if y is None:
+            return None
+        if not flat:
+            y = y.view(*shape[:-1], self.n)
+        return y if x.dtype is _F32 else y.to(x.dtype)
+
     def linear(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """The layer on ``x`` (a CPU float tensor), in ``x``'s dtype; float32 math.  ``bias``: the module's
         own bias tensor -- where autograd needs it (grad mode and ``x`` or ``bias`` requiring grad) the
-        float32 matmul runs with it, differentiable in both."""
+        float32 matmul runs with it, differentiable in both.  The plan's sparse kernel first, where it runs
+        (:meth:`kernel_linear`)."""
+        if self.kmax >= 0:
+            y = self.kernel_linear(x, bias)
+            if y is not None:
+                return y
         if _grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
             return dense_linear(x, self.weight32(), bias)
         if x.dtype is _F32:
@@ -335,10 +370,13 @@ _fbgemm_linear = getattr(torch, "fbgemm_linear_fp16_weight_fp32_activation", Non
 
 
 def module_plan(module, srcs: tuple, make: Callable[[], torch.Tensor], n: int, k: int,
-                bias: Optional[torch.Tensor] = None, col_scale: Optional[torch.Tensor] = None) -> Optional[CpuPlan]:
+                bias: Optional[torch.Tensor] = None, col_scale: Optional[torch.Tensor] = None,
+                kernel: Optional[tuple] = None) -> Optional[CpuPlan]:
     """``module``'s :class:`CpuPlan` for the packed tensors ``srcs`` (and ``bias``, ``col_scale``; an
     ``(n, k)`` layer), built on first use and again whenever one of them is replaced or written in place;
-    None where a tensor has no version counter (an inference tensor: the caller expands per call)."""
+    None where a tensor has no version counter (an inference tensor: the caller expands per call).
+    ``kernel``: ``(make_kernel, max_rows)``, a sparse matmul over the stored weights for up to ``max_rows``
+    rows (:meth:`CpuPlan.kernel_linear`; ``make_kernel()`` returns it, or None where it does not run)."""
     plan = module.__dict__.get(_PLAN_ATTR)
     if plan is not None and plan.epoch == _plan_epoch:
         old = plan.srcs
@@ -352,6 +390,6 @@ def module_plan(module, srcs: tuple, make: Callable[[], torch.Tensor], n: int, k
     for t in allsrc:
         if t is not None and t.is_inference():
             return None
-    plan = CpuPlan(allsrc, make, bias, col_scale, n, k)
+    plan = CpuPlan(allsrc, make, bias, col_scale, n, k, kernel)
     module.__dict__[_PLAN_ATTR] = plan
     return plan

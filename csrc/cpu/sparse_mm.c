@@ -1,0 +1,441 @@
+/*
+ * sparsekit._cpu_ext: float32 matmuls over compressed weights on CPU (2:4 and block-sparse), computing only the
+ * stored weights.  The Python side (sparsekit/ops/_cpu_ext.py) validates, prepares the per-weight index arrays
+ * once per weight version, allocates and passes raw pointers and sizes; this code trusts them.
+ *
+ *   y[m, n] = bias[n] + sum over the stored weights w of row n of  w * x[m, column of w]      (float32)
+ *
+ * 2:4 (sp24_mm): row n stores kh = Kp/2 values vals[n, t]; value t belongs to group t/2 (4 columns), its column
+ * is kidx[n, t].  Two loops, by the number of rows M:
+ *   - few rows (M <= SP24_PERM_ROWS): 8 values at a time (4 groups, 16 columns): the 16 x values of those
+ *     columns are two AVX2 registers; one permute of each by the 3-bit lane index pidx[n, t] (the column's
+ *     position in its 8-column half) and a blend give the 8 x values the 8 weights multiply.  x is read with
+ *     Kp columns (the caller pads a K < Kp).
+ *   - more rows: x is transposed (M padded to a multiple of 8, at most 32 rows per pass, zeros in the pad) so
+ *     that the M values of one column are contiguous: each stored weight is one broadcast and M/8 multiply-adds.
+ * Block-sparse (block_mm): the kept (bm, bk) blocks of block row r are j = crow[r] .. crow[r+1]-1 at block column
+ * col[j], stored transposed (bT[j] is (bk, bm)); 16 outputs x up to 4 rows at a time, one broadcast of x and
+ * two multiply-adds per block column k.  x is read with nbc*bk columns (the caller pads).
+ *
+ * Both parallelize over output columns with OpenMP where the compiler has it (the thread count comes from the
+ * caller: torch's), and release the GIL.  The AVX2 + FMA loops are compiled with function target attributes on
+ * x86-64 GCC/Clang and chosen at run time when the CPU has both (simd()); elsewhere plain C loops compute the
+ * same sums (slower than a BLAS dense matmul: the Python side uses these kernels only when simd() is true).
+ * Summation order differs from a dense matmul (results agree to float32 rounding, not bit for bit).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "sparse_mm.h"
+
+#define SP24_PERM_ROWS 3
+#define SP24_TILE 32 /* rows per pass of the transposed loop */
+#define BLK_COLS 16  /* output columns per block tile */
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SK_X86 1
+#include <immintrin.h>
+#define SK_AVX __attribute__((target("avx2,fma")))
+#define SK_INLINE static inline __attribute__((always_inline))
+#else
+#define SK_X86 0
+#endif
+
+static int
+have_simd(void)
+{
+#if SK_X86
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    }
+    return cached;
+#else
+    return 0;
+#endif
+}
+
+/* ------------------------------------------------------------------------------------------------ plain C */
+static void
+sp24_plain(long M, long N, long kh, long K, const float *x, long ldx, const float *vals, const uint8_t *pidx,
+           const float *bias, float *y, long ldy, int nthreads)
+{
+    (void)nthreads;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+#endif
+    for (long n = 0; n < N; ++n) {
+        const float *v = vals + n * kh;
+        const uint8_t *p = pidx + n * kh;
+        for (long m = 0; m < M; ++m) {
+            const float *xm = x + m * ldx;
+            float s = 0.f;
+            for (long t = 0; t < kh; ++t) {
+                const long c = 2 * (t & ~7L) + ((t & 7) >= 4 ? 8 : 0) + p[t];
+                if (c < K) /* x is read with K columns here: the padding columns are zeros */
+                    s += v[t] * xm[c];
+            }
+            y[m * ldy + n] = s + (bias ? bias[n] : 0.f);
+        }
+    }
+}
+
+static void
+block_plain(long M, long N, long bm, long bk, const float *x, long ldx, const float *bT, const int64_t *crow,
+            const int64_t *col, const float *bias, float *y, long ldy, int nthreads)
+{
+    (void)nthreads;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+#endif
+    for (long n = 0; n < N; ++n) {
+        const long r = n / bm, i = n % bm;
+        for (long m = 0; m < M; ++m) {
+            float s = 0.f;
+            for (int64_t j = crow[r]; j < crow[r + 1]; ++j) {
+                const float *w = bT + j * bm * bk + i;
+                const float *xm = x + m * ldx + col[j] * bk;
+                for (long k = 0; k < bk; ++k)
+                    s += w[k * bm] * xm[k];
+            }
+            y[m * ldy + n] = s + (bias ? bias[n] : 0.f);
+        }
+    }
+}
+
+#if SK_X86
+/* ------------------------------------------------------------------------------------------------ AVX2 */
+SK_AVX SK_INLINE float
+hsum8(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* the 8 x values that values t .. t+7 multiply: lanes 0-3 from columns 2t .. 2t+7, lanes 4-7 from 2t+8 .. 2t+15 */
+SK_AVX SK_INLINE __m256
+gather8(const float *xc, __m256i idx)
+{
+    return _mm256_blend_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(xc), idx),
+                           _mm256_permutevar8x32_ps(_mm256_loadu_ps(xc + 8), idx), 0xF0);
+}
+
+/* output column n for MB (1..SP24_PERM_ROWS) rows: two accumulators per row (16 values per step) */
+SK_AVX SK_INLINE void
+sp24_perm_col(const int MB, const float *v, const uint8_t *p, long kh, const float *x, long ldx, float *out,
+              long ldy, float b)
+{
+    __m256 a0[SP24_PERM_ROWS], a1[SP24_PERM_ROWS];
+    for (int m = 0; m < MB; ++m) {
+        a0[m] = _mm256_setzero_ps();
+        a1[m] = _mm256_setzero_ps();
+    }
+    long t = 0;
+    for (; t + 16 <= kh; t += 16) {
+        const __m256 v0 = _mm256_loadu_ps(v + t), v1 = _mm256_loadu_ps(v + t + 8);
+        const __m256i i0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + t)));
+        const __m256i i1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + t + 8)));
+        for (int m = 0; m < MB; ++m) {
+            const float *xc = x + m * ldx + 2 * t;
+            a0[m] = _mm256_fmadd_ps(v0, gather8(xc, i0), a0[m]);
+            a1[m] = _mm256_fmadd_ps(v1, gather8(xc + 16, i1), a1[m]);
+        }
+    }
+    if (t + 8 <= kh) {
+        const __m256 v0 = _mm256_loadu_ps(v + t);
+        const __m256i i0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + t)));
+        for (int m = 0; m < MB; ++m)
+            a0[m] = _mm256_fmadd_ps(v0, gather8(x + m * ldx + 2 * t, i0), a0[m]);
+        t += 8;
+    }
+    float tail[SP24_PERM_ROWS] = {0.f};
+    for (; t < kh; ++t) /* kh % 8 == 4: the last four values (columns 2t' .. 2t'+7 of the last half step) */
+        for (int m = 0; m < MB; ++m)
+            tail[m] += v[t] * x[m * ldx + 2 * (t & ~7L) + p[t]];
+    for (int m = 0; m < MB; ++m)
+        out[m * ldy] = hsum8(_mm256_add_ps(a0[m], a1[m])) + tail[m] + b;
+}
+
+SK_AVX static void
+sp24_perm(long M, long N, long kh, const float *x, long ldx, const float *vals, const uint8_t *pidx,
+          const float *bias, float *y, long ldy, int nthreads)
+{
+    (void)nthreads;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+#endif
+    for (long n = 0; n < N; ++n) {
+        const float *v = vals + n * kh;
+        const uint8_t *p = pidx + n * kh;
+        const float b = bias ? bias[n] : 0.f;
+        float *out = y + n;
+        switch (M) {
+        case 1: sp24_perm_col(1, v, p, kh, x, ldx, out, ldy, b); break;
+        case 2: sp24_perm_col(2, v, p, kh, x, ldx, out, ldy, b); break;
+        default: sp24_perm_col(3, v, p, kh, x, ldx, out, ldy, b); break;
+        }
+    }
+}
+
+/* output column n for NV*8 transposed rows (xT is (Kp, 8*NV)) */
+SK_AVX SK_INLINE void
+sp24_t_col(const int NV, const float *v, const uint16_t *ki, long kh, const float *xT, float *acc)
+{
+    const long mt = 8L * NV;
+    __m256 a0[SP24_TILE / 8], a1[SP24_TILE / 8];
+    for (int j = 0; j < NV; ++j) {
+        a0[j] = _mm256_setzero_ps();
+        a1[j] = _mm256_setzero_ps();
+    }
+    long t = 0;
+    for (; t + 2 <= kh; t += 2) {
+        const __m256 w0 = _mm256_broadcast_ss(v + t), w1 = _mm256_broadcast_ss(v + t + 1);
+        const float *x0 = xT + (long)ki[t] * mt, *x1 = xT + (long)ki[t + 1] * mt;
+        for (int j = 0; j < NV; ++j) {
+            a0[j] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + 8 * j), a0[j]);
+            a1[j] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x1 + 8 * j), a1[j]);
+        }
+    }
+    if (t < kh) {
+        const __m256 w0 = _mm256_broadcast_ss(v + t);
+        const float *x0 = xT + (long)ki[t] * mt;
+        for (int j = 0; j < NV; ++j)
+            a0[j] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + 8 * j), a0[j]);
+    }
+    for (int j = 0; j < NV; ++j)
+        _mm256_storeu_ps(acc + 8 * j, _mm256_add_ps(a0[j], a1[j]));
+}
+
+SK_AVX static int
+sp24_trans(long M, long N, long kh, long K, const float *x, long ldx, const float *vals, const uint16_t *kidx,
+           const float *bias, float *y, long ldy, int nthreads)
+{
+    const long kp = 2 * kh;
+    float *xT = (float *)malloc(sizeof(float) * (size_t)kp * SP24_TILE);
+    if (xT == NULL)
+        return -1;
+    for (long m0 = 0; m0 < M; m0 += SP24_TILE) {
+        const long mr = M - m0 < SP24_TILE ? M - m0 : SP24_TILE;
+        const int NV = (int)((mr + 7) / 8);
+        const long mt = 8L * NV;
+        memset(xT, 0, sizeof(float) * (size_t)kp * (size_t)mt);
+        for (long m = 0; m < mr; ++m) {
+            const float *xm = x + (m0 + m) * ldx;
+            for (long k = 0; k < K; ++k)
+                xT[k * mt + m] = xm[k];
+        }
+        (void)nthreads;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+#endif
+        for (long n = 0; n < N; ++n) {
+            float acc[SP24_TILE];
+            const float *v = vals + n * kh;
+            const uint16_t *ki = kidx + n * kh;
+            switch (NV) {
+            case 1: sp24_t_col(1, v, ki, kh, xT, acc); break;
+            case 2: sp24_t_col(2, v, ki, kh, xT, acc); break;
+            case 3: sp24_t_col(3, v, ki, kh, xT, acc); break;
+            default: sp24_t_col(4, v, ki, kh, xT, acc); break;
+            }
+            const float b = bias ? bias[n] : 0.f;
+            for (long m = 0; m < mr; ++m)
+                y[(m0 + m) * ldy + n] = acc[m] + b;
+        }
+    }
+    free(xT);
+    return 0;
+}
+
+/* BLK_COLS outputs (columns c0 .. c0+15 of block row r) for MB (1..4) rows */
+SK_AVX SK_INLINE void
+block_tile(const int MB, const float *bT, const int64_t *crow, const int64_t *col, long r, long c0, long bm,
+           long bk, const float *x, long ldx, float *out)
+{
+    __m256 a[4][2];
+    for (int m = 0; m < MB; ++m) {
+        a[m][0] = _mm256_setzero_ps();
+        a[m][1] = _mm256_setzero_ps();
+    }
+    for (int64_t j = crow[r]; j < crow[r + 1]; ++j) {
+        const float *w = bT + j * bm * bk + c0;
+        const float *xc = x + col[j] * bk;
+        for (long k = 0; k < bk; ++k) {
+            const __m256 w0 = _mm256_loadu_ps(w + k * bm), w1 = _mm256_loadu_ps(w + k * bm + 8);
+            for (int m = 0; m < MB; ++m) {
+                const __m256 xb = _mm256_broadcast_ss(xc + m * ldx + k);
+                a[m][0] = _mm256_fmadd_ps(w0, xb, a[m][0]);
+                a[m][1] = _mm256_fmadd_ps(w1, xb, a[m][1]);
+            }
+        }
+    }
+    for (int m = 0; m < MB; ++m) {
+        _mm256_storeu_ps(out + BLK_COLS * m, a[m][0]);
+        _mm256_storeu_ps(out + BLK_COLS * m + 8, a[m][1]);
+    }
+}
+
+SK_AVX static void
+block_simd(long M, long N, long bm, long bk, const float *x, long ldx, const float *bT, const int64_t *crow,
+           const int64_t *col, const float *bias, float *y, long ldy, int nthreads)
+{
+    const long nbr = (N + bm - 1) / bm, ct = bm / BLK_COLS, tiles = nbr * ct;
+    (void)nthreads;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+#endif
+    for (long tile = 0; tile < tiles; ++tile) {
+        const long r = tile / ct, c0 = (tile % ct) * BLK_COLS, n0 = r * bm + c0;
+        if (n0 >= N)
+            continue;
+        const long nc = N - n0 < BLK_COLS ? N - n0 : BLK_COLS;
+        float out[4 * BLK_COLS];
+        for (long m0 = 0; m0 < M; m0 += 4) {
+            const long mr = M - m0 < 4 ? M - m0 : 4;
+            const float *xm = x + m0 * ldx;
+            switch (mr) {
+            case 4: block_tile(4, bT, crow, col, r, c0, bm, bk, xm, ldx, out); break;
+            case 3: block_tile(3, bT, crow, col, r, c0, bm, bk, xm, ldx, out); break;
+            case 2: block_tile(2, bT, crow, col, r, c0, bm, bk, xm, ldx, out); break;
+            default: block_tile(1, bT, crow, col, r, c0, bm, bk, xm, ldx, out); break;
+            }
+            for (long m = 0; m < mr; ++m)
+                for (long c = 0; c < nc; ++c)
+                    y[(m0 + m) * ldy + n0 + c] = out[BLK_COLS * m + c] + (bias ? bias[n0 + c] : 0.f);
+        }
+    }
+}
+#endif /* SK_X86 */
+
+/* ------------------------------------------------------------------------------------------------ Python */
+/* n integer arguments (addresses or sizes) into out[]; -1 and an exception on failure */
+static int
+int_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t n, const char *name, Py_ssize_t *out)
+{
+    if (nargs != n) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name, n, nargs);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        out[i] = PyLong_AsSsize_t(args[i]);
+        if (out[i] == -1 && PyErr_Occurred())
+            return -1;
+    }
+    return 0;
+}
+
+#define PTR(v) ((void *)(uintptr_t)(v))
+
+PyObject *
+sk_simd(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyBool_FromLong(have_simd());
+}
+
+PyObject *
+sk_openmp(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+#ifdef _OPENMP
+    Py_RETURN_TRUE;
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
+PyObject *
+sk_sp24_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    /* x, M, K, ldx, vals, pidx, kidx (0: none), kh, N, bias (0: none), y, nthreads */
+    Py_ssize_t a[12];
+    if (int_args(args, nargs, 12, "sp24_mm", a) < 0)
+        return NULL;
+    const long M = (long)a[1], K = (long)a[2], ldx = (long)a[3], kh = (long)a[7], N = (long)a[8];
+    const int nthreads = a[11] < 1 ? 1 : (int)a[11];
+    /* the few-rows loop reads x with 2*kh columns (the caller pads), the others with K */
+    const int perm = have_simd() && M <= SP24_PERM_ROWS;
+    if (M < 0 || N < 0 || kh < 0 || K < 0 || K > 2 * kh || (kh & 3) || ldx < (perm ? 2 * kh : K)) {
+        PyErr_Format(PyExc_ValueError, "sp24_mm(): bad sizes M=%ld N=%ld K=%ld kh=%ld ldx=%ld", M, N, K, kh, ldx);
+        return NULL;
+    }
+    if (M == 0 || N == 0)
+        Py_RETURN_NONE;
+    const float *x = PTR(a[0]), *vals = PTR(a[4]), *bias = PTR(a[9]);
+    const uint8_t *pidx = PTR(a[5]);
+    const uint16_t *kidx = PTR(a[6]);
+    float *y = PTR(a[10]);
+    int rc = 0;
+    PyThreadState *ts = PyEval_SaveThread();
+#if SK_X86
+    if (perm)
+        sp24_perm(M, N, kh, x, ldx, vals, pidx, bias, y, N, nthreads);
+    else if (have_simd() && kidx != NULL)
+        rc = sp24_trans(M, N, kh, K, x, ldx, vals, kidx, bias, y, N, nthreads);
+    else
+#endif
+        sp24_plain(M, N, kh, K, x, ldx, vals, pidx, bias, y, N, nthreads);
+    PyEval_RestoreThread(ts);
+    if (rc < 0)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+PyObject *
+sk_block_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    /* x, M, ldx, bT, crow, col, N, bm, bk, bias (0: none), y, nthreads */
+    Py_ssize_t a[12];
+    if (int_args(args, nargs, 12, "block_mm", a) < 0)
+        return NULL;
+    const long M = (long)a[1], ldx = (long)a[2], N = (long)a[6], bm = (long)a[7], bk = (long)a[8];
+    const int nthreads = a[11] < 1 ? 1 : (int)a[11];
+    if (M < 0 || N < 0 || bm < BLK_COLS || bm % BLK_COLS || bk < 1 || ldx < bk) {
+        PyErr_Format(PyExc_ValueError, "block_mm(): bad sizes M=%ld N=%ld bm=%ld bk=%ld ldx=%ld", M, N, bm, bk, ldx);
+        return NULL;
+    }
+    if (M == 0 || N == 0)
+        Py_RETURN_NONE;
+    const float *x = PTR(a[0]), *bT = PTR(a[3]), *bias = PTR(a[9]);
+    const int64_t *crow = PTR(a[4]), *col = PTR(a[5]);
+    float *y = PTR(a[10]);
+    PyThreadState *ts = PyEval_SaveThread();
+#if SK_X86
+    if (have_simd())
+        block_simd(M, N, bm, bk, x, ldx, bT, crow, col, bias, y, N, nthreads);
+    else
+#endif
+        block_plain(M, N, bm, bk, x, ldx, bT, crow, col, bias, y, N, nthreads);
+    PyEval_RestoreThread(ts);
+    Py_RETURN_NONE;
+}
+
+PyObject *
+sk_all_finite(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    /* x, n: whether the n contiguous float32 values at x are all finite */
+    Py_ssize_t a[2];
+    if (int_args(args, nargs, 2, "all_finite", a) < 0)
+        return NULL;
+    const uint32_t *u = PTR(a[0]);
+    uint32_t bad = 0;
+    for (Py_ssize_t i = 0; i < a[1]; ++i)
+        bad |= (uint32_t)((u[i] & 0x7f800000u) == 0x7f800000u);
+    return PyBool_FromLong(!bad);
+}

@@ -1,0 +1,24 @@
+/* sparsekit._cpu_ext: the sparse matmul entry points (csrc/cpu/sparse_mm.c), registered by token_quant.c. */
+#ifndef SPARSEKIT_SPARSE_MM_H
+#define SPARSEKIT_SPARSE_MM_H
+#include <Python.h>
+
+PyObject *sk_simd(PyObject *self, PyObject *unused);
+PyObject *sk_openmp(PyObject *self, PyObject *unused);
+PyObject *sk_sp24_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *sk_block_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *sk_all_finite(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+
+#define SPARSEKIT_SPARSE_MM_METHODS                                                                                  \
+    {"simd", sk_simd, METH_NOARGS, "simd() -> bool: whether the AVX2 + FMA sparse matmul loops run on this CPU"},    \
+    {"openmp", sk_openmp, METH_NOARGS, "openmp() -> bool: whether the sparse matmuls were built with OpenMP"},       \
+    {"sp24_mm", (PyCFunction)(void (*)(void))sk_sp24_mm, METH_FASTCALL,                                            \
+     "sp24_mm(x, M, K, ldx, vals, pidx, kidx, kh, N, bias, y, nthreads): y = x @ W^T + bias over 2:4 values "      \
+     "(trusted pointers: use sparsekit.ops._cpu_ext)"},                                                             \
+    {"block_mm", (PyCFunction)(void (*)(void))sk_block_mm, METH_FASTCALL,                                          \
+     "block_mm(x, M, ldx, bT, crow, col, N, bm, bk, bias, y, nthreads): y = x @ W^T + bias over kept blocks "     \
+     "(trusted pointers: use sparsekit.ops._cpu_ext)"},                                                             \
+    {"all_finite", (PyCFunction)(void (*)(void))sk_all_finite, METH_FASTCALL,                                      \
+     "all_finite(x, n) -> bool: whether n contiguous float32 values are all finite"},
+
+#endif
