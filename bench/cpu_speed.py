@@ -93,13 +93,17 @@ def measure(dense: nn.Module, comp: nn.Module, x: torch.Tensor, rounds: int, bud
 
 
 def _matmul_kind(comp: nn.Module, m: int) -> str:
-    """Which matmul the module's CPU fast path ran for ``m`` rows: ``fp16w`` (fbgemm's float16-weight GEMM,
-    the weight exactly float16), ``fp32`` (F.linear on the float32 expansion) or ``op`` (no fast path)."""
+    """Which matmul the module's CPU fast path ran for ``m`` rows: ``kernel`` (a matmul of the C extension
+    over the stored weights: 2:4, block-sparse, or the fused W8A8 / W4A8 / 2:4+int8 integer-code linear),
+    ``fp16w`` (fbgemm's float16-weight GEMM, the weight exactly float16), ``fp32`` (F.linear on the float32
+    expansion) or ``op`` (no fast path)."""
     from sparsekit.ops import _dense
 
     plan = comp.__dict__.get(_dense._PLAN_ATTR)
     if plan is None:
         return "op"
+    if callable(plan.kern) and m <= plan.kmax:
+        return "kernel"
     return "fp16w" if plan.fp16 and m <= _dense.FP16_GEMM_MAX_ROWS else "fp32"
 
 
@@ -190,9 +194,11 @@ def write(rows: list, out: str, header: dict) -> tuple:
     lines += [f"- {k}: {v}" for k, v in header.items()]
     lines += ["", "torch low-bit: torch's own CPU matmul for the weight kind, timed as a peer (int4: "
               "`_weight_int4pack_mm_for_cpu`, w8a8: `_weight_int8pack_mm`, weight-only int8), fp32 / bf16 input.",
-              "", "matmul: what the compressed layer's CPU fast path ran -- `fp16w`: fbgemm's float16-weight GEMM "
-              "(the expanded weight is exactly float16: int4 dequantized in float16, integer codes), `fp32`: "
-              "F.linear on the float32 expansion.", "",
+              "", "matmul: what the compressed layer's CPU fast path ran -- `kernel`: a matmul of the C extension "
+              "over the stored weights (2:4 and block-sparse in float32; W8A8, W4A8 and 2:4+int8 fused with the "
+              "per-token quantization, exact integer sums), `fp16w`: fbgemm's float16-weight GEMM (the expanded "
+              "weight is exactly float16: int4 dequantized in float16, integer codes), `fp32`: F.linear on the "
+              "float32 expansion.", "",
               "| scheme | backend | matmul | N x K | M | dense ms | compressed ms | ratio | torch low-bit ms (fp32 / bf16) |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

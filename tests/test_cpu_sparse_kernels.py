@@ -189,3 +189,106 @@ def test_prepare_rejects_inconsistent_tensors():
     b = _layer("block", 64, 48)
     with pytest.raises(ValueError, match="block-sparse weight"):
         _cpu_ext.block_kernel(b.blocks, b.crow[:-1], b.col, 48, 64)
+
+
+# ----------------------------------------------------------------------------- int8-code and int4 kernels
+def _codes_ref(x, nbits, round_to):
+    """The reference per-token quantization (the torch chain) of float32 ``x``."""
+    if round_to is not None:
+        x = x.to(round_to).float()
+    qmax = float(2 ** (nbits - 1) - 1)
+    amax = x.abs().amax(-1, keepdim=True)
+    s = (amax / qmax).masked_fill_(amax == 0, 1.0)
+    return x.div(s).round_().clamp_(-qmax, qmax), s
+
+
+@pytest.mark.parametrize("k", [8, 24, 40, 200])
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 16])
+@pytest.mark.parametrize("nbits", [8, 4])
+def test_w8a8_kernel_exact_integer_sums(k, m, nbits):
+    """Integer codes x integer codes: exact int32 sums; the epilogue as quant_linear's."""
+    torch.manual_seed(k + m)
+    n = 37
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    cs = torch.rand(n) * 0.01 + 1e-3
+    b = torch.randn(n)
+    x = torch.randn(m, k) * 3
+    y = _cpu_ext.w8a8_kernel(q, cs)(x, nbits, None, b)
+    xq, s = _codes_ref(x, nbits, None)
+    acc = (xq.double() @ q.double().t()).float()                 # exact integers (< 2**24)
+    ref = torch.addcmul(b, acc, s * cs)
+    # the same sums; the epilogue's multiply-add may be fused (one rounding) or not (two): a few ulps
+    assert torch.allclose(y, ref, rtol=3e-7, atol=3e-7 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("k,gs", [(40, 40), (64, 32), (96, 32), (256, 64), (384, 128), (8, 8), (200, 200)])
+@pytest.mark.parametrize("m", [1, 2, 4, 5, 16])
+@pytest.mark.parametrize("zeros", [True, False])
+@pytest.mark.parametrize("round_to", [None, torch.float16, torch.bfloat16])
+def test_w4a8_kernel_equals_float64_matmul(k, gs, m, zeros, round_to):
+    from sparsekit.formats.int4 import pack_int4
+    from sparsekit.ops.int8 import dequantize_int4_fp32
+
+    torch.manual_seed(k + m)
+    n = 29
+    g = k // gs
+    q = pack_int4(torch.randint(0, 16, (n, k)))
+    s = (torch.rand(n, g) * 0.1 + 0.01).half()
+    z = (torch.randint(0, 16, (n, g)) + 0.5 * torch.randint(0, 2, (n, g))).half() if zeros else None
+    b = torch.randn(n)
+    x = torch.randn(m, k)
+    f = _cpu_ext.w4a8_kernel(q, s, z, gs, k)
+    y = f(x, 8, round_to, b)
+    xq, st = _codes_ref(x, 8, round_to)
+    w = dequantize_int4_fp32(q, s, z, gs, k)
+    ref = (xq * st).double() @ w.double().t() + b.double()
+    if round_to is None:
+        _close64(y, ref)
+    else:
+        assert_close_rel(y, ref.float().to(round_to).float(), round_to)
+        assert torch.equal(y, y.to(round_to).float())            # the result is rounded to round_to
+
+
+@pytest.mark.parametrize("nbits", [8, 4])
+def test_fused_non_finite_rows_are_nan(nbits):
+    q = torch.randint(-127, 128, (16, 64), dtype=torch.int8)
+    x = torch.randn(3, 64)
+    x[0, 3] = float("inf")
+    x[2, 7] = float("nan")
+    y = _cpu_ext.w8a8_kernel(q, torch.ones(16))(x, nbits, None, None)
+    assert y[0].isnan().all() and y[2].isnan().all() and y[1].isfinite().all()
+
+
+def _quant_layer(scheme, k, n, dtype=torch.float32):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(k, n)).to(dtype)
+    s = get_scheme(scheme)
+    (sparsekit.sparsify_ if s.sparse else sparsekit.quantize_)(m, scheme, progress=False)
+    return m[0]
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a8", "2:4+int8"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 3, 5, 16])
+def test_quantized_modules_equal_the_dense_path(scheme, dtype, m, monkeypatch):
+    """W8A8 (int8 codes), W4A8 (int4 weight, float32 product) and 2:4+int8 (2:4 codes) through the kernels:
+    the same result as the dense float32 matmul up to summation order (outputs in the compute dtype)."""
+    layer = _quant_layer(scheme, 256, 72, dtype)
+    x = torch.randn(1, m, 256, dtype=dtype) if m > 1 else torch.randn(1, 256, dtype=dtype)
+    with torch.no_grad():
+        y = layer(x)
+        assert _kernel_ran(layer)
+        monkeypatch.setenv(_cpu_ext.CPU_EXT_ENV, "0")
+        ref = layer(x)
+    compute = torch.float16 if dtype == torch.float32 and scheme != "2:4+int8" else dtype
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    assert_close_rel(y, ref, compute)
+
+
+def test_quantized_kernel_row_limit():
+    layer = _quant_layer("w8a8", 64, 32)
+    with torch.no_grad():
+        layer(torch.randn(_cpu_ext.QUANT_MAX_ROWS + 1, 64))
+        assert not _kernel_ran(layer)
+        layer(torch.randn(_cpu_ext.QUANT_MAX_ROWS, 64))
+        assert _kernel_ran(layer)

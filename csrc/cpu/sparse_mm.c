@@ -26,6 +26,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -110,6 +111,54 @@ block_plain(long M, long N, long bm, long bk, const float *x, long ldx, const fl
             y[m * ldy + n] = s + (bias ? bias[n] : 0.f);
         }
     }
+}
+
+/* int8 activation codes x int8 weight codes (N, kp), exact int32 sums (kp a multiple of 16, zero padded) */
+static void
+w8_plain(long M, long N, long kp, const int16_t *xi, const int8_t *q, float *y, long ldy, int nthreads)
+{
+    (void)nthreads;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+#endif
+    for (long n = 0; n < N; ++n)
+        for (long m = 0; m < M; ++m) {
+            int32_t s = 0;
+            for (long k = 0; k < kp; ++k)
+                s += (int32_t)q[n * kp + k] * xi[m * kp + k];
+            y[m * ldy + n] = (float)s;
+        }
+}
+
+/* the code of column k in a row of the 32-column nibble layout (byte i of block b: columns 32b+i, 32b+16+i) */
+static inline int
+w4_code(const uint8_t *qr, long k)
+{
+    const uint8_t b = qr[(k >> 5) * 16 + (k & 15)];
+    return (k & 16) ? b >> 4 : b & 15;
+}
+
+/* int8 activation codes x int4 weights: sum_g scale_g * (sum_k x*code - zero_g * sum_k x), exact inner sums */
+static void
+w4_plain(long M, long N, long kp, long gs, const int8_t *xi, const int32_t *xsum, const uint8_t *q,
+         const float *sc, const float *zr, float *y, long ldy, int nthreads)
+{
+    const long G = kp / gs;
+    (void)nthreads;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+#endif
+    for (long n = 0; n < N; ++n)
+        for (long m = 0; m < M; ++m) {
+            float acc = 0.f;
+            for (long g = 0; g < G; ++g) {
+                int32_t s = 0;
+                for (long k = g * gs; k < (g + 1) * gs; ++k)
+                    s += w4_code(q + n * (kp / 2), k) * xi[m * kp + k];
+                acc += sc[n * G + g] * ((float)s - zr[n * G + g] * (float)xsum[m * G + g]);
+            }
+            y[m * ldy + n] = acc;
+        }
 }
 
 #if SK_X86
@@ -316,6 +365,111 @@ block_simd(long M, long N, long bm, long bk, const float *x, long ldx, const flo
         }
     }
 }
+SK_AVX SK_INLINE int32_t
+hsum8i(__m256i v)
+{
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* int8 x int8 codes, output column n for MB (1..4) rows: 16 products per vpmaddwd, exact int32 sums */
+SK_AVX SK_INLINE void
+w8_col(const int MB, const int8_t *q, long kp, const int16_t *xi, float *out, long ldy)
+{
+    __m256i a[4];
+    for (int m = 0; m < MB; ++m)
+        a[m] = _mm256_setzero_si256();
+    for (long k = 0; k < kp; k += 16) {
+        const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + k)));
+        for (int m = 0; m < MB; ++m)
+            a[m] = _mm256_add_epi32(a[m], _mm256_madd_epi16(w, _mm256_loadu_si256((const __m256i *)(xi + m * kp + k))));
+    }
+    for (int m = 0; m < MB; ++m)
+        out[m * ldy] = (float)hsum8i(a[m]);
+}
+
+SK_AVX static void
+w8_simd(long M, long N, long kp, const int16_t *xi, const int8_t *q, float *y, long ldy, int nthreads)
+{
+    (void)nthreads;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+#endif
+    for (long n = 0; n < N; ++n)
+        for (long m0 = 0; m0 < M; m0 += 4) {
+            const int16_t *xm = xi + m0 * kp;
+            float *out = y + m0 * ldy + n;
+            switch (M - m0 < 4 ? M - m0 : 4) {
+            case 4: w8_col(4, q + n * kp, kp, xm, out, ldy); break;
+            case 3: w8_col(3, q + n * kp, kp, xm, out, ldy); break;
+            case 2: w8_col(2, q + n * kp, kp, xm, out, ldy); break;
+            default: w8_col(1, q + n * kp, kp, xm, out, ldy); break;
+            }
+        }
+}
+
+/* int8 activation codes x int4 weights, output column n for MB (1..4) rows: 32 products per vpmaddubsw (codes
+   0..15 unsigned, activations signed: pair sums within int16), exact int32 sums per group, float32 across */
+SK_AVX SK_INLINE void
+w4_col(const int MB, const uint8_t *q, const float *sc, const float *zr, long kp, long gs, const int8_t *xi,
+       const int32_t *xsum, float *out, long ldy)
+{
+    const long G = kp / gs;
+    const __m256i ones = _mm256_set1_epi16(1);
+    const __m128i nib = _mm_set1_epi8(15);
+    __m256 f[4];
+    float zt[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int m = 0; m < MB; ++m)
+        f[m] = _mm256_setzero_ps();
+    for (long g = 0; g < G; ++g) {
+        __m256i a[4];
+        for (int m = 0; m < MB; ++m)
+            a[m] = _mm256_setzero_si256();
+        for (long k = g * gs; k < (g + 1) * gs; k += 32) {
+            const __m128i b = _mm_loadu_si128((const __m128i *)(q + k / 2));
+            const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), nib), _mm_and_si128(b, nib));
+            for (int m = 0; m < MB; ++m) {
+                const __m256i p = _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i *)(xi + m * kp + k)));
+                a[m] = _mm256_add_epi32(a[m], _mm256_madd_epi16(p, ones));
+            }
+        }
+        const __m256 s = _mm256_set1_ps(sc[g]);
+        for (int m = 0; m < MB; ++m) {
+            f[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[m]), s, f[m]);
+            zt[m] += sc[g] * zr[g] * (float)xsum[m * G + g];
+        }
+    }
+    for (int m = 0; m < MB; ++m)
+        out[m * ldy] = hsum8(f[m]) - zt[m];
+}
+
+SK_AVX static void
+w4_simd(long M, long N, long kp, long gs, const int8_t *xi, const int32_t *xsum, const uint8_t *q,
+        const float *sc, const float *zr, float *y, long ldy, int nthreads)
+{
+    const long G = kp / gs;
+    (void)nthreads;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+#endif
+    for (long n = 0; n < N; ++n) {
+        const uint8_t *qn = q + n * (kp / 2);
+        const float *sn = sc + n * G, *zn = zr + n * G;
+        for (long m0 = 0; m0 < M; m0 += 4) {
+            const int8_t *xm = xi + m0 * kp;
+            const int32_t *xs = xsum + m0 * G;
+            float *out = y + m0 * ldy + n;
+            switch (M - m0 < 4 ? M - m0 : 4) {
+            case 4: w4_col(4, qn, sn, zn, kp, gs, xm, xs, out, ldy); break;
+            case 3: w4_col(3, qn, sn, zn, kp, gs, xm, xs, out, ldy); break;
+            case 2: w4_col(2, qn, sn, zn, kp, gs, xm, xs, out, ldy); break;
+            default: w4_col(1, qn, sn, zn, kp, gs, xm, xs, out, ldy); break;
+            }
+        }
+    }
+}
 #endif /* SK_X86 */
 
 /* ------------------------------------------------------------------------------------------------ Python */
@@ -422,6 +576,112 @@ sk_block_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 #endif
         block_plain(M, N, bm, bk, x, ldx, bT, crow, col, bias, y, N, nthreads);
     PyEval_RestoreThread(ts);
+    Py_RETURN_NONE;
+}
+
+/*
+ * The fused quantized linear: per-token activation quantization (sk_token_quant, bit-identical to the torch
+ * chain; the input first rounded to float16 / bfloat16 where round_in says so), the matmul over the codes, the
+ * epilogue and the rounding of the result to the compute dtype (round_out), in one call:
+ *   kind 0 (W8A8): int8 weight codes q (N, kp), exact int32 sums;  y = sum * (s_tok * col_scale) + bias
+ *   kind 1 (W4A8): int4 weights, 32-column nibble blocks (N, kp/2), float32 group scales / zeros (N, kp/gs),
+ *                  exact int32 sums per group;  y = s_tok * sum_g scale_g * (sum - zero_g * sum of x) + bias
+ * (2:4+int8 layers run kind 0 over their codes expanded to a dense int8 matrix.)
+ * A row whose input holds Inf/NaN (a non-finite token scale) comes out NaN, as the matmul over its NaN codes
+ * gives.  Scratch buffers are allocated per call.  Returns 0, or -1 when out of memory.
+ */
+static int
+qlinear_run(int kind, const float *x, long M, long K, const void *w, const void *aux1, const void *aux2, long gs,
+            long N, const float *cs, const float *bias, float *y, float qmax, int rin, int rout, int nthreads)
+{
+    const long kp = kind == 0 ? (K + 15) / 16 * 16 : (K + gs - 1) / gs * gs; /* padded columns */
+    const long G = kind == 1 ? kp / gs : 1;
+    const size_t esz = kind == 0 ? sizeof(int16_t) : sizeof(int8_t);
+    float *codes = (float *)malloc(sizeof(float) * (size_t)(M * K + M));
+    void *xi = calloc((size_t)(M * kp), esz);
+    int32_t *xsum = (int32_t *)calloc((size_t)(M * G), sizeof(int32_t));
+    if (codes == NULL || xi == NULL || xsum == NULL) {
+        free(codes);
+        free(xi);
+        free(xsum);
+        return -1;
+    }
+    float *scale = codes + M * K;
+    sk_token_quant(x, codes, scale, M, K, qmax, rin);
+    /* integer codes, zero padded to kp (a NaN code of a non-finite row becomes 0: that row is NaN below) */
+    for (long m = 0; m < M; ++m)
+        for (long k = 0; k < K; ++k) {
+            const float c = codes[m * K + k];
+            const int v = c == c ? (int)c : 0;
+            if (kind == 0)
+                ((int16_t *)xi)[m * kp + k] = (int16_t)v;
+            else {
+                ((int8_t *)xi)[m * kp + k] = (int8_t)v;
+                xsum[m * G + k / gs] += v;
+            }
+        }
+#if SK_X86
+    if (have_simd() && kind == 0)
+        w8_simd(M, N, kp, (const int16_t *)xi, (const int8_t *)w, y, N, nthreads);
+    else if (have_simd())
+        w4_simd(M, N, kp, gs, (const int8_t *)xi, xsum, (const uint8_t *)w, (const float *)aux1, (const float *)aux2,
+                y, N, nthreads);
+    else
+#endif
+        if (kind == 0)
+        w8_plain(M, N, kp, (const int16_t *)xi, (const int8_t *)w, y, N, nthreads);
+    else
+        w4_plain(M, N, kp, gs, (const int8_t *)xi, xsum, (const uint8_t *)w, (const float *)aux1, (const float *)aux2,
+                 y, N, nthreads);
+    for (long m = 0; m < M; ++m) {
+        const float s = scale[m];
+        float *ym = y + m * N;
+        if (!(s - s == 0.f)) { /* Inf or NaN scale: an input row with Inf/NaN */
+            for (long n = 0; n < N; ++n)
+                ym[n] = NAN;
+        } else if (kind == 1) {
+            for (long n = 0; n < N; ++n)
+                ym[n] = s * ym[n] + (bias ? bias[n] : 0.f);
+        } else {
+            for (long n = 0; n < N; ++n)
+                ym[n] = ym[n] * (s * cs[n]) + (bias ? bias[n] : 0.f);
+        }
+    }
+    if (rout)
+        sk_round(y, M * N, rout);
+    free(codes);
+    free(xi);
+    free(xsum);
+    return 0;
+}
+
+PyObject *
+sk_qlinear(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    /* kind, x, M, K, w, aux1, aux2, gs, N, col_scale, bias, y, qmax, round_in, round_out, nthreads */
+    Py_ssize_t a[16];
+    if (int_args(args, nargs, 16, "qlinear", a) < 0)
+        return NULL;
+    const int kind = (int)a[0];
+    const long M = (long)a[2], K = (long)a[3], gs = (long)a[7], N = (long)a[8];
+    const int rin = (int)a[13], rout = (int)a[14], nthreads = a[15] < 1 ? 1 : (int)a[15];
+    const int sizes_ok = kind == 0   ? K >= 1 && K <= 65536
+                         : kind == 1 ? gs >= 32 && gs % 32 == 0 && K >= 1 && K <= 65536 && (K + gs - 1) / gs * gs >= K
+                                     : 0;
+    if (!sizes_ok || M < 0 || N < 0 || (a[12] != 127 && a[12] != 7) || rin < 0 || rin > 2 || rout < 0 || rout > 2 ||
+        (kind == 0 && a[9] == 0)) {
+        PyErr_Format(PyExc_ValueError, "qlinear(): bad arguments kind=%d M=%ld K=%ld gs=%ld N=%ld", kind, M, K, gs, N);
+        return NULL;
+    }
+    if (M == 0 || N == 0)
+        Py_RETURN_NONE;
+    PyThreadState *ts = PyEval_SaveThread();
+    const int rc = qlinear_run(kind, PTR(a[1]), M, K, PTR(a[4]), PTR(a[5]), PTR(a[6]), gs, N, PTR(a[9]), PTR(a[10]),
+                               PTR(a[11]), (float)a[12], rin, rout, nthreads);
+    PyEval_RestoreThread(ts);
+    if (rc < 0)
+        return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 

@@ -342,6 +342,25 @@ round_(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* For sparse_mm.c (the fused quantized linears): the row loops above, without the Python layer. */
+void
+sk_token_quant(const float *x, float *codes, float *scale, Py_ssize_t rows, Py_ssize_t k, float qmax, int mode)
+{
+    if (mode == ROUND_NONE)
+        quant_rows(x, codes, scale, rows, k, qmax);
+    else
+        quant_rows_rounded(x, codes, scale, rows, k, qmax, mode);
+}
+
+void
+sk_round(float *y, Py_ssize_t n, int mode)
+{
+    if (mode == ROUND_F16)
+        round_f16_inplace(y, n);
+    else if (mode == ROUND_BF16)
+        round_bf16_inplace(y, n);
+}
+
 static PyMethodDef methods[] = {
     {"token_quant", (PyCFunction)(void (*)(void))token_quant, METH_FASTCALL, token_quant_doc},
     {"round_", (PyCFunction)(void (*)(void))round_, METH_FASTCALL, round_doc},

@@ -63,11 +63,15 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["CPU_EXT_ENV", "available", "unavailable_reason", "token_quant", "round_", "sparse_available",
-           "sp24_kernel", "block_kernel", "SP24_MAX_ROWS"]
+__all__ = ["CPU_EXT_ENV", "CPU_KERNELS_ENV", "getenv", "env_flag", "available", "unavailable_reason", "token_quant", "round_", "sparse_available",
+           "sp24_kernel", "block_kernel", "w8a8_kernel", "w4a8_kernel", "sp24_int8_kernel", "SP24_MAX_ROWS",
+           "QUANT_MAX_ROWS"]
 
 #: ``SPARSEKIT_CPU_EXT=0`` switches the extension off at run time (default on where built).
 CPU_EXT_ENV = "SPARSEKIT_CPU_EXT"
+#: ``SPARSEKIT_CPU_KERNELS=0`` switches off only its matmul kernels (2:4, block-sparse, fused W8A8 / W4A8 /
+#: 2:4+int8): the CPU path is then the dense float32 / float16-weight matmul, with the C per-token quantization.
+CPU_KERNELS_ENV = "SPARSEKIT_CPU_KERNELS"
 
 try:
     from .. import _cpu_ext as _ext  # type: ignore[attr-defined]
@@ -81,10 +85,11 @@ _environ = os.environ
 # instead of os.environ.get's key encoding and value decoding (~1 us); os.environ.get where it is not there
 try:
     _env_data = _environ._data  # type: ignore[attr-defined]
-    _env_key = _environ.encodekey(CPU_EXT_ENV)  # type: ignore[attr-defined]
+    _env_encode = _environ.encodekey  # type: ignore[attr-defined]
     _env_decode = _environ.decodevalue  # type: ignore[attr-defined]
 except AttributeError:  # pragma: no cover - not CPython's os._Environ
     _env_data = None
+_env_keys: dict = {}
 _parsed: dict = {}
 _float32 = torch.float32
 _ROUND_MODES = {torch.float16: 1, torch.bfloat16: 2}  # the C side's mode numbers
@@ -92,21 +97,41 @@ _empty = torch.empty
 _empty_like = torch.empty_like
 
 
-def _enabled() -> bool:
-    raw = _env_data.get(_env_key) if _env_data is not None else _environ.get(CPU_EXT_ENV)
-    hit = _parsed.get(raw)
+def getenv(name: str) -> Optional[str]:
+    """``os.environ.get(name)`` at a tenth of its cost (it runs on every small-layer forward): one lookup in the
+    mapping's own dict (``os.environ`` keeps it current under ``putenv``/``setenv``/``monkeypatch``)."""
+    if _env_data is None:
+        return _environ.get(name)
+    key = _env_keys.get(name)
+    if key is None:
+        key = _env_keys[name] = _env_encode(name)
+    raw = _env_data.get(key)
+    return None if raw is None else _env_decode(raw)
+
+
+def env_flag(name: str, default: bool = True) -> bool:
+    """The on/off environment variable ``name`` (1/true/yes/on, 0/false/no/off; unset or empty: ``default``),
+    read on every call at the cost of a dict lookup (parsed values are cached); anything else raises
+    ValueError naming the variable."""
+    text = getenv(name)
+    hit = _parsed.get((name, text, default))
     if hit is None:
-        text = _env_decode(raw) if (_env_data is not None and raw is not None) else raw
-        v = (text or "1").strip().lower()
+        v = (text or "").strip().lower()
         if v in ("0", "false", "no", "off"):
             hit = False
-        elif v in ("", "1", "true", "yes", "on"):
+        elif v in ("1", "true", "yes", "on"):
             hit = True
+        elif v == "":
+            hit = default
         else:
-            raise ValueError(f"{CPU_EXT_ENV}={text!r}: set it to 1 (use the C extension where built, the default) "
-                             "or 0")
-        _parsed[raw] = hit
+            raise ValueError(f"{name}={text!r}: set it to 1 or 0")
+        _parsed[(name, text, default)] = hit
     return hit
+
+
+def _enabled() -> bool:
+    return env_flag(CPU_EXT_ENV)
+
 
 
 def unavailable_reason() -> Optional[str]:
@@ -183,6 +208,8 @@ def round_(y: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
 #: The 2:4 kernel runs for up to this many rows (tokens): measured faster than the dense float32 matmul up to
 #: about 24-32 rows on 512-4096 wide layers (2 threads, AVX2; README "CPU"), the dense matmul above.
 SP24_MAX_ROWS = 24
+#: The fused W8A8 / W4A8 linears run for up to this many rows (the float16-weight / float32 GEMM above).
+QUANT_MAX_ROWS = 16
 _SIMD = bool(_ext is not None and hasattr(_ext, "simd") and _ext.simd())
 _get_threads = torch.get_num_threads
 _uint8 = torch.uint8
@@ -192,7 +219,7 @@ def sparse_available() -> bool:
     """Whether the 2:4 / block-sparse float32 matmuls of the extension run here: built, not switched off, and the
     CPU has AVX2 + FMA (their plain-C loops elsewhere are slower than a dense BLAS matmul, so callers keep the
     dense one there)."""
-    return _SIMD and _enabled()
+    return _SIMD and env_flag(CPU_EXT_ENV) and env_flag(CPU_KERNELS_ENV)
 
 
 def _padded(x2: torch.Tensor, width: int) -> torch.Tensor:
@@ -275,3 +302,96 @@ def block_kernel(blocks: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, n:
 
     f.keep = (bT, crow64, col64)
     return f
+
+
+
+def _fused(kind: int, n: int, k: int, w, aux1, aux2, gs: int, col_scale: Optional[torch.Tensor], keep: tuple):
+    """The callable of a fused quantized linear (see :func:`w8a8_kernel`; kind 0: int8 codes, 1: int4)."""
+    cs = None if col_scale is None else col_scale.detach().float().contiguous()
+    cp = 0 if cs is None else cs.data_ptr()
+    wp, a1, a2 = w.data_ptr(), 0 if aux1 is None else aux1.data_ptr(), 0 if aux2 is None else aux2.data_ptr()
+    run = _ext.qlinear
+
+    def f(x2: torch.Tensor, nbits: int, round_to: Optional[torch.dtype],
+          bias32: Optional[torch.Tensor]) -> torch.Tensor:
+        rows = x2.shape[0]
+        y = _empty(rows, n, dtype=_float32)
+        r = 0 if round_to is None else _ROUND_MODES[round_to]
+        run(kind, x2.data_ptr(), rows, k, wp, a1, a2, gs, n, cp, 0 if bias32 is None else bias32.data_ptr(),
+            y.data_ptr(), 127 if nbits == 8 else 7, r, r, _get_threads())
+        return y
+
+    f.keep = keep + (cs,)
+    f.quant = True          # called by CpuPlan.quant_linear with (x2, nbits, round_to, bias32)
+    return f
+
+
+def w8a8_kernel(q: torch.Tensor, col_scale: torch.Tensor):
+    """A fused W8A8 linear over int8 weight codes ``q`` (N, K) with per-channel ``col_scale`` (N,), or None where
+    it does not run here.  The callable ``f(x2, nbits, round_to, bias32)`` takes a contiguous float32 (rows, K)
+    CPU input and returns the float32 (rows, N) result of: per-token quantization to ``nbits`` (8 or 4; the
+    input first rounded to ``round_to`` (float16/bfloat16) where given, bit-identical to :func:`token_quant`),
+    the exact int32 sums over the codes, ``sum * (s_tok * col_scale) + bias32``, the result rounded to
+    ``round_to`` (kept in float32) -- the math of :meth:`sparsekit.ops._dense.CpuPlan.quant_linear`, in one C
+    call (csrc/cpu/sparse_mm.c).  An input row with Inf/NaN gives a NaN row."""
+    if not sparse_available():
+        return None
+    if q.dtype != torch.int8 or q.dim() != 2 or col_scale.shape != (q.shape[0],):
+        raise ValueError(f"w8a8_kernel: need (N, K) int8 codes and (N,) scales, got {q.dtype} {tuple(q.shape)}, "
+                         f"{tuple(col_scale.shape)}")
+    n, k = q.shape
+    if k > 65536:
+        return None
+    kp = -(-k // 16) * 16
+    qq = q.detach()
+    if kp != k:
+        qq = torch.cat([qq, qq.new_zeros(n, kp - k)], 1)
+    qq = qq.contiguous()
+    return _fused(0, n, k, qq, None, None, 0, col_scale, (qq,))
+
+
+def w4a8_kernel(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], group_size: int,
+                k: int):
+    """A fused W4A8 linear (int4 weight ``(code - zero) * scale``, :func:`sparsekit.ops.int8.dequantize_int4_fp32`),
+    or None where it does not run here: as :func:`w8a8_kernel`, with exact int32 sums of activation codes x
+    weight codes per group, then ``s_tok * sum_g scale_g * (sum_g - zero_g * sum of the group's codes) + bias``
+    in float32.  Prepared once per weight: the codes re-packed in 32-column blocks (byte ``i`` of block ``b``
+    holds columns ``32b + i`` and ``32b + 16 + i``), float32 scales and zeros."""
+    if not sparse_available():
+        return None
+    from ..formats.int4 import SYMMETRIC_ZERO, unpack_int4
+
+    n = qweight.shape[0]
+    g = k // group_size
+    if g * group_size != k or scales.shape != (n, g) or (zeros is not None and zeros.shape != (n, g)):
+        raise ValueError(f"w4a8_kernel: scales {tuple(scales.shape)} / zeros do not describe an ({n}, {k}) int4 "
+                         f"weight with group_size={group_size}")
+    if k > 65536:
+        return None
+    codes = unpack_int4(qweight, k)                                         # (N, K) uint8
+    gs = group_size
+    if gs % 32:
+        if g != 1:
+            return None                 # (group sizes are 32 / 64 / 128 or one group per row)
+        gs = -(-k // 32) * 32           # one group per row: padding columns (code 0, zero input)
+        codes = torch.cat([codes, codes.new_zeros(n, gs - k)], 1)
+    kp = codes.shape[1]
+    blk = codes.reshape(n, kp // 32, 2, 16)
+    packed = (blk[:, :, 0] | (blk[:, :, 1] << 4)).reshape(n, kp // 2).contiguous()
+    sc = scales.detach().float().contiguous()
+    zr = (zeros.detach().float() if zeros is not None else torch.full((n, g), float(SYMMETRIC_ZERO))).contiguous()
+    return _fused(1, n, k, packed, sc, zr, gs, None, (packed, sc, zr))
+
+
+def sp24_int8_kernel(values: torch.Tensor, meta: torch.Tensor, k: int, col_scale: torch.Tensor):
+    """A fused 2:4+int8 linear, or None where it does not run here: the 2:4 int8 codes ``values``/``meta``
+    expanded once to a dense int8 code matrix (zeros at the pruned positions; half the bytes of the float16
+    copy the GEMM path keeps) and :func:`w8a8_kernel`'s exact integer sums over it -- the integer path reads
+    one byte per weight and beats a gather over the 2:4 positions here."""
+    if not sparse_available():
+        return None
+    from ..formats._validate import sparse24_dense
+
+    if values.dtype != torch.int8:
+        raise ValueError(f"sp24_int8_kernel: need int8 codes, got {values.dtype}")
+    return w8a8_kernel(sparse24_dense(values.detach(), meta, k), col_scale)

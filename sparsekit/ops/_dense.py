@@ -43,7 +43,6 @@ use the float32 matmul for every batch.
 """
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Callable, Optional
 
@@ -65,21 +64,7 @@ def cpu_dense_enabled() -> bool:
     """Whether automatic dispatch on CPU picks the ``dense`` backend (default yes)."""
     if _override is not None:
         return _override
-    raw = _getenv(CPU_DENSE_ENV)
-    hit = _parsed.get(raw)
-    if hit is None:
-        v = (raw or "1").strip().lower()
-        if v in ("0", "false", "no", "off"):
-            hit = False
-        elif v in ("", "1", "true", "yes", "on"):
-            hit = True
-        else:
-            raise ValueError(f"{CPU_DENSE_ENV}={v!r}: set it to 1 (cached dense expansion on CPU, the default) or 0")
-        _parsed[raw] = hit
-    return hit
-
-
-_parsed: dict = {}
+    return _cpu_ext.env_flag(CPU_DENSE_ENV)
 
 
 def set_cpu_dense(enabled: Optional[bool]) -> None:
@@ -161,23 +146,9 @@ def module_fast_path(x, backend: Optional[str], in_features: int, dtypes) -> boo
     return True
 
 
-_environ = os.environ
 _is_compiling = torch.compiler.is_compiling
 _tracing_state = torch._C._get_tracing_state
-_env_keys: dict = {}
-
-
-def _getenv(name: str) -> Optional[str]:
-    """``os.environ.get(name)`` at a tenth of its cost (it runs on every small-layer forward): one lookup in
-    the mapping's own dict (``os.environ`` keeps it current under ``putenv``/``setenv``/``monkeypatch``)."""
-    data = getattr(_environ, "_data", None)
-    if data is None:                                    # not CPython's os._Environ: the public way
-        return _environ.get(name)
-    key = _env_keys.get(name)
-    if key is None:
-        key = _env_keys[name] = _environ.encodekey(name)
-    raw = data.get(key)
-    return None if raw is None else _environ.decodevalue(raw)
+_getenv = _cpu_ext.getenv
 
 
 # ----------------------------------------------------------------------------- per-module plans
@@ -270,6 +241,15 @@ class CpuPlan:
                 return _fbgemm_linear(x, pk, bias)
         return F.linear(x, self.weight32(), bias)
 
+    def _kernel(self, rows: int):
+        """The plan's sparse kernel for ``rows`` rows (built on first use), or None."""
+        if rows > self.kmax or rows == 0 or not _cpu_ext.sparse_available():
+            return None
+        kern = self.kern
+        if kern is None:
+            kern = self.kern = self.kmake() or False
+        return kern or None
+
     def kernel_linear(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """The layer on ``x`` through the plan's sparse kernel (float32 math over the stored weights, result
         in ``x``'s dtype), or None where it does not run: no kernel for this plan or on this machine, more
@@ -278,18 +258,22 @@ class CpuPlan:
             return None
         k = self.k
         rows = x.numel() // k
-        if rows > self.kmax or rows == 0 or (_grad_enabled() and (
-                x.requires_grad or (bias is not None and bias.requires_grad))) or not _cpu_ext.sparse_available():
+        if _grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
             return None
-        kern = self.kern
-        if kern is None:
-            kern = self.kern = self.kmake() or False
-        if kern is False:
+        kern = self._kernel(rows)
+        if kern is None or getattr(kern, "quant", False):       # (a fused quantized linear: quant_linear's)
             return None
         x32 = x if x.dtype is _F32 else x.float()
         shape = x.shape
         flat = len(shape) == 2          # (a view costs ~1-2 us: none for the common 2-D input)
-        y = kern((x32 if flat else x32.reshape(rows, k)).contiguous(), self.bias32)
+        x2 = (x32 if flat else x32.reshape(rows, k)).contiguous()
+        cs = self.col_scale
+        if cs is None:
+            y = kern(x2, self.bias32)
+        else:                           # a code kernel: raw sums, then the channel scale and the bias
+            y = kern(x2, None)
+            if y is not None:
+                y = y.mul_(cs) if self.bias32 is None else torch.addcmul(self.bias32, y, cs)
         if y is None:
             return None
         if not flat:
@@ -323,6 +307,16 @@ class CpuPlan:
         (added differentiably where it requires grad).  ``round_to`` (float16/bfloat16: a layer computing in
         that dtype): the input is rounded to it before quantizing and the result after, as
         ``x.to(round_to).float()`` and ``y.to(round_to).float()``; the result stays float32."""
+        if self.kmax >= 0 and not (bias is not None and bias.requires_grad and _grad_enabled()):
+            k = self.k
+            rows = x.numel() // k
+            kern = self._kernel(rows)
+            if kern is not None:
+                # the whole layer in one C call (ops/_cpu_ext.py: quantization, integer / 2:4 matmul, epilogue,
+                # rounding)
+                shape = x.shape
+                y = kern((x if len(shape) == 2 else x.reshape(rows, k)).contiguous(), nbits, round_to, self.bias32)
+                return y if len(shape) == 2 else y.view(*shape[:-1], self.n)
         ext = _cpu_ext.available()
         if ext:
             # one pass per row in C (ops/_cpu_ext.py), bit-identical to the chain below
