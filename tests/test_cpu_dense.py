@@ -271,7 +271,7 @@ def test_fp16_gemm_for_few_rows_equals_float32(scheme, monkeypatch):
                else plan.matmul(few, None) if plan.col_scale is None else ref)
         assert_close_rel(got, ref, torch.float32, bound=1e-6)
         y_many = layer(many)
-        assert plan.w32 is not None
+        assert plan.w32 is not None or (plan.kern and plan.kmax >= many.shape[0])   # (or the kernel took them)
         _with(monkeypatch, False)
         assert_close_rel(y_few, layer(few), torch.float16 if scheme in HALF_ONLY else torch.float32)
         assert_close_rel(y_many, layer(many), torch.float16 if scheme in HALF_ONLY else torch.float32)

@@ -283,12 +283,3 @@ def test_quantized_modules_equal_the_dense_path(scheme, dtype, m, monkeypatch):
     compute = torch.float16 if dtype == torch.float32 and scheme != "2:4+int8" else dtype
     assert y.dtype == ref.dtype and y.shape == ref.shape
     assert_close_rel(y, ref, compute)
-
-
-def test_quantized_kernel_row_limit():
-    layer = _quant_layer("w8a8", 64, 32)
-    with torch.no_grad():
-        layer(torch.randn(_cpu_ext.QUANT_MAX_ROWS + 1, 64))
-        assert not _kernel_ran(layer)
-        layer(torch.randn(_cpu_ext.QUANT_MAX_ROWS, 64))
-        assert _kernel_ran(layer)

@@ -50,6 +50,19 @@
 #define SK_X86 0
 #endif
 
+/* This thread's share [*lo, *hi) of n items (inside a parallel region; everything outside one) */
+static void
+thread_range(long n, long *lo, long *hi)
+{
+#ifdef _OPENMP
+    const long t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+    const long t = 0, nt = 1;
+#endif
+    *lo = n * t / nt;
+    *hi = n * (t + 1) / nt;
+}
+
 static int
 have_simd(void)
 {
@@ -374,100 +387,218 @@ hsum8i(__m256i v)
     return _mm_cvtsi128_si32(s);
 }
 
-/* int8 x int8 codes, output column n for MB (1..4) rows: 16 products per vpmaddwd, exact int32 sums */
-SK_AVX SK_INLINE void
-w8_col(const int MB, const int8_t *q, long kp, const int16_t *xi, float *out, long ldy)
+/* The eight sums of a 4 x 2 tile in one vector, in row-major order (a00, a01, a10, ..., a31). */
+SK_AVX SK_INLINE __m256i
+reduce_4x2i(__m256i a00, __m256i a01, __m256i a10, __m256i a11, __m256i a20, __m256i a21, __m256i a30, __m256i a31)
 {
-    __m256i a[4];
+    const __m256i u0 = _mm256_hadd_epi32(_mm256_hadd_epi32(a00, a01), _mm256_hadd_epi32(a10, a11));
+    const __m256i u1 = _mm256_hadd_epi32(_mm256_hadd_epi32(a20, a21), _mm256_hadd_epi32(a30, a31));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(u0, u1, 0x20), _mm256_permute2x128_si256(u0, u1, 0x31));
+}
+
+SK_AVX SK_INLINE __m256
+reduce_4x2(__m256 a00, __m256 a01, __m256 a10, __m256 a11, __m256 a20, __m256 a21, __m256 a30, __m256 a31)
+{
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a00, a01), _mm256_hadd_ps(a10, a11));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a20, a21), _mm256_hadd_ps(a30, a31));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* v = (y00, y01, y10, y11, y20, y21, y30, y31) to rows 0..3 of out (stride ldy), two columns each */
+SK_AVX SK_INLINE void
+store_4x2(__m256 v, float *out, long ldy)
+{
+    const __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    _mm_storel_pi((__m64 *)out, lo);
+    _mm_storeh_pi((__m64 *)(out + ldy), lo);
+    _mm_storel_pi((__m64 *)(out + 2 * ldy), hi);
+    _mm_storeh_pi((__m64 *)(out + 3 * ldy), hi);
+}
+
+/* Both integer matmuls run a register tile of MB (1..4) rows x NB (1..2) output columns over all of K (the NB
+   weight rows stay in L1), for m blocks of mc rows (their codes stay in L1 / L2: qmc()) and all column pairs in
+   parallel. */
+static long
+qmc(long row_bytes)
+{
+    const char *e = getenv("SK_QMC");
+    if (e) return atol(e);
+    long mc = 32768 / row_bytes;
+    mc = mc < 16 ? 16 : mc > 64 ? 64 : mc;
+    return mc / 4 * 4;
+}
+
+/* int8 x int8 codes: 16 products per vpmaddwd, exact int32 sums */
+SK_AVX SK_INLINE void
+w8_tile(const int MB, const int NB, const int8_t *q, long kp, const int16_t *xi, float *out, long ldy)
+{
+    __m256i a[4][2];
     for (int m = 0; m < MB; ++m)
-        a[m] = _mm256_setzero_si256();
+        for (int j = 0; j < NB; ++j)
+            a[m][j] = _mm256_setzero_si256();
     for (long k = 0; k < kp; k += 16) {
-        const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + k)));
-        for (int m = 0; m < MB; ++m)
-            a[m] = _mm256_add_epi32(a[m], _mm256_madd_epi16(w, _mm256_loadu_si256((const __m256i *)(xi + m * kp + k))));
+        __m256i w[2];
+        for (int j = 0; j < NB; ++j)
+            w[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + j * kp + k)));
+        for (int m = 0; m < MB; ++m) {
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(xi + m * kp + k));
+            for (int j = 0; j < NB; ++j)
+                a[m][j] = _mm256_add_epi32(a[m][j], _mm256_madd_epi16(w[j], xv));
+        }
+    }
+    if (MB == 4 && NB == 2) {
+        store_4x2(_mm256_cvtepi32_ps(reduce_4x2i(a[0][0], a[0][1], a[1][0], a[1][1], a[2][0], a[2][1], a[3][0],
+                                                 a[3][1])), out, ldy);
+        return;
     }
     for (int m = 0; m < MB; ++m)
-        out[m * ldy] = (float)hsum8i(a[m]);
+        for (int j = 0; j < NB; ++j)
+            out[m * ldy + j] = (float)hsum8i(a[m][j]);
 }
 
 SK_AVX static void
 w8_simd(long M, long N, long kp, const int16_t *xi, const int8_t *q, float *y, long ldy, int nthreads)
 {
+    const long pairs = (N + 1) / 2, mc = qmc(kp * 2);
     (void)nthreads;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+#pragma omp parallel num_threads(nthreads)
 #endif
-    for (long n = 0; n < N; ++n)
-        for (long m0 = 0; m0 < M; m0 += 4) {
-            const int16_t *xm = xi + m0 * kp;
-            float *out = y + m0 * ldy + n;
-            switch (M - m0 < 4 ? M - m0 : 4) {
-            case 4: w8_col(4, q + n * kp, kp, xm, out, ldy); break;
-            case 3: w8_col(3, q + n * kp, kp, xm, out, ldy); break;
-            case 2: w8_col(2, q + n * kp, kp, xm, out, ldy); break;
-            default: w8_col(1, q + n * kp, kp, xm, out, ldy); break;
+    {
+    long p0, p1;
+    thread_range(pairs, &p0, &p1);
+    for (long m0 = 0; m0 < M; m0 += mc) {
+        const long mr = M - m0 < mc ? M - m0 : mc;
+        for (long p = p0; p < p1; ++p) {
+            const long n = 2 * p;
+            const int two = n + 1 < N;
+            for (long m = m0; m < m0 + mr; m += 4) {
+                const int mb = (int)(m0 + mr - m < 4 ? m0 + mr - m : 4);
+                const int16_t *xm = xi + m * kp;
+                float *out = y + m * ldy + n;
+                const int8_t *qn = q + n * kp;
+#define W8_CASE(MB_)                                                                                                   \
+    case MB_:                                                                                                          \
+        if (two)                                                                                                       \
+            w8_tile(MB_, 2, qn, kp, xm, out, ldy);                                                                     \
+        else                                                                                                           \
+            w8_tile(MB_, 1, qn, kp, xm, out, ldy);                                                                     \
+        break;
+                switch (mb) {
+                    W8_CASE(4)
+                    W8_CASE(3)
+                    W8_CASE(2)
+                    W8_CASE(1)
+                }
+#undef W8_CASE
             }
         }
+    }
+    }
 }
 
-/* int8 activation codes x int4 weights, output column n for MB (1..4) rows: 32 products per vpmaddubsw (codes
-   0..15 unsigned, activations signed: pair sums within int16), exact int32 sums per group, float32 across */
+#define W4_CHUNK 8
+
+/* int8 activation codes x int4 weights: 32 products per vpmaddubsw (codes 0..15 unsigned, activations signed:
+   pair sums within int16), exact int32 sums per group, float32 across groups */
 SK_AVX SK_INLINE void
-w4_col(const int MB, const uint8_t *q, const float *sc, const float *zr, long kp, long gs, const int8_t *xi,
-       const int32_t *xsum, float *out, long ldy)
+w4_tile(const int MB, const int NB, const uint8_t *q, const float *sc, const float *zr, long kp, long gs,
+        const int8_t *xi, const int32_t *xsum, float *out, long ldy)
 {
     const long G = kp / gs;
     const __m256i ones = _mm256_set1_epi16(1);
     const __m128i nib = _mm_set1_epi8(15);
-    __m256 f[4];
-    float zt[4] = {0.f, 0.f, 0.f, 0.f};
+    __m256 f[4][2];
+    float zt[4][2];
     for (int m = 0; m < MB; ++m)
-        f[m] = _mm256_setzero_ps();
+        for (int j = 0; j < NB; ++j) {
+            f[m][j] = _mm256_setzero_ps();
+            zt[m][j] = 0.f;
+        }
     for (long g = 0; g < G; ++g) {
-        __m256i a[4];
-        for (int m = 0; m < MB; ++m)
-            a[m] = _mm256_setzero_si256();
-        for (long k = g * gs; k < (g + 1) * gs; k += 32) {
-            const __m128i b = _mm_loadu_si128((const __m128i *)(q + k / 2));
-            const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), nib), _mm_and_si128(b, nib));
-            for (int m = 0; m < MB; ++m) {
-                const __m256i p = _mm256_maddubs_epi16(w, _mm256_loadu_si256((const __m256i *)(xi + m * kp + k)));
-                a[m] = _mm256_add_epi32(a[m], _mm256_madd_epi16(p, ones));
+        const float *sg = sc + g, *zg = zr + g;
+        for (long k0 = g * gs; k0 < (g + 1) * gs; k0 += W4_CHUNK * 32) {
+            /* int16 pair sums of vpmaddubsw (|.| <= 15 * 127 * 2 = 3810) added in int16 over W4_CHUNK steps
+               (<= 30480: no overflow), widened once per chunk */
+            const long k1 = k0 + W4_CHUNK * 32 < (g + 1) * gs ? k0 + W4_CHUNK * 32 : (g + 1) * gs;
+            __m256i a[4][2];
+            for (int m = 0; m < MB; ++m)
+                for (int j = 0; j < NB; ++j)
+                    a[m][j] = _mm256_setzero_si256();
+            for (long k = k0; k < k1; k += 32) {
+                __m256i w[2];
+                for (int j = 0; j < NB; ++j) {
+                    const __m128i b = _mm_loadu_si128((const __m128i *)(q + j * (kp / 2) + k / 2));
+                    w[j] = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), nib), _mm_and_si128(b, nib));
+                }
+                for (int m = 0; m < MB; ++m) {
+                    const __m256i xv = _mm256_loadu_si256((const __m256i *)(xi + m * kp + k));
+                    for (int j = 0; j < NB; ++j)
+                        a[m][j] = _mm256_add_epi16(a[m][j], _mm256_maddubs_epi16(w[j], xv));
+                }
+            }
+            for (int j = 0; j < NB; ++j) {
+                const __m256 sv = _mm256_set1_ps(sg[j * G]);
+                for (int m = 0; m < MB; ++m)
+                    f[m][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a[m][j], ones)), sv, f[m][j]);
             }
         }
-        const __m256 s = _mm256_set1_ps(sc[g]);
-        for (int m = 0; m < MB; ++m) {
-            f[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[m]), s, f[m]);
-            zt[m] += sc[g] * zr[g] * (float)xsum[m * G + g];
-        }
+        for (int j = 0; j < NB; ++j)
+            for (int m = 0; m < MB; ++m)
+                zt[m][j] += sg[j * G] * zg[j * G] * (float)xsum[m * G + g];
+    }
+    if (MB == 4 && NB == 2) {
+        const __m256 z = _mm256_setr_ps(zt[0][0], zt[0][1], zt[1][0], zt[1][1], zt[2][0], zt[2][1], zt[3][0], zt[3][1]);
+        store_4x2(_mm256_sub_ps(reduce_4x2(f[0][0], f[0][1], f[1][0], f[1][1], f[2][0], f[2][1], f[3][0], f[3][1]), z),
+                  out, ldy);
+        return;
     }
     for (int m = 0; m < MB; ++m)
-        out[m * ldy] = hsum8(f[m]) - zt[m];
+        for (int j = 0; j < NB; ++j)
+            out[m * ldy + j] = hsum8(f[m][j]) - zt[m][j];
 }
 
 SK_AVX static void
 w4_simd(long M, long N, long kp, long gs, const int8_t *xi, const int32_t *xsum, const uint8_t *q,
         const float *sc, const float *zr, float *y, long ldy, int nthreads)
 {
-    const long G = kp / gs;
+    const long G = kp / gs, pairs = (N + 1) / 2, mc = qmc(kp);
     (void)nthreads;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+#pragma omp parallel num_threads(nthreads)
 #endif
-    for (long n = 0; n < N; ++n) {
-        const uint8_t *qn = q + n * (kp / 2);
-        const float *sn = sc + n * G, *zn = zr + n * G;
-        for (long m0 = 0; m0 < M; m0 += 4) {
-            const int8_t *xm = xi + m0 * kp;
-            const int32_t *xs = xsum + m0 * G;
-            float *out = y + m0 * ldy + n;
-            switch (M - m0 < 4 ? M - m0 : 4) {
-            case 4: w4_col(4, qn, sn, zn, kp, gs, xm, xs, out, ldy); break;
-            case 3: w4_col(3, qn, sn, zn, kp, gs, xm, xs, out, ldy); break;
-            case 2: w4_col(2, qn, sn, zn, kp, gs, xm, xs, out, ldy); break;
-            default: w4_col(1, qn, sn, zn, kp, gs, xm, xs, out, ldy); break;
+    {
+    long p0, p1;
+    thread_range(pairs, &p0, &p1);
+    for (long m0 = 0; m0 < M; m0 += mc) {
+        const long mr = M - m0 < mc ? M - m0 : mc;
+        for (long p = p0; p < p1; ++p) {
+            const long n = 2 * p;
+            const int two = n + 1 < N;
+            const uint8_t *qn = q + n * (kp / 2);
+            const float *sn = sc + n * G, *zn = zr + n * G;
+            for (long m = m0; m < m0 + mr; m += 4) {
+                const int mb = (int)(m0 + mr - m < 4 ? m0 + mr - m : 4);
+                const int8_t *xm = xi + m * kp;
+                const int32_t *xs = xsum + m * G;
+                float *out = y + m * ldy + n;
+#define W4_CASE(MB_)                                                                                                   \
+    case MB_:                                                                                                          \
+        if (two)                                                                                                       \
+            w4_tile(MB_, 2, qn, sn, zn, kp, gs, xm, xs, out, ldy);                                                     \
+        else                                                                                                           \
+            w4_tile(MB_, 1, qn, sn, zn, kp, gs, xm, xs, out, ldy);                                                     \
+        break;
+                switch (mb) {
+                    W4_CASE(4)
+                    W4_CASE(3)
+                    W4_CASE(2)
+                    W4_CASE(1)
+                }
+#undef W4_CASE
             }
         }
+    }
     }
 }
 #endif /* SK_X86 */
@@ -607,19 +738,32 @@ qlinear_run(int kind, const float *x, long M, long K, const void *w, const void 
         return -1;
     }
     float *scale = codes + M * K;
-    sk_token_quant(x, codes, scale, M, K, qmax, rin);
-    /* integer codes, zero padded to kp (a NaN code of a non-finite row becomes 0: that row is NaN below) */
-    for (long m = 0; m < M; ++m)
-        for (long k = 0; k < K; ++k) {
-            const float c = codes[m * K + k];
-            const int v = c == c ? (int)c : 0;
-            if (kind == 0)
-                ((int16_t *)xi)[m * kp + k] = (int16_t)v;
-            else {
-                ((int8_t *)xi)[m * kp + k] = (int8_t)v;
-                xsum[m * G + k / gs] += v;
+    /* rows in parallel where there are many (each row's quantization is independent) */
+    const int par = M >= 8 && M * K >= 65536 ? nthreads : 1;
+    (void)par;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(par)
+#endif
+    for (long m = 0; m < M; ++m) {
+        const float *cm = codes + m * K;
+        sk_token_quant(x + m * K, codes + m * K, scale + m, 1, K, qmax, rin);
+        /* integer codes, zero padded to kp (a NaN code of a non-finite row becomes 0: that row is NaN below) */
+        if (kind == 0) {
+            int16_t *xm = (int16_t *)xi + m * kp;
+            for (long k = 0; k < K; ++k)
+                xm[k] = (int16_t)(cm[k] == cm[k] ? cm[k] : 0.f);
+        } else {
+            int8_t *xm = (int8_t *)xi + m * kp;
+            for (long k = 0; k < K; ++k)
+                xm[k] = (int8_t)(cm[k] == cm[k] ? cm[k] : 0.f);
+            for (long g = 0; g < G; ++g) {
+                int32_t t = 0;
+                for (long k = g * gs; k < (g + 1) * gs && k < K; ++k)
+                    t += xm[k];
+                xsum[m * G + g] = t;
             }
         }
+    }
 #if SK_X86
     if (have_simd() && kind == 0)
         w8_simd(M, N, kp, (const int16_t *)xi, (const int8_t *)w, y, N, nthreads);
@@ -633,22 +777,33 @@ qlinear_run(int kind, const float *x, long M, long K, const void *w, const void 
     else
         w4_plain(M, N, kp, gs, (const int8_t *)xi, xsum, (const uint8_t *)w, (const float *)aux1, (const float *)aux2,
                  y, N, nthreads);
+    const int parn = M >= 8 && M * N >= 65536 ? nthreads : 1;
+    (void)parn;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(parn)
+#endif
     for (long m = 0; m < M; ++m) {
         const float s = scale[m];
         float *ym = y + m * N;
         if (!(s - s == 0.f)) { /* Inf or NaN scale: an input row with Inf/NaN */
             for (long n = 0; n < N; ++n)
                 ym[n] = NAN;
+        } else if (kind == 1 && bias) {
+            for (long n = 0; n < N; ++n)
+                ym[n] = s * ym[n] + bias[n];
         } else if (kind == 1) {
             for (long n = 0; n < N; ++n)
-                ym[n] = s * ym[n] + (bias ? bias[n] : 0.f);
+                ym[n] = s * ym[n];
+        } else if (bias) {
+            for (long n = 0; n < N; ++n)
+                ym[n] = ym[n] * (s * cs[n]) + bias[n];
         } else {
             for (long n = 0; n < N; ++n)
-                ym[n] = ym[n] * (s * cs[n]) + (bias ? bias[n] : 0.f);
+                ym[n] = ym[n] * (s * cs[n]);
         }
+        if (rout)
+            sk_round(ym, N, rout);
     }
-    if (rout)
-        sk_round(y, M * N, rout);
     free(codes);
     free(xi);
     free(xsum);

@@ -3,14 +3,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-import sys
-
 import torch
 from torch import nn
 
 from ..formats._validate import validate_block_sparse
 from ..formats.block_sparse import BlockSparseWeight, check_block_size
-from ..ops._cpu_ext import block_kernel
+from ..ops._cpu_ext import NO_ROW_LIMIT, block_kernel
 from ..ops._dense import module_fast_path, module_plan
 from ..ops.block_sparse import block_dense_f32, block_sparse_linear_packed, dense_forward, structural_fixup
 from . import _state
@@ -186,7 +184,7 @@ class BlockSparseLinear(nn.Module):
             bufs = self._buffers
             crow, col, n, k, bias = bufs["crow"], bufs["col"], self.out_features, self.in_features, params["bias"]
             plan = module_plan(self, (blocks, crow, col), lambda: block_dense_f32(blocks, crow, col, n, k), n, k, bias,
-                               kernel=(lambda: block_kernel(blocks, crow, col, n, k), sys.maxsize))
+                               kernel=(lambda: block_kernel(blocks, crow, col, n, k), NO_ROW_LIMIT))
             if plan is None:
                 return dense_forward(x, blocks, crow, col, n, k, bias)
             # the kernel over the kept blocks (ops/_cpu_ext.py) computes the structural result itself; the dense

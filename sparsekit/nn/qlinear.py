@@ -32,7 +32,7 @@ from ..formats.int8 import Int8Weight
 from ..ops.act_quant import _check_frac8
 from ..ops._checks import check_x
 from ..formats.int4 import dequantize_int4
-from ..ops._cpu_ext import QUANT_MAX_ROWS, w4a8_kernel, w8a8_kernel
+from ..ops._cpu_ext import NO_ROW_LIMIT, w4a8_kernel, w8a8_kernel
 from ..ops._dense import cpu_weight, module_plan, module_fast_path
 from ..ops.int4 import int4_linear_packed
 from ..ops.int8 import dequantize_int4_fp32, int8_linear_packed, w4a8_linear_packed
@@ -369,13 +369,13 @@ class QLinear(nn.Module):
         gs, k = self.group_size, self.in_features
         if self.bits == 8:          # W8A8: the integer codes, the channel scale applied after the matmul
             plan = module_plan(self, (q,), lambda: q.float(), self.out_features, k, bias, s,
-                               kernel=(lambda: w8a8_kernel(q, s), QUANT_MAX_ROWS))
+                               kernel=(lambda: w8a8_kernel(q, s), NO_ROW_LIMIT))
         elif act is None:
             plan = module_plan(self, (q, s, z), lambda: cpu_weight(dequantize_int4(q, s, z, gs, k)),
                                self.out_features, k, bias)
         else:
             plan = module_plan(self, (q, s, z), lambda: dequantize_int4_fp32(q, s, z, gs, k).contiguous(),
-                               self.out_features, k, bias, kernel=(lambda: w4a8_kernel(q, s, z, gs, k), QUANT_MAX_ROWS))
+                               self.out_features, k, bias, kernel=(lambda: w4a8_kernel(q, s, z, gs, k), NO_ROW_LIMIT))
         if plan is None:
             return None
         if act is None:

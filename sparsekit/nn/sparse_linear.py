@@ -8,7 +8,7 @@ from torch import nn
 
 from ..formats._validate import validate_sparse24, validate_sparse24_int8
 from ..formats.sparse24 import Sparse24Int8Weight, Sparse24Weight, padded_k
-from ..ops._cpu_ext import QUANT_MAX_ROWS, SP24_MAX_ROWS, sp24_int8_kernel, sp24_kernel
+from ..ops._cpu_ext import NO_ROW_LIMIT, SP24_MAX_ROWS, sp24_int8_kernel, sp24_kernel
 from ..ops._dense import cpu_weight, module_fast_path, module_plan
 from ..ops.sparse24 import sparse24_dense, sparse24_linear_packed
 from ..ops.sparse24_int8 import sparse24_int8_codes_f32, sparse24_int8_linear_packed
@@ -206,7 +206,7 @@ class SparseLinear(nn.Module):
                 values, meta, k = self.values, self.meta_codes, self.in_features
                 plan = module_plan(self, (values, meta), lambda: sparse24_int8_codes_f32(values, meta, k),
                                    self.out_features, k, self.bias, self.w_scale,
-                                   kernel=(lambda: sp24_int8_kernel(values, meta, k, self.w_scale), QUANT_MAX_ROWS))
+                                   kernel=(lambda: sp24_int8_kernel(values, meta, k, self.w_scale), NO_ROW_LIMIT))
                 if plan is not None:
                     y = plan.quant_linear(x.float(), 8, self.bias)
                     return y if x.dtype is torch.float32 else y.to(x.dtype)

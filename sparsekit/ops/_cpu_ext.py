@@ -59,13 +59,14 @@ the bfloat16 one ~0.1 ns.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Optional, Tuple
 
 import torch
 
 __all__ = ["CPU_EXT_ENV", "CPU_KERNELS_ENV", "getenv", "env_flag", "available", "unavailable_reason", "token_quant", "round_", "sparse_available",
            "sp24_kernel", "block_kernel", "w8a8_kernel", "w4a8_kernel", "sp24_int8_kernel", "SP24_MAX_ROWS",
-           "QUANT_MAX_ROWS"]
+           "NO_ROW_LIMIT"]
 
 #: ``SPARSEKIT_CPU_EXT=0`` switches the extension off at run time (default on where built).
 CPU_EXT_ENV = "SPARSEKIT_CPU_EXT"
@@ -208,8 +209,8 @@ def round_(y: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
 #: The 2:4 kernel runs for up to this many rows (tokens): measured faster than the dense float32 matmul up to
 #: about 24-32 rows on 512-4096 wide layers (2 threads, AVX2; README "CPU"), the dense matmul above.
 SP24_MAX_ROWS = 24
-#: The fused W8A8 / W4A8 linears run for up to this many rows (the float16-weight / float32 GEMM above).
-QUANT_MAX_ROWS = 16
+#: The block-sparse kernel and the fused W8A8 / W4A8 / 2:4+int8 linears take any number of rows.
+NO_ROW_LIMIT = sys.maxsize
 _SIMD = bool(_ext is not None and hasattr(_ext, "simd") and _ext.simd())
 _get_threads = torch.get_num_threads
 _uint8 = torch.uint8
