@@ -1,12 +1,12 @@
 /*
- * sparsekit._cpu_ext: float32 matmuls over compressed weights on CPU (2:4 and block-sparse), computing only the
- * stored weights.  The Python side (sparsekit/ops/_cpu_ext.py) validates, prepares the per-weight index arrays
- * once per weight version, allocates and passes raw pointers and sizes; this code trusts them.
+ * sparsekit._cpu_ext: the CPU matmuls over compressed weights -- 2:4 and block-sparse float32 matmuls that read
+ * only the stored weights, and fused W8A8 / W4A8 linears over integer codes.  The Python side
+ * (sparsekit/ops/_cpu_ext.py) validates, prepares the per-weight arrays once per weight version, allocates and
+ * passes raw pointers and sizes; this code trusts them.
  *
- *   y[m, n] = bias[n] + sum over the stored weights w of row n of  w * x[m, column of w]      (float32)
- *
- * 2:4 (sp24_mm): row n stores kh = Kp/2 values vals[n, t]; value t belongs to group t/2 (4 columns), its column
- * is kidx[n, t].  Two loops, by the number of rows M:
+ * 2:4 (sp24_mm):  y[m, n] = bias[n] + sum over the stored values w of row n of  w * x[m, column of w]  (float32).
+ * Row n stores kh = Kp/2 values vals[n, t]; value t belongs to group t/2 (4 columns), its column is kidx[n, t].
+ * Two loops, by the number of rows M:
  *   - few rows (M <= SP24_PERM_ROWS): 8 values at a time (4 groups, 16 columns): the 16 x values of those
  *     columns are two AVX2 registers; one permute of each by the 3-bit lane index pidx[n, t] (the column's
  *     position in its 8-column half) and a blend give the 8 x values the 8 weights multiply.  x is read with
@@ -15,13 +15,19 @@
  *     that the M values of one column are contiguous: each stored weight is one broadcast and M/8 multiply-adds.
  * Block-sparse (block_mm): the kept (bm, bk) blocks of block row r are j = crow[r] .. crow[r+1]-1 at block column
  * col[j], stored transposed (bT[j] is (bk, bm)); 16 outputs x up to 4 rows at a time, one broadcast of x and
- * two multiply-adds per block column k.  x is read with nbc*bk columns (the caller pads).
+ * two multiply-adds per block column k.  x is read with nbc*bk columns (the caller pads).  Dropped blocks are
+ * never read (an Inf/NaN input reaches only the outputs of blocks that read it).
+ * Fused quantized linears (qlinear): the per-token activation quantization of token_quant.c, exact int32 sums of
+ * activation codes x weight codes (W8A8: int8 x int8 with vpmaddwd; W4A8: unsigned 4-bit x int8 with
+ * vpmaddubsw, int16 partial sums over 8 steps), the scales and bias, and the rounding of the result to the
+ * compute dtype, in one call; a register tile of 4 rows x 2 output columns over all of K.
  *
- * Both parallelize over output columns with OpenMP where the compiler has it (the thread count comes from the
- * caller: torch's), and release the GIL.  The AVX2 + FMA loops are compiled with function target attributes on
- * x86-64 GCC/Clang and chosen at run time when the CPU has both (simd()); elsewhere plain C loops compute the
- * same sums (slower than a BLAS dense matmul: the Python side uses these kernels only when simd() is true).
- * Summation order differs from a dense matmul (results agree to float32 rounding, not bit for bit).
+ * Everything parallelizes over output columns with OpenMP where the compiler has it (the thread count comes from
+ * the caller: torch's), and releases the GIL.  The AVX2 + FMA loops are compiled with function target
+ * attributes on x86-64 GCC/Clang and chosen at run time when the CPU has both (simd()); elsewhere plain C loops
+ * compute the same sums (slower than a BLAS dense matmul: the Python side uses these kernels only when simd() is
+ * true).  Float32 sums run in another order than a dense matmul's (results agree to float32 rounding, not bit
+ * for bit); the integer sums are exact.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

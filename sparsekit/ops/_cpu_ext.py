@@ -1,4 +1,5 @@
-"""Optional C extension ``sparsekit._cpu_ext``: fused per-token activation quantization on CPU.
+"""Optional C extension ``sparsekit._cpu_ext``: the CPU kernels -- fused per-token activation quantization, and
+matmuls over compressed weights (see "Sparse and low-bit matmuls" below).
 
 The CPU fast path of the W8A8, W4A8 and 2:4+int8 layers quantizes its activations per token on every call.  As
 a chain of torch ops (abs, amax, div, masked_fill, div, round, clamp) that costs ~15-25 us for one 512-wide token
@@ -55,6 +56,23 @@ vectorize like the rest.  Per-call times as above (best of several runs; the sha
 
 (the C call without rounding: 0.5, 32 and 280 us).  The float16 rounding costs ~0.15 ns per element with AVX2,
 the bfloat16 one ~0.1 ns.
+
+Sparse and low-bit matmuls (``csrc/cpu/sparse_mm.c``; AVX2 + FMA, OpenMP over output columns with torch's thread
+count; used by the modules' CPU fast path through :class:`sparsekit.ops._dense.CpuPlan` where
+:func:`sparse_available`):
+
+- :func:`sp24_kernel`: 2:4 float32 matmul over the stored values only (half the multiply-adds, 5/8 of the bytes
+  of the dense float32 matrix), for up to :data:`SP24_MAX_ROWS` rows; an input holding Inf/NaN is left to the
+  dense matmul (which multiplies the pruned zeros too: 0 * Inf = NaN).
+- :func:`block_kernel`: block-sparse float32 matmul over the kept blocks, any number of rows; structural
+  semantics (a dropped block never reads its inputs).
+- :func:`w8a8_kernel`, :func:`w4a8_kernel`, :func:`sp24_int8_kernel`: the whole W8A8 / W4A8 / 2:4+int8 layer
+  in one call -- per-token quantization (bit-identical to :func:`token_quant`), exact int32 sums over the
+  integer codes, scales, bias, and the rounding of the result to the compute dtype.
+
+Their results equal the dense float32 matmul of the same weights up to summation order (float32 kernels) or
+are exact sums (integer kernels); tests in tests/test_cpu_sparse_kernels.py.  ``SPARSEKIT_CPU_KERNELS=0``
+switches them off (the dense float32 / float16-weight matmuls run instead, with the C quantization).
 """
 from __future__ import annotations
 
