@@ -157,10 +157,11 @@ w4_code(const uint8_t *qr, long k)
     return (k & 16) ? b >> 4 : b & 15;
 }
 
-/* int8 activation codes x int4 weights: sum_g scale_g * (sum_k x*code - zero_g * sum_k x), exact inner sums */
+/* int8 activation codes x int4 weight codes: sum_g scale_g * sum_k x * code, exact inner sums (the zero terms are
+   the caller's) */
 static void
-w4_plain(long M, long N, long kp, long gs, const int8_t *xi, const int32_t *xsum, const uint8_t *q,
-         const float *sc, const float *zr, float *y, long ldy, int nthreads)
+w4_plain(long M, long N, long kp, long gs, const int8_t *xi, const uint8_t *q, const float *sc, float *y, long ldy,
+         int nthreads)
 {
     const long G = kp / gs;
     (void)nthreads;
@@ -174,7 +175,7 @@ w4_plain(long M, long N, long kp, long gs, const int8_t *xi, const int32_t *xsum
                 int32_t s = 0;
                 for (long k = g * gs; k < (g + 1) * gs; ++k)
                     s += w4_code(q + n * (kp / 2), k) * xi[m * kp + k];
-                acc += sc[n * G + g] * ((float)s - zr[n * G + g] * (float)xsum[m * G + g]);
+                acc += sc[n * G + g] * (float)s;
             }
             y[m * ldy + n] = acc;
         }
@@ -427,8 +428,6 @@ store_4x2(__m256 v, float *out, long ldy)
 static long
 qmc(long row_bytes)
 {
-    const char *e = getenv("SK_QMC");
-    if (e) return atol(e);
     long mc = 32768 / row_bytes;
     mc = mc < 16 ? 16 : mc > 64 ? 64 : mc;
     return mc / 4 * 4;
@@ -508,21 +507,18 @@ w8_simd(long M, long N, long kp, const int16_t *xi, const int8_t *q, float *y, l
 /* int8 activation codes x int4 weights: 32 products per vpmaddubsw (codes 0..15 unsigned, activations signed:
    pair sums within int16), exact int32 sums per group, float32 across groups */
 SK_AVX SK_INLINE void
-w4_tile(const int MB, const int NB, const uint8_t *q, const float *sc, const float *zr, long kp, long gs,
-        const int8_t *xi, const int32_t *xsum, float *out, long ldy)
+w4_tile(const int MB, const int NB, const int PRE, const uint8_t *q, const float *sc, long kp, long gs,
+        const int8_t *xi, float *out, long ldy)
 {
     const long G = kp / gs;
     const __m256i ones = _mm256_set1_epi16(1);
     const __m128i nib = _mm_set1_epi8(15);
     __m256 f[4][2];
-    float zt[4][2];
     for (int m = 0; m < MB; ++m)
-        for (int j = 0; j < NB; ++j) {
+        for (int j = 0; j < NB; ++j)
             f[m][j] = _mm256_setzero_ps();
-            zt[m][j] = 0.f;
-        }
     for (long g = 0; g < G; ++g) {
-        const float *sg = sc + g, *zg = zr + g;
+        const float *sg = sc + g;
         for (long k0 = g * gs; k0 < (g + 1) * gs; k0 += W4_CHUNK * 32) {
             /* int16 pair sums of vpmaddubsw (|.| <= 15 * 127 * 2 = 3810) added in int16 over W4_CHUNK steps
                (<= 30480: no overflow), widened once per chunk */
@@ -534,8 +530,12 @@ w4_tile(const int MB, const int NB, const uint8_t *q, const float *sc, const flo
             for (long k = k0; k < k1; k += 32) {
                 __m256i w[2];
                 for (int j = 0; j < NB; ++j) {
-                    const __m128i b = _mm_loadu_si128((const __m128i *)(q + j * (kp / 2) + k / 2));
-                    w[j] = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), nib), _mm_and_si128(b, nib));
+                    if (PRE) { /* q: the rows' codes decoded to one byte each (w4_decode), row stride kp */
+                        w[j] = _mm256_loadu_si256((const __m256i *)(q + j * kp + k));
+                    } else {
+                        const __m128i b = _mm_loadu_si128((const __m128i *)(q + j * (kp / 2) + k / 2));
+                        w[j] = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), nib), _mm_and_si128(b, nib));
+                    }
                 }
                 for (int m = 0; m < MB; ++m) {
                     const __m256i xv = _mm256_loadu_si256((const __m256i *)(xi + m * kp + k));
@@ -549,63 +549,91 @@ w4_tile(const int MB, const int NB, const uint8_t *q, const float *sc, const flo
                     f[m][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a[m][j], ones)), sv, f[m][j]);
             }
         }
-        for (int j = 0; j < NB; ++j)
-            for (int m = 0; m < MB; ++m)
-                zt[m][j] += sg[j * G] * zg[j * G] * (float)xsum[m * G + g];
     }
     if (MB == 4 && NB == 2) {
-        const __m256 z = _mm256_setr_ps(zt[0][0], zt[0][1], zt[1][0], zt[1][1], zt[2][0], zt[2][1], zt[3][0], zt[3][1]);
-        store_4x2(_mm256_sub_ps(reduce_4x2(f[0][0], f[0][1], f[1][0], f[1][1], f[2][0], f[2][1], f[3][0], f[3][1]), z),
-                  out, ldy);
+        store_4x2(reduce_4x2(f[0][0], f[0][1], f[1][0], f[1][1], f[2][0], f[2][1], f[3][0], f[3][1]), out, ldy);
         return;
     }
     for (int m = 0; m < MB; ++m)
         for (int j = 0; j < NB; ++j)
-            out[m * ldy + j] = hsum8(f[m][j]) - zt[m][j];
+            out[m * ldy + j] = hsum8(f[m][j]);
 }
 
+/* nrows packed rows of q (32-column nibble blocks) to one byte per code in natural column order */
 SK_AVX static void
-w4_simd(long M, long N, long kp, long gs, const int8_t *xi, const int32_t *xsum, const uint8_t *q,
-        const float *sc, const float *zr, float *y, long ldy, int nthreads)
+w4_decode(const uint8_t *q, long nrows, long kp, uint8_t *out)
+{
+    const __m128i nib = _mm_set1_epi8(15);
+    for (long r = 0; r < nrows; ++r)
+        for (long k = 0; k < kp; k += 32) {
+            const __m128i b = _mm_loadu_si128((const __m128i *)(q + r * (kp / 2) + k / 2));
+            _mm_storeu_si128((__m128i *)(out + r * kp + k), _mm_and_si128(b, nib));
+            _mm_storeu_si128((__m128i *)(out + r * kp + k + 16), _mm_and_si128(_mm_srli_epi16(b, 4), nib));
+        }
+}
+
+SK_AVX static int
+w4_simd(long M, long N, long kp, long gs, const int8_t *xi, const uint8_t *q, const float *sc, float *y, long ldy,
+        int nthreads)
 {
     const long G = kp / gs, pairs = (N + 1) / 2, mc = qmc(kp);
+    int rc = 0;
     (void)nthreads;
 #ifdef _OPENMP
-#pragma omp parallel num_threads(nthreads)
+#pragma omp parallel num_threads(nthreads) reduction(| : rc)
 #endif
     {
-    long p0, p1;
-    thread_range(pairs, &p0, &p1);
-    for (long m0 = 0; m0 < M; m0 += mc) {
-        const long mr = M - m0 < mc ? M - m0 : mc;
-        for (long p = p0; p < p1; ++p) {
-            const long n = 2 * p;
-            const int two = n + 1 < N;
-            const uint8_t *qn = q + n * (kp / 2);
-            const float *sn = sc + n * G, *zn = zr + n * G;
-            for (long m = m0; m < m0 + mr; m += 4) {
-                const int mb = (int)(m0 + mr - m < 4 ? m0 + mr - m : 4);
-                const int8_t *xm = xi + m * kp;
-                const int32_t *xs = xsum + m * G;
-                float *out = y + m * ldy + n;
+        long p0, p1;
+        thread_range(pairs, &p0, &p1);
+        /* with more than one tile of rows, a column pair's codes are decoded once per m block (one byte each)
+           instead of once per tile */
+        uint8_t *wd = M > 4 ? (uint8_t *)malloc((size_t)(2 * kp)) : NULL;
+        if (M > 4 && wd == NULL)
+            rc = 1;
+        for (long m0 = 0; m0 < M && !rc; m0 += mc) {
+            const long mr = M - m0 < mc ? M - m0 : mc;
+            for (long p = p0; p < p1; ++p) {
+                const long n = 2 * p;
+                const int two = n + 1 < N;
+                const float *sn = sc + n * G;
+                const int pre = wd != NULL && mr > 4;
+                const uint8_t *qn = q + n * (kp / 2);
+                if (pre) {
+                    w4_decode(qn, two ? 2 : 1, kp, wd);
+                    qn = wd;
+                }
+                for (long m = m0; m < m0 + mr; m += 4) {
+                    const int mb = (int)(m0 + mr - m < 4 ? m0 + mr - m : 4);
+                    const int8_t *xm = xi + m * kp;
+                    float *out = y + m * ldy + n;
+#define W4_CALL(MB_, NB_)                                                                                              \
+    do {                                                                                                               \
+        if (pre)                                                                                                       \
+            w4_tile(MB_, NB_, 1, qn, sn, kp, gs, xm, out, ldy);                                                        \
+        else                                                                                                           \
+            w4_tile(MB_, NB_, 0, qn, sn, kp, gs, xm, out, ldy);                                                        \
+    } while (0)
 #define W4_CASE(MB_)                                                                                                   \
     case MB_:                                                                                                          \
         if (two)                                                                                                       \
-            w4_tile(MB_, 2, qn, sn, zn, kp, gs, xm, xs, out, ldy);                                                     \
+            W4_CALL(MB_, 2);                                                                                           \
         else                                                                                                           \
-            w4_tile(MB_, 1, qn, sn, zn, kp, gs, xm, xs, out, ldy);                                                     \
+            W4_CALL(MB_, 1);                                                                                           \
         break;
-                switch (mb) {
-                    W4_CASE(4)
-                    W4_CASE(3)
-                    W4_CASE(2)
-                    W4_CASE(1)
-                }
+                    switch (mb) {
+                        W4_CASE(4)
+                        W4_CASE(3)
+                        W4_CASE(2)
+                        W4_CASE(1)
+                    }
 #undef W4_CASE
+#undef W4_CALL
+                }
             }
         }
+        free(wd);
     }
-    }
+    return rc ? -1 : 0;
 }
 #endif /* SK_X86 */
 
@@ -721,8 +749,9 @@ sk_block_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
  * chain; the input first rounded to float16 / bfloat16 where round_in says so), the matmul over the codes, the
  * epilogue and the rounding of the result to the compute dtype (round_out), in one call:
  *   kind 0 (W8A8): int8 weight codes q (N, kp), exact int32 sums;  y = sum * (s_tok * col_scale) + bias
- *   kind 1 (W4A8): int4 weights, 32-column nibble blocks (N, kp/2), float32 group scales / zeros (N, kp/gs),
- *                  exact int32 sums per group;  y = s_tok * sum_g scale_g * (sum - zero_g * sum of x) + bias
+ *   kind 1 (W4A8): int4 weights, 32-column nibble blocks (N, kp/2), float32 group scales (N, G) and the products
+ *                  scale * zero transposed (G, N), exact int32 sums per group;
+ *                  y = s_tok * (sum_g scale_g * sum_g - sum_g (scale_g * zero_g) * sum of the group's codes) + bias
  * (2:4+int8 layers run kind 0 over their codes expanded to a dense int8 matrix.)
  * A row whose input holds Inf/NaN (a non-finite token scale) comes out NaN, as the matmul over its NaN codes
  * gives.  Scratch buffers are allocated per call.  Returns 0, or -1 when out of memory.
@@ -770,19 +799,24 @@ qlinear_run(int kind, const float *x, long M, long K, const void *w, const void 
             }
         }
     }
+    int rc = 0;
 #if SK_X86
     if (have_simd() && kind == 0)
         w8_simd(M, N, kp, (const int16_t *)xi, (const int8_t *)w, y, N, nthreads);
     else if (have_simd())
-        w4_simd(M, N, kp, gs, (const int8_t *)xi, xsum, (const uint8_t *)w, (const float *)aux1, (const float *)aux2,
-                y, N, nthreads);
+        rc = w4_simd(M, N, kp, gs, (const int8_t *)xi, (const uint8_t *)w, (const float *)aux1, y, N, nthreads);
     else
 #endif
         if (kind == 0)
         w8_plain(M, N, kp, (const int16_t *)xi, (const int8_t *)w, y, N, nthreads);
     else
-        w4_plain(M, N, kp, gs, (const int8_t *)xi, xsum, (const uint8_t *)w, (const float *)aux1, (const float *)aux2,
-                 y, N, nthreads);
+        w4_plain(M, N, kp, gs, (const int8_t *)xi, (const uint8_t *)w, (const float *)aux1, y, N, nthreads);
+    if (rc < 0) {
+        free(codes);
+        free(xi);
+        free(xsum);
+        return -1;
+    }
     const int parn = M >= 8 && M * N >= 65536 ? nthreads : 1;
     (void)parn;
 #ifdef _OPENMP
@@ -794,12 +828,20 @@ qlinear_run(int kind, const float *x, long M, long K, const void *w, const void 
         if (!(s - s == 0.f)) { /* Inf or NaN scale: an input row with Inf/NaN */
             for (long n = 0; n < N; ++n)
                 ym[n] = NAN;
-        } else if (kind == 1 && bias) {
-            for (long n = 0; n < N; ++n)
-                ym[n] = s * ym[n] + bias[n];
         } else if (kind == 1) {
-            for (long n = 0; n < N; ++n)
-                ym[n] = s * ym[n];
+            /* the zero terms: sum_g (scale_g * zero_g) * (sum of the group's codes), aux2 = (G, N) products */
+            const float *sz = (const float *)aux2;
+            for (long g = 0; g < G; ++g) {
+                const float xs = (float)xsum[m * G + g];
+                for (long n = 0; n < N; ++n)
+                    ym[n] -= sz[g * N + n] * xs;
+            }
+            if (bias)
+                for (long n = 0; n < N; ++n)
+                    ym[n] = s * ym[n] + bias[n];
+            else
+                for (long n = 0; n < N; ++n)
+                    ym[n] = s * ym[n];
         } else if (bias) {
             for (long n = 0; n < N; ++n)
                 ym[n] = ym[n] * (s * cs[n]) + bias[n];

@@ -373,9 +373,10 @@ def w4a8_kernel(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[tor
                 k: int):
     """A fused W4A8 linear (int4 weight ``(code - zero) * scale``, :func:`sparsekit.ops.int8.dequantize_int4_fp32`),
     or None where it does not run here: as :func:`w8a8_kernel`, with exact int32 sums of activation codes x
-    weight codes per group, then ``s_tok * sum_g scale_g * (sum_g - zero_g * sum of the group's codes) + bias``
-    in float32.  Prepared once per weight: the codes re-packed in 32-column blocks (byte ``i`` of block ``b``
-    holds columns ``32b + i`` and ``32b + 16 + i``), float32 scales and zeros."""
+    weight codes per group, then ``s_tok * (sum_g scale_g * sum_g - sum_g (scale_g * zero_g) * (sum of the group's
+    codes)) + bias`` in float32.  Prepared once per weight: the codes re-packed in 32-column blocks (byte ``i`` of
+    block ``b`` holds columns ``32b + i`` and ``32b + 16 + i``), float32 scales and the products scale * zero
+    (transposed)."""
     if not sparse_available():
         return None
     from ..formats.int4 import SYMMETRIC_ZERO, unpack_int4
@@ -398,8 +399,9 @@ def w4a8_kernel(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[tor
     blk = codes.reshape(n, kp // 32, 2, 16)
     packed = (blk[:, :, 0] | (blk[:, :, 1] << 4)).reshape(n, kp // 2).contiguous()
     sc = scales.detach().float().contiguous()
-    zr = (zeros.detach().float() if zeros is not None else torch.full((n, g), float(SYMMETRIC_ZERO))).contiguous()
-    return _fused(1, n, k, packed, sc, zr, gs, None, (packed, sc, zr))
+    zr = zeros.detach().float() if zeros is not None else torch.full((n, g), float(SYMMETRIC_ZERO))
+    sz = (sc * zr).t().contiguous()                                         # (G, N): scale * zero per group
+    return _fused(1, n, k, packed, sc, sz, gs, None, (packed, sc, sz))
 
 
 def sp24_int8_kernel(values: torch.Tensor, meta: torch.Tensor, k: int, col_scale: torch.Tensor):
