@@ -102,7 +102,7 @@ def _matmul_kind(comp: nn.Module, m: int) -> str:
     plan = comp.__dict__.get(_dense._PLAN_ATTR)
     if plan is None:
         return "op"
-    if callable(plan.kern) and m <= plan.kmax:
+    if callable(plan.kern) and plan.kmin <= m <= plan.kmax:
         return "kernel"
     return "fp16w" if plan.fp16 and m <= _dense.FP16_GEMM_MAX_ROWS else "fp32"
 

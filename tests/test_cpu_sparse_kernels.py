@@ -283,3 +283,21 @@ def test_quantized_modules_equal_the_dense_path(scheme, dtype, m, monkeypatch):
     compute = torch.float16 if dtype == torch.float32 and scheme != "2:4+int8" else dtype
     assert y.dtype == ref.dtype and y.shape == ref.shape
     assert_close_rel(y, ref, compute)
+
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 2, 5, _cpu_ext.SP24_MAX_ROWS, _cpu_ext.SP24_MAX_ROWS + 1])
+@pytest.mark.parametrize("k", [200, 256])
+def test_sparse_int4_module_uses_the_2_4_kernel_for_2_to_24_rows(dtype, m, k, monkeypatch):
+    """2:4+int4: the 2:4 kernel over the dequantized stored values for 2..SP24_MAX_ROWS rows (one row and more
+    rows: the float16-weight / float32 GEMM over the expansion); the same result as with the kernels off."""
+    layer = _quant_layer("2:4+int4", k, 40, dtype)
+    x = torch.randn(m, k, dtype=dtype)
+    with torch.no_grad():
+        y = layer(x)
+        assert _kernel_ran(layer) == (2 <= m <= _cpu_ext.SP24_MAX_ROWS)
+        monkeypatch.setenv(_cpu_ext.CPU_KERNELS_ENV, "0")
+        ref = layer(x)
+    assert y.dtype == ref.dtype == dtype
+    assert_close_rel(y, ref, torch.float16 if dtype == torch.float32 else dtype)

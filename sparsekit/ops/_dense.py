@@ -189,7 +189,7 @@ class CpuPlan:
     (W8A8, 2:4+int8), else None.  Not copied by ``copy.deepcopy`` nor pickled (rebuilt on the next call)."""
 
     __slots__ = ("srcs", "versions", "epoch", "make", "w32", "pk16", "fp16", "bias32", "col_scale", "n", "k",
-                 "kmake", "kmax", "kern")
+                 "kmake", "kmax", "kmin", "kern")
 
     def __init__(self, srcs: tuple, make: Callable[[], torch.Tensor], bias: Optional[torch.Tensor],
                  col_scale: Optional[torch.Tensor], n: int, k: int, kernel: Optional[tuple] = None):
@@ -203,8 +203,10 @@ class CpuPlan:
         self.bias32 = None if bias is None else bias.detach().float()
         self.col_scale = None if col_scale is None else col_scale.detach().float().contiguous()
         self.n, self.k = n, k
-        # a sparse matmul over the stored weights only (ops/_cpu_ext.py): (make, max_rows); built on first use
-        self.kmake, self.kmax = kernel if kernel is not None else (None, -1)
+        # a sparse matmul over the stored weights only (ops/_cpu_ext.py): (make, max_rows[, min_rows]); built on
+        # first use
+        self.kmake, self.kmax = kernel[:2] if kernel is not None else (None, -1)
+        self.kmin = kernel[2] if kernel is not None and len(kernel) > 2 else 1
         self.kern = None
 
     def __deepcopy__(self, memo):
@@ -243,7 +245,7 @@ class CpuPlan:
 
     def _kernel(self, rows: int):
         """The plan's sparse kernel for ``rows`` rows (built on first use), or None."""
-        if rows > self.kmax or rows == 0 or not _cpu_ext.sparse_available():
+        if rows > self.kmax or rows < self.kmin or rows == 0 or not _cpu_ext.sparse_available():
             return None
         kern = self.kern
         if kern is None:
@@ -369,8 +371,9 @@ def module_plan(module, srcs: tuple, make: Callable[[], torch.Tensor], n: int, k
     """``module``'s :class:`CpuPlan` for the packed tensors ``srcs`` (and ``bias``, ``col_scale``; an
     ``(n, k)`` layer), built on first use and again whenever one of them is replaced or written in place;
     None where a tensor has no version counter (an inference tensor: the caller expands per call).
-    ``kernel``: ``(make_kernel, max_rows)``, a sparse matmul over the stored weights for up to ``max_rows``
-    rows (:meth:`CpuPlan.kernel_linear`; ``make_kernel()`` returns it, or None where it does not run)."""
+    ``kernel``: ``(make_kernel, max_rows[, min_rows])``, a sparse matmul over the stored weights for
+    ``min_rows`` (default 1) to ``max_rows`` rows (:meth:`CpuPlan.kernel_linear`; ``make_kernel()`` returns
+    it, or None where it does not run)."""
     plan = module.__dict__.get(_PLAN_ATTR)
     if plan is not None and plan.epoch == _plan_epoch:
         old = plan.srcs
