@@ -257,7 +257,7 @@ def test_fp16_gemm_for_few_rows_equals_float32(scheme, monkeypatch):
         plan = layer.__dict__[_dense._PLAN_ATTR]
         w = plan.make()
         if plan.kern:           # a kernel of the C extension ran instead (tests/test_cpu_sparse_kernels.py)
-            assert scheme in ("2:4", "block", "w8a8", "w4a8", "2:4+int8") and plan.fp16 is None
+            assert scheme in ("2:4", "block", "w8a8", "w4a8", "2:4+int4", "2:4+int8") and plan.fp16 is None
             plan._packed16()
         assert plan.fp16 == (bool(torch.equal(w.half().float(), w)) and _dense._fbgemm_ok is True)
         if scheme in ("int4", "w8a8", "2:4+int4", "2:4+int8"):

@@ -301,3 +301,38 @@ def test_sparse_int4_module_uses_the_2_4_kernel_for_2_to_24_rows(dtype, m, k, mo
         ref = layer(x)
     assert y.dtype == ref.dtype == dtype
     assert_close_rel(y, ref, torch.float16 if dtype == torch.float32 else dtype)
+
+
+
+def test_plain_c_loops_equal_the_avx2_loops():
+    """The plain C loops (what runs without AVX2 + FMA) compute the same sums as the AVX2 ones: the same integer
+    results, float32 results up to summation order."""
+    from sparsekit.formats.int4 import pack_int4
+
+    ext = _cpu_ext._ext
+    torch.manual_seed(0)
+    sp = _layer("2:4", 72, 37)
+    blk = _layer("block", 200, 130, block=(32, 64))
+    q8 = torch.randint(-127, 128, (29, 40), dtype=torch.int8)
+    q4 = pack_int4(torch.randint(0, 16, (29, 256)))
+    s4, z4 = (torch.rand(29, 4) * 0.1 + 0.01).half(), torch.randint(0, 16, (29, 4)).half()
+    cases = [
+        (lambda m: _cpu_ext.sp24_kernel(sp.values, sp.meta_codes, 72)(torch.randn(m, 72), sp.bias.float()), False),
+        (lambda m: _cpu_ext.block_kernel(blk.blocks, blk.crow, blk.col, 130, 200)(torch.randn(m, 200), None), False),
+        (lambda m: _cpu_ext.w8a8_kernel(q8, torch.rand(29))(torch.randn(m, 40), 8, None, None), True),
+        (lambda m: _cpu_ext.w4a8_kernel(q4, s4, z4, 64, 256)(torch.randn(m, 256), 8, None, None), False),
+    ]
+    for run, exact in cases:
+        for m in (1, 3, 5, 17):
+            torch.manual_seed(m)
+            y = run(m)
+            try:
+                ext.force_plain(True)
+                torch.manual_seed(m)
+                y_plain = run(m)
+            finally:
+                ext.force_plain(False)
+            if exact:
+                assert torch.equal(y, y_plain)
+            else:
+                assert torch.allclose(y, y_plain, rtol=1e-5, atol=1e-5 * y.abs().max().item())

@@ -69,8 +69,11 @@ thread_range(long n, long *lo, long *hi)
     *hi = n * (t + 1) / nt;
 }
 
+/* set by force_plain() (tests): the plain C loops even where the AVX2 ones run */
+static int plain_forced = 0;
+
 static int
-have_simd(void)
+cpu_has_simd(void)
 {
 #if SK_X86
     static int cached = -1;
@@ -82,6 +85,12 @@ have_simd(void)
 #else
     return 0;
 #endif
+}
+
+static int
+have_simd(void)
+{
+    return cpu_has_simd() && !plain_forced;
 }
 
 /* ------------------------------------------------------------------------------------------------ plain C */
@@ -661,7 +670,18 @@ sk_simd(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    return PyBool_FromLong(have_simd());
+    return PyBool_FromLong(cpu_has_simd());
+}
+
+PyObject *
+sk_force_plain(PyObject *self, PyObject *flag)
+{
+    (void)self;
+    const int v = PyObject_IsTrue(flag);
+    if (v < 0)
+        return NULL;
+    plain_forced = v;
+    Py_RETURN_NONE;
 }
 
 PyObject *

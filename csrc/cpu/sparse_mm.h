@@ -9,6 +9,7 @@ void sk_round(float *y, Py_ssize_t n, int mode);
 
 PyObject *sk_qlinear(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *sk_simd(PyObject *self, PyObject *unused);
+PyObject *sk_force_plain(PyObject *self, PyObject *flag);
 PyObject *sk_openmp(PyObject *self, PyObject *unused);
 PyObject *sk_sp24_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *sk_block_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
@@ -16,6 +17,8 @@ PyObject *sk_all_finite(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 
 #define SPARSEKIT_SPARSE_MM_METHODS                                                                                  \
     {"simd", sk_simd, METH_NOARGS, "simd() -> bool: whether the AVX2 + FMA sparse matmul loops run on this CPU"},    \
+    {"force_plain", sk_force_plain, METH_O,                                                                        \
+     "force_plain(flag): run the plain C loops instead of the AVX2 ones (tests)"},                                \
     {"openmp", sk_openmp, METH_NOARGS, "openmp() -> bool: whether the sparse matmuls were built with OpenMP"},       \
     {"sp24_mm", (PyCFunction)(void (*)(void))sk_sp24_mm, METH_FASTCALL,                                            \
      "sp24_mm(x, M, K, ldx, vals, pidx, kidx, kh, N, bias, y, nthreads): y = x @ W^T + bias over 2:4 values "      \
