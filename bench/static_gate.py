@@ -794,11 +794,13 @@ def csrc_sources(root: str) -> list:
 
 
 def csrc_source_hash(root: str, src: str) -> str:
-    """Hash of a .cu file and of every header under csrc/ (what its kernels can include)."""
+    """Hash of a .cu file and of every header under csrc/ (what its kernels can include), except the CPU C
+    extension's own (csrc/cpu/: compiled by the host compiler into sparsekit._cpu_ext, never by nvcc)."""
     import glob
     h = hashlib.sha1()
-    headers = sorted(glob.glob(os.path.join(root, "**", "*.h"), recursive=True)
-                     + glob.glob(os.path.join(root, "**", "*.cuh"), recursive=True))
+    cpu = os.path.join(root, "cpu") + os.sep
+    headers = sorted(p for p in glob.glob(os.path.join(root, "**", "*.h"), recursive=True)
+                     + glob.glob(os.path.join(root, "**", "*.cuh"), recursive=True) if not p.startswith(cpu))
     for p in [src] + headers:
         h.update(os.path.relpath(p, root).encode() + b"\0")
         with open(p, "rb") as f:

@@ -40,6 +40,14 @@ limit (32 rows) keeps to the rows where it won clearly.  Its packed copy is a fu
 call with few rows; the float32 copy is built on the first call with more.
 Torch builds without fbgemm (or a release that drops the deprecated call)
 use the float32 matmul for every batch.
+
+Ahead of both, a plan may hold a kernel of the C extension (``module_plan(...,
+kernel=(make, max_rows[, min_rows]))``, :meth:`CpuPlan.kernel_linear`,
+:meth:`CpuPlan.quant_linear`; ops/_cpu_ext.py): the 2:4 and block-sparse
+float32 matmuls over the stored weights only, and the fused W8A8 / W4A8 /
+2:4+int8 linears over integer codes.  They run where the extension is built
+and the CPU has AVX2 + FMA (``SPARSEKIT_CPU_KERNELS=0`` switches them off)
+and keep their own compact arrays instead of the dense copies.
 """
 from __future__ import annotations
 
@@ -186,7 +194,10 @@ class CpuPlan:
     :data:`FP16_GEMM_MAX_ROWS` rows, the fbgemm float16 copy ``pk16`` on the first call with fewer, when
     every entry of the matrix is a float16 number (``fp16``: None until checked).  ``bias32``: the bias in
     float32 (None without one).  ``col_scale``: a per-output-channel float32 scale for code matrices
-    (W8A8, 2:4+int8), else None.  Not copied by ``copy.deepcopy`` nor pickled (rebuilt on the next call)."""
+    (W8A8, 2:4+int8), else None.  ``kmake``/``kmin``/``kmax``: the C-extension kernel's builder and the row
+    range it serves (``kmax`` -1: none); ``kern``: the built kernel (None until the first call in range,
+    False where it does not run here).  Not copied by ``copy.deepcopy`` nor pickled (rebuilt on the next
+    call)."""
 
     __slots__ = ("srcs", "versions", "epoch", "make", "w32", "pk16", "fp16", "bias32", "col_scale", "n", "k",
                  "kmake", "kmax", "kmin", "kern")
