@@ -82,9 +82,9 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["CPU_EXT_ENV", "CPU_KERNELS_ENV", "getenv", "env_flag", "available", "unavailable_reason", "token_quant", "round_", "sparse_available",
-           "sp24_kernel", "block_kernel", "w8a8_kernel", "w4a8_kernel", "sp24_int8_kernel", "SP24_MAX_ROWS",
-           "NO_ROW_LIMIT"]
+__all__ = ["CPU_EXT_ENV", "CPU_KERNELS_ENV", "getenv", "env_flag", "available", "unavailable_reason", "token_quant",
+           "round_", "sparse_available", "pad_columns", "sp24_kernel", "block_kernel", "w8a8_kernel", "w4a8_kernel",
+           "sp24_int8_kernel", "SP24_MAX_ROWS", "NO_ROW_LIMIT"]
 
 #: ``SPARSEKIT_CPU_EXT=0`` switches the extension off at run time (default on where built).
 CPU_EXT_ENV = "SPARSEKIT_CPU_EXT"
@@ -150,7 +150,6 @@ def env_flag(name: str, default: bool = True) -> bool:
 
 def _enabled() -> bool:
     return env_flag(CPU_EXT_ENV)
-
 
 
 def unavailable_reason() -> Optional[str]:
@@ -235,14 +234,15 @@ _uint8 = torch.uint8
 
 
 def sparse_available() -> bool:
-    """Whether the 2:4 / block-sparse float32 matmuls of the extension run here: built, not switched off, and the
-    CPU has AVX2 + FMA (their plain-C loops elsewhere are slower than a dense BLAS matmul, so callers keep the
-    dense one there)."""
+    """Whether the matmul kernels of the extension (2:4, block-sparse, fused W8A8 / W4A8 / 2:4+int8) run here:
+    built, not switched off, and the CPU has AVX2 + FMA (their plain-C loops elsewhere are slower than a dense
+    BLAS matmul, so callers keep the dense one there)."""
     return _SIMD and env_flag(CPU_EXT_ENV) and env_flag(CPU_KERNELS_ENV)
 
 
-def _padded(x2: torch.Tensor, width: int) -> torch.Tensor:
-    """``x2`` (rows, K) with zero columns up to ``width`` (the kernels read whole groups / blocks)."""
+def pad_columns(x2: torch.Tensor, width: int) -> torch.Tensor:
+    """``x2`` (rows, K) with zero columns up to ``width`` (the kernels read whole groups / blocks); ``x2`` itself
+    when it is that wide."""
     if x2.shape[1] == width:
         return x2
     out = x2.new_zeros(x2.shape[0], width)
@@ -281,7 +281,7 @@ def sp24_kernel(values: torch.Tensor, meta: torch.Tensor, k: int):
         rows = x2.shape[0]
         if (kidx is None and rows > 3) or not fin(x2.data_ptr(), x2.numel()):
             return None
-        xp = _padded(x2, kp) if rows <= 3 else x2
+        xp = pad_columns(x2, kp) if rows <= 3 else x2
         y = _empty(rows, n, dtype=_float32)
         mm(xp.data_ptr(), rows, k, xp.shape[1], vp, pp, kip, kh, n, 0 if bias32 is None else bias32.data_ptr(),
            y.data_ptr(), _get_threads())
@@ -313,7 +313,7 @@ def block_kernel(blocks: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, n:
 
     def f(x2: torch.Tensor, bias32: Optional[torch.Tensor]) -> torch.Tensor:
         rows = x2.shape[0]
-        xp = _padded(x2, width)
+        xp = pad_columns(x2, width)
         y = _empty(rows, n, dtype=_float32)
         mm(xp.data_ptr(), rows, width, bp, cp, colp, n, bm, bk, 0 if bias32 is None else bias32.data_ptr(),
            y.data_ptr(), _get_threads())
@@ -321,7 +321,6 @@ def block_kernel(blocks: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, n:
 
     f.keep = (bT, crow64, col64)
     return f
-
 
 
 def _fused(kind: int, n: int, k: int, w, aux1, aux2, gs: int, col_scale: Optional[torch.Tensor], keep: tuple):
@@ -362,10 +361,7 @@ def w8a8_kernel(q: torch.Tensor, col_scale: torch.Tensor):
     if k > 65536:
         return None
     kp = -(-k // 16) * 16
-    qq = q.detach()
-    if kp != k:
-        qq = torch.cat([qq, qq.new_zeros(n, kp - k)], 1)
-    qq = qq.contiguous()
+    qq = pad_columns(q.detach(), kp).contiguous()
     return _fused(0, n, k, qq, None, None, 0, col_scale, (qq,))
 
 
@@ -394,7 +390,7 @@ def w4a8_kernel(qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[tor
         if g != 1:
             return None                 # (group sizes are 32 / 64 / 128 or one group per row)
         gs = -(-k // 32) * 32           # one group per row: padding columns (code 0, zero input)
-        codes = torch.cat([codes, codes.new_zeros(n, gs - k)], 1)
+        codes = pad_columns(codes, gs)
     kp = codes.shape[1]
     blk = codes.reshape(n, kp // 32, 2, 16)
     packed = (blk[:, :, 0] | (blk[:, :, 1] << 4)).reshape(n, kp // 2).contiguous()
