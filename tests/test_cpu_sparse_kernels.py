@@ -1,6 +1,6 @@
 """The CPU sparse matmuls of the C extension (csrc/cpu/sparse_mm.c, sparsekit/ops/_cpu_ext.py): 2:4 and
 block-sparse float32 matmuls over the stored weights only, used by the CPU fast path of SparseLinear (up to
-SP24_MAX_ROWS rows) and BlockSparseLinear (any rows).
+any number of rows) and BlockSparseLinear (any rows).
 
 Checked against the float64 matmul of the dense weight on odd shapes (K not a multiple of 8 / of the block,
 the half-step tail of the 2:4 loop, partial block rows, every row count around the loops' tile sizes), every
@@ -61,9 +61,11 @@ def _close64(y, ref):
     assert err <= 2e-6 * max(ref.abs().max().item(), 1e-30) * 8, err
 
 
-@pytest.mark.parametrize("k", [8, 13, 24, 40, 72, 200, 520])
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 8, 9, 17, 24])
+@pytest.mark.parametrize("k", [8, 13, 24, 40, 72, 200, 256, 264, 520])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 8, 9, 17, 24, 31, 32, 33, 70])
 def test_sp24_kernel_equals_float64_matmul(k, m):
+    """Every loop: <= 3 rows (permutes), tiles of up to 32 transposed rows (full, partial, several); K within
+    one 128-column chunk of the stored values, several chunks, a partial last chunk with the half-step tail."""
     layer = _layer("2:4", k, 37)
     x = torch.randn(m, k)
     with torch.no_grad():
@@ -154,32 +156,29 @@ def test_gradients_take_the_dense_matmul(scheme):
     assert plan is None or plan.kern is None            # never built: autograd needs the dense matmul
 
 
-def test_switched_off_and_row_limit(monkeypatch):
+def test_switched_off_and_any_rows(monkeypatch):
     layer = _layer("2:4", 64, 32)
     with torch.no_grad():
         monkeypatch.setenv(_cpu_ext.CPU_EXT_ENV, "0")
         layer(torch.randn(2, 64))
         assert not _kernel_ran(layer)
         monkeypatch.delenv(_cpu_ext.CPU_EXT_ENV)
-        many = torch.randn(_cpu_ext.SP24_MAX_ROWS + 1, 64)
+        many = torch.randn(300, 64)
         y = layer(many)
-        assert not _kernel_ran(layer)                   # more rows: the dense matmul (kernel not built)
+        assert _kernel_ran(layer)                       # no row limit
         _close64(y, _ref64(layer, many))
-        layer(torch.randn(2, 64))
-        assert _kernel_ran(layer)
 
 
 def test_sp24_wide_layer_without_column_index():
-    """K > 65536 (no uint16 column index): the kernel runs for <= 3 rows, the dense matmul above."""
+    """K > 65536: the one-byte column index is relative to the value's 128-column chunk, so any width runs."""
     k = 65536 + 40
     layer = _layer("2:4", k, 3)
     with torch.no_grad():
         for m in (2, 5):
             x = torch.randn(m, k)
             y = layer(x)
+            assert _kernel_ran(layer)
             _close64(y, _ref64(layer, x))
-        plan = layer.__dict__[_dense._PLAN_ATTR]
-        assert plan.kern.keep[2] is None
 
 
 def test_prepare_rejects_inconsistent_tensors():
@@ -287,16 +286,16 @@ def test_quantized_modules_equal_the_dense_path(scheme, dtype, m, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [1, 2, 5, _cpu_ext.SP24_MAX_ROWS, _cpu_ext.SP24_MAX_ROWS + 1])
+@pytest.mark.parametrize("m", [1, 2, 5, 24, 70])
 @pytest.mark.parametrize("k", [200, 256])
-def test_sparse_int4_module_uses_the_2_4_kernel_for_2_to_24_rows(dtype, m, k, monkeypatch):
-    """2:4+int4: the 2:4 kernel over the dequantized stored values for 2..SP24_MAX_ROWS rows (one row and more
-    rows: the float16-weight / float32 GEMM over the expansion); the same result as with the kernels off."""
+def test_sparse_int4_module_uses_the_2_4_kernel_from_2_rows(dtype, m, k, monkeypatch):
+    """2:4+int4: the 2:4 kernel over the dequantized stored values from 2 rows up (one row: the float16-weight
+    GEMM over the expansion); the same result as with the kernels off."""
     layer = _quant_layer("2:4+int4", k, 40, dtype)
     x = torch.randn(m, k, dtype=dtype)
     with torch.no_grad():
         y = layer(x)
-        assert _kernel_ran(layer) == (2 <= m <= _cpu_ext.SP24_MAX_ROWS)
+        assert _kernel_ran(layer) == (m >= 2)
         monkeypatch.setenv(_cpu_ext.CPU_KERNELS_ENV, "0")
         ref = layer(x)
     assert y.dtype == ref.dtype == dtype
@@ -311,19 +310,19 @@ def test_plain_c_loops_equal_the_avx2_loops():
 
     ext = _cpu_ext._ext
     torch.manual_seed(0)
-    sp = _layer("2:4", 72, 37)
+    sp = _layer("2:4", 264, 37)        # three chunks of the stored values, the last partial
     blk = _layer("block", 200, 130, block=(32, 64))
     q8 = torch.randint(-127, 128, (29, 40), dtype=torch.int8)
     q4 = pack_int4(torch.randint(0, 16, (29, 256)))
     s4, z4 = (torch.rand(29, 4) * 0.1 + 0.01).half(), torch.randint(0, 16, (29, 4)).half()
     cases = [
-        (lambda m: _cpu_ext.sp24_kernel(sp.values, sp.meta_codes, 72)(torch.randn(m, 72), sp.bias.float()), False),
+        (lambda m: _cpu_ext.sp24_kernel(sp.values, sp.meta_codes, 264)(torch.randn(m, 264), sp.bias.float()), False),
         (lambda m: _cpu_ext.block_kernel(blk.blocks, blk.crow, blk.col, 130, 200)(torch.randn(m, 200), None), False),
         (lambda m: _cpu_ext.w8a8_kernel(q8, torch.rand(29))(torch.randn(m, 40), 8, None, None), True),
         (lambda m: _cpu_ext.w4a8_kernel(q4, s4, z4, 64, 256)(torch.randn(m, 256), 8, None, None), False),
     ]
     for run, exact in cases:
-        for m in (1, 3, 5, 17):
+        for m in (1, 3, 5, 17, 40):
             torch.manual_seed(m)
             y = run(m)
             try:

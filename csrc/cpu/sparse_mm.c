@@ -5,14 +5,19 @@
  * passes raw pointers and sizes; this code trusts them.
  *
  * 2:4 (sp24_mm):  y[m, n] = bias[n] + sum over the stored values w of row n of  w * x[m, column of w]  (float32).
- * Row n stores kh = Kp/2 values vals[n, t]; value t belongs to group t/2 (4 columns), its column is kidx[n, t].
- * Two loops, by the number of rows M:
+ * Row n stores kh = Kp/2 values; value t belongs to group t/2 (4 columns).  The values are stored chunk-major:
+ * K in chunks of SP24_KC = 128 columns (64 values per row), chunk c (values t0 = 64c .. t0+cnt-1) holds the cnt
+ * values of row 0, then of row 1, ... at vals + N*t0 + n*cnt, and off (same layout, one byte per value) is the
+ * value's column within its chunk.  So each pass over one chunk reads the weights sequentially.  Two loops, by
+ * the number of rows M:
  *   - few rows (M <= SP24_PERM_ROWS): 8 values at a time (4 groups, 16 columns): the 16 x values of those
- *     columns are two AVX2 registers; one permute of each by the 3-bit lane index pidx[n, t] (the column's
- *     position in its 8-column half) and a blend give the 8 x values the 8 weights multiply.  x is read with
- *     Kp columns (the caller pads a K < Kp).
- *   - more rows: x is transposed (M padded to a multiple of 8, at most 32 rows per pass, zeros in the pad) so
- *     that the M values of one column are contiguous: each stored weight is one broadcast and M/8 multiply-adds.
+ *     columns are two AVX2 registers; one permute of each by the low 3 bits of off (the column's position in its
+ *     8-column half) and a blend give the 8 x values the 8 weights multiply.  x is read with Kp columns (the
+ *     caller pads a K < Kp).
+ *   - more rows: x is transposed into tiles of up to SP24_TILE rows (the rows of one column contiguous, zeros in
+ *     the pad); for each tile and each chunk -- the chunk of the tile is 16 KB and stays in L1 -- every output
+ *     column takes one broadcast per stored value and (rows / 8) multiply-adds; the column sums accumulate over
+ *     the chunks in a (N, SP24_TILE) buffer.
  * Block-sparse (block_mm): the kept (bm, bk) blocks of block row r are j = crow[r] .. crow[r+1]-1 at block column
  * col[j], stored transposed (bT[j] is (bk, bm)); 16 outputs x up to 4 rows at a time, one broadcast of x and
  * two multiply-adds per block column k.  x is read with nbc*bk columns (the caller pads).  Dropped blocks are
@@ -44,7 +49,8 @@
 #include "sparse_mm.h"
 
 #define SP24_PERM_ROWS 3
-#define SP24_TILE 32 /* rows per pass of the transposed loop */
+#define SP24_TILE 32 /* rows per tile of the transposed loop */
+#define SP24_KC 128  /* columns per chunk of the stored values (sparsekit/ops/_cpu_ext.py: SP24_CHUNK) */
 #define BLK_COLS 16  /* output columns per block tile */
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -95,7 +101,7 @@ have_simd(void)
 
 /* ------------------------------------------------------------------------------------------------ plain C */
 static void
-sp24_plain(long M, long N, long kh, long K, const float *x, long ldx, const float *vals, const uint8_t *pidx,
+sp24_plain(long M, long N, long kh, long K, const float *x, long ldx, const float *vals, const uint8_t *off,
            const float *bias, float *y, long ldy, int nthreads)
 {
     (void)nthreads;
@@ -103,15 +109,16 @@ sp24_plain(long M, long N, long kh, long K, const float *x, long ldx, const floa
 #pragma omp parallel for schedule(static) num_threads(nthreads)
 #endif
     for (long n = 0; n < N; ++n) {
-        const float *v = vals + n * kh;
-        const uint8_t *p = pidx + n * kh;
         for (long m = 0; m < M; ++m) {
             const float *xm = x + m * ldx;
             float s = 0.f;
-            for (long t = 0; t < kh; ++t) {
-                const long c = 2 * (t & ~7L) + ((t & 7) >= 4 ? 8 : 0) + p[t];
-                if (c < K) /* x is read with K columns here: the padding columns are zeros */
-                    s += v[t] * xm[c];
+            for (long t0 = 0; t0 < kh; t0 += SP24_KC / 2) {
+                const long cnt = kh - t0 < SP24_KC / 2 ? kh - t0 : SP24_KC / 2, k0 = 2 * t0;
+                const float *v = vals + N * t0 + n * cnt;
+                const uint8_t *o = off + N * t0 + n * cnt;
+                for (long t = 0; t < cnt; ++t)
+                    if (k0 + o[t] < K) /* x is read with K columns here: the padding columns are zeros */
+                        s += v[t] * xm[k0 + o[t]];
             }
             y[m * ldy + n] = s + (bias ? bias[n] : 0.f);
         }
@@ -209,66 +216,90 @@ gather8(const float *xc, __m256i idx)
                            _mm256_permutevar8x32_ps(_mm256_loadu_ps(xc + 8), idx), 0xF0);
 }
 
-/* output column n for MB (1..SP24_PERM_ROWS) rows: two accumulators per row (16 values per step) */
+/* MB (1..SP24_PERM_ROWS) rows of output column n over one chunk of cnt (a multiple of 4) values: two
+   accumulators per row (16 values per step); x points at the chunk's first column */
 SK_AVX SK_INLINE void
-sp24_perm_col(const int MB, const float *v, const uint8_t *p, long kh, const float *x, long ldx, float *out,
-              long ldy, float b)
+sp24_perm_chunk(const int MB, const float *v, const uint8_t *o, long cnt, const float *x, long ldx, __m256 *a0,
+                __m256 *a1, float *tail)
 {
-    __m256 a0[SP24_PERM_ROWS], a1[SP24_PERM_ROWS];
-    for (int m = 0; m < MB; ++m) {
-        a0[m] = _mm256_setzero_ps();
-        a1[m] = _mm256_setzero_ps();
-    }
     long t = 0;
-    for (; t + 16 <= kh; t += 16) {
+    for (; t + 16 <= cnt; t += 16) {
         const __m256 v0 = _mm256_loadu_ps(v + t), v1 = _mm256_loadu_ps(v + t + 8);
-        const __m256i i0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + t)));
-        const __m256i i1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + t + 8)));
+        const __m256i i0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(o + t)));
+        const __m256i i1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(o + t + 8)));
         for (int m = 0; m < MB; ++m) {
             const float *xc = x + m * ldx + 2 * t;
             a0[m] = _mm256_fmadd_ps(v0, gather8(xc, i0), a0[m]);
             a1[m] = _mm256_fmadd_ps(v1, gather8(xc + 16, i1), a1[m]);
         }
     }
-    if (t + 8 <= kh) {
+    if (t + 8 <= cnt) {
         const __m256 v0 = _mm256_loadu_ps(v + t);
-        const __m256i i0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + t)));
+        const __m256i i0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(o + t)));
         for (int m = 0; m < MB; ++m)
             a0[m] = _mm256_fmadd_ps(v0, gather8(x + m * ldx + 2 * t, i0), a0[m]);
         t += 8;
     }
-    float tail[SP24_PERM_ROWS] = {0.f};
-    for (; t < kh; ++t) /* kh % 8 == 4: the last four values (columns 2t' .. 2t'+7 of the last half step) */
+    for (; t < cnt; ++t) /* cnt % 8 == 4: the last four values */
         for (int m = 0; m < MB; ++m)
-            tail[m] += v[t] * x[m * ldx + 2 * (t & ~7L) + p[t]];
-    for (int m = 0; m < MB; ++m)
-        out[m * ldy] = hsum8(_mm256_add_ps(a0[m], a1[m])) + tail[m] + b;
+            tail[m] += v[t] * x[m * ldx + o[t]];
 }
 
-SK_AVX static void
-sp24_perm(long M, long N, long kh, const float *x, long ldx, const float *vals, const uint8_t *pidx,
+/* MB rows of output column n over one chunk, added to acc[0 .. MB-1] */
+SK_AVX SK_INLINE void
+sp24_perm_col(const int MB, const float *v, const uint8_t *o, long cnt, const float *x, long ldx, float *acc)
+{
+    __m256 a0[SP24_PERM_ROWS], a1[SP24_PERM_ROWS];
+    float tail[SP24_PERM_ROWS] = {0.f};
+    for (int m = 0; m < MB; ++m) {
+        a0[m] = _mm256_setzero_ps();
+        a1[m] = _mm256_setzero_ps();
+    }
+    sp24_perm_chunk(MB, v, o, cnt, x, ldx, a0, a1, tail);
+    for (int m = 0; m < MB; ++m)
+        acc[m] += hsum8(_mm256_add_ps(a0[m], a1[m])) + tail[m];
+}
+
+/* chunk by chunk (the weights read sequentially), each thread over its output columns; acc (N, M) */
+SK_AVX static int
+sp24_perm(long M, long N, long kh, const float *x, long ldx, const float *vals, const uint8_t *off,
           const float *bias, float *y, long ldy, int nthreads)
 {
+    float *acc = (float *)calloc((size_t)N * (size_t)M, sizeof(float));
+    if (acc == NULL)
+        return -1;
     (void)nthreads;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+#pragma omp parallel num_threads(nthreads)
 #endif
-    for (long n = 0; n < N; ++n) {
-        const float *v = vals + n * kh;
-        const uint8_t *p = pidx + n * kh;
-        const float b = bias ? bias[n] : 0.f;
-        float *out = y + n;
-        switch (M) {
-        case 1: sp24_perm_col(1, v, p, kh, x, ldx, out, ldy, b); break;
-        case 2: sp24_perm_col(2, v, p, kh, x, ldx, out, ldy, b); break;
-        default: sp24_perm_col(3, v, p, kh, x, ldx, out, ldy, b); break;
+    {
+    long n0, n1;
+    thread_range(N, &n0, &n1);
+    for (long t0 = 0; t0 < kh; t0 += SP24_KC / 2) {
+        const long cnt = kh - t0 < SP24_KC / 2 ? kh - t0 : SP24_KC / 2;
+        const float *xc = x + 2 * t0;
+        for (long n = n0; n < n1; ++n) {
+            const float *v = vals + N * t0 + n * cnt;
+            const uint8_t *o = off + N * t0 + n * cnt;
+            switch (M) {
+            case 1: sp24_perm_col(1, v, o, cnt, xc, ldx, acc + n); break;
+            case 2: sp24_perm_col(2, v, o, cnt, xc, ldx, acc + 2 * n); break;
+            default: sp24_perm_col(3, v, o, cnt, xc, ldx, acc + 3 * n); break;
+            }
         }
     }
+    for (long m = 0; m < M; ++m)
+        for (long n = n0; n < n1; ++n)
+            y[m * ldy + n] = acc[n * M + m] + (bias ? bias[n] : 0.f);
+    }
+    free(acc);
+    return 0;
 }
 
-/* output column n for NV*8 transposed rows (xT is (Kp, 8*NV)) */
+/* acc (8*NV floats) = (first) or += the sums of one output column over one chunk of cnt (even) values; xc is the
+   chunk of a tile (SP24_KC, 8*NV) */
 SK_AVX SK_INLINE void
-sp24_t_col(const int NV, const float *v, const uint16_t *ki, long kh, const float *xT, float *acc)
+sp24_t_chunk(const int NV, const float *v, const uint8_t *o, long cnt, const float *xc, float *acc, int first)
 {
     const long mt = 8L * NV;
     __m256 a0[SP24_TILE / 8], a1[SP24_TILE / 8];
@@ -276,63 +307,87 @@ sp24_t_col(const int NV, const float *v, const uint16_t *ki, long kh, const floa
         a0[j] = _mm256_setzero_ps();
         a1[j] = _mm256_setzero_ps();
     }
-    long t = 0;
-    for (; t + 2 <= kh; t += 2) {
+    for (long t = 0; t < cnt; t += 2) {
         const __m256 w0 = _mm256_broadcast_ss(v + t), w1 = _mm256_broadcast_ss(v + t + 1);
-        const float *x0 = xT + (long)ki[t] * mt, *x1 = xT + (long)ki[t + 1] * mt;
+        const float *x0 = xc + (long)o[t] * mt, *x1 = xc + (long)o[t + 1] * mt;
         for (int j = 0; j < NV; ++j) {
             a0[j] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + 8 * j), a0[j]);
             a1[j] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x1 + 8 * j), a1[j]);
         }
     }
-    if (t < kh) {
-        const __m256 w0 = _mm256_broadcast_ss(v + t);
-        const float *x0 = xT + (long)ki[t] * mt;
-        for (int j = 0; j < NV; ++j)
-            a0[j] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + 8 * j), a0[j]);
+    for (int j = 0; j < NV; ++j) {
+        __m256 r = _mm256_add_ps(a0[j], a1[j]);
+        if (!first)
+            r = _mm256_add_ps(r, _mm256_loadu_ps(acc + 8 * j));
+        _mm256_storeu_ps(acc + 8 * j, r);
     }
-    for (int j = 0; j < NV; ++j)
-        _mm256_storeu_ps(acc + 8 * j, _mm256_add_ps(a0[j], a1[j]));
 }
 
 SK_AVX static int
-sp24_trans(long M, long N, long kh, long K, const float *x, long ldx, const float *vals, const uint16_t *kidx,
+sp24_trans(long M, long N, long kh, long K, const float *x, long ldx, const float *vals, const uint8_t *off,
            const float *bias, float *y, long ldy, int nthreads)
 {
-    const long kp = 2 * kh;
-    float *xT = (float *)malloc(sizeof(float) * (size_t)kp * SP24_TILE);
-    if (xT == NULL)
+    const long kp = 2 * kh, ntiles = (M + SP24_TILE - 1) / SP24_TILE;
+    /* tile i: rows SP24_TILE*i .. (at most SP24_TILE), transposed (kp, mt) with mt = the rows rounded up to 8 */
+    float *xT = (float *)malloc(sizeof(float) * (size_t)kp * (size_t)(ntiles * SP24_TILE));
+    float *acc = (float *)malloc(sizeof(float) * (size_t)N * SP24_TILE);
+    if (xT == NULL || acc == NULL) {
+        free(xT);
+        free(acc);
         return -1;
-    for (long m0 = 0; m0 < M; m0 += SP24_TILE) {
-        const long mr = M - m0 < SP24_TILE ? M - m0 : SP24_TILE;
-        const int NV = (int)((mr + 7) / 8);
-        const long mt = 8L * NV;
-        memset(xT, 0, sizeof(float) * (size_t)kp * (size_t)mt);
-        for (long m = 0; m < mr; ++m) {
-            const float *xm = x + (m0 + m) * ldx;
-            for (long k = 0; k < K; ++k)
-                xT[k * mt + m] = xm[k];
-        }
-        (void)nthreads;
+    }
+    (void)nthreads;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+#pragma omp parallel num_threads(nthreads)
 #endif
-        for (long n = 0; n < N; ++n) {
-            float acc[SP24_TILE];
-            const float *v = vals + n * kh;
-            const uint16_t *ki = kidx + n * kh;
-            switch (NV) {
-            case 1: sp24_t_col(1, v, ki, kh, xT, acc); break;
-            case 2: sp24_t_col(2, v, ki, kh, xT, acc); break;
-            case 3: sp24_t_col(3, v, ki, kh, xT, acc); break;
-            default: sp24_t_col(4, v, ki, kh, xT, acc); break;
-            }
-            const float b = bias ? bias[n] : 0.f;
-            for (long m = 0; m < mr; ++m)
-                y[(m0 + m) * ldy + n] = acc[m] + b;
+    {
+    long lo, hi, n0, n1;
+    thread_range(kp, &lo, &hi);
+    for (long i = 0; i < ntiles; ++i) {
+        const long r0 = i * SP24_TILE, rr = M - r0 < SP24_TILE ? M - r0 : SP24_TILE, mt = (rr + 7) / 8 * 8;
+        float *xt = xT + r0 * kp;
+        for (long k = lo; k < hi; ++k)
+            for (long r = rr; r < mt; ++r)
+                xt[k * mt + r] = 0.f;
+        for (long r = 0; r < rr; ++r) {
+            const float *xr = x + (r0 + r) * ldx;
+            for (long k = lo; k < hi; ++k)
+                xt[k * mt + r] = k < K ? xr[k] : 0.f;
         }
     }
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+    thread_range(N, &n0, &n1);
+    for (long i = 0; i < ntiles; ++i) {
+        const long r0 = i * SP24_TILE, rr = M - r0 < SP24_TILE ? M - r0 : SP24_TILE, mt = (rr + 7) / 8 * 8;
+        const int nv = (int)(mt / 8);
+        const float *xt = xT + r0 * kp;
+        for (long t0 = 0; t0 < kh; t0 += SP24_KC / 2) {
+            const long cnt = kh - t0 < SP24_KC / 2 ? kh - t0 : SP24_KC / 2;
+            const float *xc = xt + 2 * t0 * mt;
+            const int first = t0 == 0;
+            for (long n = n0; n < n1; ++n) {
+                const float *v = vals + N * t0 + n * cnt;
+                const uint8_t *o = off + N * t0 + n * cnt;
+                float *a = acc + n * SP24_TILE;
+                switch (nv) {
+                case 1: sp24_t_chunk(1, v, o, cnt, xc, a, first); break;
+                case 2: sp24_t_chunk(2, v, o, cnt, xc, a, first); break;
+                case 3: sp24_t_chunk(3, v, o, cnt, xc, a, first); break;
+                default: sp24_t_chunk(4, v, o, cnt, xc, a, first); break;
+                }
+            }
+        }
+        for (long r = 0; r < rr; ++r) {
+            float *yr = y + (r0 + r) * ldy;
+            for (long n = n0; n < n1; ++n)
+                yr[n] = acc[n * SP24_TILE + r] + (bias ? bias[n] : 0.f);
+        }
+    }
+    }
     free(xT);
+    free(acc);
     return 0;
 }
 
@@ -700,12 +755,12 @@ PyObject *
 sk_sp24_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    /* x, M, K, ldx, vals, pidx, kidx (0: none), kh, N, bias (0: none), y, nthreads */
-    Py_ssize_t a[12];
-    if (int_args(args, nargs, 12, "sp24_mm", a) < 0)
+    /* x, M, K, ldx, vals, off, kh, N, bias (0: none), y, nthreads */
+    Py_ssize_t a[11];
+    if (int_args(args, nargs, 11, "sp24_mm", a) < 0)
         return NULL;
-    const long M = (long)a[1], K = (long)a[2], ldx = (long)a[3], kh = (long)a[7], N = (long)a[8];
-    const int nthreads = a[11] < 1 ? 1 : (int)a[11];
+    const long M = (long)a[1], K = (long)a[2], ldx = (long)a[3], kh = (long)a[6], N = (long)a[7];
+    const int nthreads = a[10] < 1 ? 1 : (int)a[10];
     /* the few-rows loop reads x with 2*kh columns (the caller pads), the others with K */
     const int perm = have_simd() && M <= SP24_PERM_ROWS;
     if (M < 0 || N < 0 || kh < 0 || K < 0 || K > 2 * kh || (kh & 3) || ldx < (perm ? 2 * kh : K)) {
@@ -714,20 +769,19 @@ sk_sp24_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     if (M == 0 || N == 0)
         Py_RETURN_NONE;
-    const float *x = PTR(a[0]), *vals = PTR(a[4]), *bias = PTR(a[9]);
-    const uint8_t *pidx = PTR(a[5]);
-    const uint16_t *kidx = PTR(a[6]);
-    float *y = PTR(a[10]);
+    const float *x = PTR(a[0]), *vals = PTR(a[4]), *bias = PTR(a[8]);
+    const uint8_t *off = PTR(a[5]);
+    float *y = PTR(a[9]);
     int rc = 0;
     PyThreadState *ts = PyEval_SaveThread();
 #if SK_X86
     if (perm)
-        sp24_perm(M, N, kh, x, ldx, vals, pidx, bias, y, N, nthreads);
-    else if (have_simd() && kidx != NULL)
-        rc = sp24_trans(M, N, kh, K, x, ldx, vals, kidx, bias, y, N, nthreads);
+        rc = sp24_perm(M, N, kh, x, ldx, vals, off, bias, y, N, nthreads);
+    else if (have_simd())
+        rc = sp24_trans(M, N, kh, K, x, ldx, vals, off, bias, y, N, nthreads);
     else
 #endif
-        sp24_plain(M, N, kh, K, x, ldx, vals, pidx, bias, y, N, nthreads);
+        sp24_plain(M, N, kh, K, x, ldx, vals, off, bias, y, N, nthreads);
     PyEval_RestoreThread(ts);
     if (rc < 0)
         return PyErr_NoMemory();

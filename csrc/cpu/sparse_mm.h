@@ -21,7 +21,7 @@ PyObject *sk_all_finite(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
      "force_plain(flag): run the plain C loops instead of the AVX2 ones (tests)"},                                \
     {"openmp", sk_openmp, METH_NOARGS, "openmp() -> bool: whether the sparse matmuls were built with OpenMP"},       \
     {"sp24_mm", (PyCFunction)(void (*)(void))sk_sp24_mm, METH_FASTCALL,                                            \
-     "sp24_mm(x, M, K, ldx, vals, pidx, kidx, kh, N, bias, y, nthreads): y = x @ W^T + bias over 2:4 values "      \
+     "sp24_mm(x, M, K, ldx, vals, off, kh, N, bias, y, nthreads): y = x @ W^T + bias over 2:4 values "             \
      "(trusted pointers: use sparsekit.ops._cpu_ext)"},                                                             \
     {"block_mm", (PyCFunction)(void (*)(void))sk_block_mm, METH_FASTCALL,                                          \
      "block_mm(x, M, ldx, bT, crow, col, N, bm, bk, bias, y, nthreads): y = x @ W^T + bias over kept blocks "     \

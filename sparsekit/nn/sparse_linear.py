@@ -8,7 +8,7 @@ from torch import nn
 
 from ..formats._validate import validate_sparse24, validate_sparse24_int8
 from ..formats.sparse24 import Sparse24Int8Weight, Sparse24Weight, padded_k
-from ..ops._cpu_ext import NO_ROW_LIMIT, SP24_MAX_ROWS, sp24_int8_kernel, sp24_kernel
+from ..ops._cpu_ext import NO_ROW_LIMIT, sp24_int8_kernel, sp24_kernel
 from ..ops._dense import cpu_weight, module_fast_path, module_plan
 from ..ops.sparse24 import sparse24_dense, sparse24_linear_packed
 from ..ops.sparse24_int8 import sparse24_int8_codes_f32, sparse24_int8_linear_packed
@@ -223,7 +223,7 @@ class SparseLinear(nn.Module):
             bias = self._parameters.get("bias")
             plan = module_plan(self, (values, meta), lambda: cpu_weight(sparse24_dense(values.detach(), meta, k)),
                                self.out_features, k, bias,
-                               kernel=(lambda: sp24_kernel(values, meta, k), SP24_MAX_ROWS))
+                               kernel=(lambda: sp24_kernel(values, meta, k), NO_ROW_LIMIT))
             if plan is not None:
                 return plan.linear(x, bias)
         # the buffers were validated when built / loaded: no per-call content checks

@@ -9,7 +9,7 @@ from torch import nn
 from ..formats._validate import sparse24_columns, validate_sparse24_int4
 from ..formats.int4 import SCALE_DTYPES, resolve_group_size
 from ..formats.sparse24_int4 import Sparse24Int4Weight, compressed_group_size, k_padded16
-from ..ops._cpu_ext import SP24_MAX_ROWS, pad_columns, sp24_kernel
+from ..ops._cpu_ext import NO_ROW_LIMIT, pad_columns, sp24_kernel
 from ..ops._dense import cpu_weight, dense_linear, module_fast_path, module_plan
 from ..ops.sparse24_int4 import dense_sparse24_int4_weight, dequantize_sparse24_int4, sparse24_int4_linear_packed
 from . import _state
@@ -161,7 +161,7 @@ class SparseQLinear(nn.Module):
             gs, k = self.group_size, self.in_features
             plan = module_plan(self, (q, s, z, m), lambda: cpu_weight(dequantize_sparse24_int4(q, s, z, m, gs, k)),
                                self.out_features, k, bias,
-                               kernel=(lambda: _sp24_int4_kernel(q, s, z, m, gs, k), SP24_MAX_ROWS, 2))
+                               kernel=(lambda: _sp24_int4_kernel(q, s, z, m, gs, k), NO_ROW_LIMIT, 2))
             if plan is not None:
                 return plan.linear(x, bias)
             return dense_linear(x, dense_sparse24_int4_weight(q, s, z, m, gs, k), bias)
@@ -180,7 +180,7 @@ class SparseQLinear(nn.Module):
 
 def _sp24_int4_kernel(q, s, z, m, gs: int, k: int):
     """The CPU 2:4 kernel (ops/_cpu_ext.sp24_kernel) over this layer's stored values, dequantized as the dense
-    expansion dequantizes them (in the scale dtype); used for 2..SP24_MAX_ROWS rows (one row: fbgemm's
-    float16-weight GEMM over the expansion reads fewer bytes)."""
+    expansion dequantizes them (in the scale dtype); used from 2 rows up (one row: fbgemm's float16-weight GEMM
+    over the expansion reads fewer bytes)."""
     dense = pad_columns(cpu_weight(dequantize_sparse24_int4(q, s, z, m, gs, k)), m.shape[1] * 8)
     return sp24_kernel(dense.gather(1, sparse24_columns(m)), m, k)

@@ -62,8 +62,9 @@ count; used by the modules' CPU fast path through :class:`sparsekit.ops._dense.C
 :func:`sparse_available`):
 
 - :func:`sp24_kernel`: 2:4 float32 matmul over the stored values only (half the multiply-adds, 5/8 of the bytes
-  of the dense float32 matrix), for up to :data:`SP24_MAX_ROWS` rows; an input holding Inf/NaN is left to the
-  dense matmul (which multiplies the pruned zeros too: 0 * Inf = NaN).
+  of the dense float32 matrix), any number of rows (a tiled transposed copy of the input above 3 rows, 16 KB
+  of it in L1 per pass); an input holding Inf/NaN is left to the dense matmul (which multiplies the pruned
+  zeros too: 0 * Inf = NaN).
 - :func:`block_kernel`: block-sparse float32 matmul over the kept blocks, any number of rows; structural
   semantics (a dropped block never reads its inputs).
 - :func:`w8a8_kernel`, :func:`w4a8_kernel`, :func:`sp24_int8_kernel`: the whole W8A8 / W4A8 / 2:4+int8 layer
@@ -84,7 +85,7 @@ import torch
 
 __all__ = ["CPU_EXT_ENV", "CPU_KERNELS_ENV", "getenv", "env_flag", "available", "unavailable_reason", "token_quant",
            "round_", "sparse_available", "pad_columns", "sp24_kernel", "block_kernel", "w8a8_kernel", "w4a8_kernel",
-           "sp24_int8_kernel", "SP24_MAX_ROWS", "NO_ROW_LIMIT"]
+           "sp24_int8_kernel", "SP24_CHUNK", "NO_ROW_LIMIT"]
 
 #: ``SPARSEKIT_CPU_EXT=0`` switches the extension off at run time (default on where built).
 CPU_EXT_ENV = "SPARSEKIT_CPU_EXT"
@@ -223,10 +224,7 @@ def round_(y: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- sparse matmuls (csrc/cpu/sparse_mm.c)
-#: The 2:4 kernel runs for up to this many rows (tokens): measured faster than the dense float32 matmul up to
-#: about 24-32 rows on 512-4096 wide layers (2 threads, AVX2; README "CPU"), the dense matmul above.
-SP24_MAX_ROWS = 24
-#: The block-sparse kernel and the fused W8A8 / W4A8 / 2:4+int8 linears take any number of rows.
+#: The 2:4 and block-sparse kernels and the fused W8A8 / W4A8 / 2:4+int8 linears take any number of rows.
 NO_ROW_LIMIT = sys.maxsize
 _SIMD = bool(_ext is not None and hasattr(_ext, "simd") and _ext.simd())
 _get_threads = torch.get_num_threads
@@ -250,14 +248,30 @@ def pad_columns(x2: torch.Tensor, width: int) -> torch.Tensor:
     return out
 
 
+#: The stored 2:4 values are laid out in chunks of this many input columns (csrc/cpu/sparse_mm.c: SP24_KC).
+SP24_CHUNK = 128
+
+
+def _chunk_major(a: torch.Tensor) -> torch.Tensor:
+    """(N, kh) per-value array in the kernel's chunk-major order: for each chunk of SP24_CHUNK/2 values per row,
+    that chunk of row 0, of row 1, ... (a pass over one chunk reads the weights sequentially)."""
+    n, kh = a.shape
+    c = SP24_CHUNK // 2
+    full = kh // c * c
+    parts = [a[:, :full].reshape(n, kh // c, c).transpose(0, 1).reshape(-1)] if full else []
+    if full < kh:
+        parts.append(a[:, full:].reshape(-1))
+    return torch.cat(parts).contiguous() if len(parts) != 1 else parts[0].contiguous()
+
+
 def sp24_kernel(values: torch.Tensor, meta: torch.Tensor, k: int):
     """A callable ``f(x2, bias32) -> y`` computing ``x2 @ W^T + bias32`` in float32 over the stored 2:4 values
     only (``values`` (N, Kp/2), ``meta`` (N, Kp/8) uint8: sparsekit's packed layout; ``x2`` a contiguous float32
-    (rows, k) CPU tensor, rows <= :data:`SP24_MAX_ROWS`; ``bias32`` float32 (N,) or None), or None where the
-    kernel does not run here (:func:`sparse_available`).  ``f`` returns None when ``x2`` holds an Inf or NaN:
-    the dense matmul multiplies the pruned zeros too (0 * Inf = NaN), which the caller reproduces by running
-    it.  Prepared once per weight: a float32 copy of ``values`` (none when already float32 and contiguous), a
-    uint8 lane index and a uint16 column index per value (3 bytes per stored value)."""
+    (rows, k) CPU tensor, any number of rows; ``bias32`` float32 (N,) or None), or None where the kernel does not
+    run here (:func:`sparse_available`).  ``f`` returns None when ``x2`` holds an Inf or NaN: the dense matmul
+    multiplies the pruned zeros too (0 * Inf = NaN), which the caller reproduces by running it.  Prepared once
+    per weight: a float32 copy of the values and a one-byte column index per value, both in chunk-major order
+    (5 bytes per stored value); per call, more than 3 rows: a transposed float32 copy of ``x2``."""
     if not sparse_available():
         return None
     from ..formats._validate import sparse24_columns
@@ -267,23 +281,19 @@ def sp24_kernel(values: torch.Tensor, meta: torch.Tensor, k: int):
     if kh % 4 or meta.shape != (n, kp // 8) or not 0 < k <= kp:
         raise ValueError(f"sp24_kernel: values {tuple(values.shape)} / meta {tuple(meta.shape)} do not describe "
                          f"a 2:4 weight with in_features={k}")
-    vals = values.detach().to(torch.float32).contiguous()
-    cols = sparse24_columns(meta)                                           # (N, kh) int64 column per value
-    t = torch.arange(kh)
-    base = 16 * (t // 8) + 8 * ((t % 8) >= 4)                               # first column of the value's window
-    pidx = (cols - base).to(_uint8).contiguous()
-    kidx = cols.to(torch.int32).to(torch.int16).contiguous() if kp <= 65536 else None   # uint16 bit patterns
-    vp, pp, kip = vals.data_ptr(), pidx.data_ptr(), 0 if kidx is None else kidx.data_ptr()
-    keep = (vals, pidx, kidx)
+    vals = _chunk_major(values.detach().to(torch.float32))
+    off = _chunk_major((sparse24_columns(meta) % SP24_CHUNK).to(_uint8))      # column within the value's chunk
+    vp, op = vals.data_ptr(), off.data_ptr()
+    keep = (vals, off)
     mm, fin = _ext.sp24_mm, _ext.all_finite
 
     def f(x2: torch.Tensor, bias32: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         rows = x2.shape[0]
-        if (kidx is None and rows > 3) or not fin(x2.data_ptr(), x2.numel()):
+        if not fin(x2.data_ptr(), x2.numel()):
             return None
         xp = pad_columns(x2, kp) if rows <= 3 else x2
         y = _empty(rows, n, dtype=_float32)
-        mm(xp.data_ptr(), rows, k, xp.shape[1], vp, pp, kip, kh, n, 0 if bias32 is None else bias32.data_ptr(),
+        mm(xp.data_ptr(), rows, k, xp.shape[1], vp, op, kh, n, 0 if bias32 is None else bias32.data_ptr(),
            y.data_ptr(), _get_threads())
         return y
 
