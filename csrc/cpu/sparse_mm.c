@@ -40,6 +40,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#if defined(_WIN32)
+#include <malloc.h>
+#endif
 #include <string.h>
 
 #ifdef _OPENMP
@@ -73,6 +76,34 @@ thread_range(long n, long *lo, long *hi)
 #endif
     *lo = n * t / nt;
     *hi = n * (t + 1) / nt;
+}
+
+/* Scratch buffers aligned to a cache line (the AVX2 loops load 32 bytes at multiples of 32 bytes from their
+   start: no load splits across two lines); sk_free releases them; NULL when out of memory. */
+static void *
+sk_alloc(size_t bytes, int zero)
+{
+    void *p = NULL;
+    bytes = (bytes + 63) / 64 * 64;
+#if defined(_WIN32)
+    p = _aligned_malloc(bytes ? bytes : 64, 64);
+#else
+    if (posix_memalign(&p, 64, bytes ? bytes : 64) != 0)
+        p = NULL;
+#endif
+    if (p != NULL && zero)
+        memset(p, 0, bytes);
+    return p;
+}
+
+static void
+sk_free(void *p)
+{
+#if defined(_WIN32)
+    _aligned_free(p);
+#else
+    free(p);
+#endif
 }
 
 /* set by force_plain() (tests): the plain C loops even where the AVX2 ones run */
@@ -265,7 +296,7 @@ SK_AVX static int
 sp24_perm(long M, long N, long kh, const float *x, long ldx, const float *vals, const uint8_t *off,
           const float *bias, float *y, long ldy, int nthreads)
 {
-    float *acc = (float *)calloc((size_t)N * (size_t)M, sizeof(float));
+    float *acc = (float *)sk_alloc(sizeof(float) * (size_t)N * (size_t)M, 1);
     if (acc == NULL)
         return -1;
     (void)nthreads;
@@ -292,8 +323,31 @@ sp24_perm(long M, long N, long kh, const float *x, long ldx, const float *vals, 
         for (long n = n0; n < n1; ++n)
             y[m * ldy + n] = acc[n * M + m] + (bias ? bias[n] : 0.f);
     }
-    free(acc);
+    sk_free(acc);
     return 0;
+}
+
+/* dst[c * ldd + r] = src[r * lds + c] for an 8 x 8 block */
+SK_AVX SK_INLINE void
+transpose8(const float *src, long lds, float *dst, long ldd)
+{
+    __m256 r[8], t[8];
+    for (int i = 0; i < 8; ++i)
+        r[i] = _mm256_loadu_ps(src + i * lds);
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; ++i) {
+        _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+        _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+    }
 }
 
 /* acc (8*NV floats) = (first) or += the sums of one output column over one chunk of cnt (even) values; xc is the
@@ -307,7 +361,25 @@ sp24_t_chunk(const int NV, const float *v, const uint8_t *o, long cnt, const flo
         a0[j] = _mm256_setzero_ps();
         a1[j] = _mm256_setzero_ps();
     }
-    for (long t = 0; t < cnt; t += 2) {
+    long t = 0;
+    /* 16 values per step, their column offsets read as two 64-bit words (unrolled: the loop's scalar work, not
+       the multiply-adds, bounded the one-value-pair-per-step loop at about half the FMA rate) */
+    for (; t + 16 <= cnt; t += 16) {
+        uint64_t ow[2];
+        memcpy(ow, o + t, 16);
+        for (int h = 0; h < 2; ++h)
+            for (int u = 0; u < 8; u += 2) {
+                const __m256 w0 = _mm256_broadcast_ss(v + t + 8 * h + u);
+                const __m256 w1 = _mm256_broadcast_ss(v + t + 8 * h + u + 1);
+                const float *x0 = xc + (long)((ow[h] >> (8 * u)) & 255) * mt;
+                const float *x1 = xc + (long)((ow[h] >> (8 * u + 8)) & 255) * mt;
+                for (int j = 0; j < NV; ++j) {
+                    a0[j] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + 8 * j), a0[j]);
+                    a1[j] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x1 + 8 * j), a1[j]);
+                }
+            }
+    }
+    for (; t < cnt; t += 2) {
         const __m256 w0 = _mm256_broadcast_ss(v + t), w1 = _mm256_broadcast_ss(v + t + 1);
         const float *x0 = xc + (long)o[t] * mt, *x1 = xc + (long)o[t + 1] * mt;
         for (int j = 0; j < NV; ++j) {
@@ -329,11 +401,11 @@ sp24_trans(long M, long N, long kh, long K, const float *x, long ldx, const floa
 {
     const long kp = 2 * kh, ntiles = (M + SP24_TILE - 1) / SP24_TILE;
     /* tile i: rows SP24_TILE*i .. (at most SP24_TILE), transposed (kp, mt) with mt = the rows rounded up to 8 */
-    float *xT = (float *)malloc(sizeof(float) * (size_t)kp * (size_t)(ntiles * SP24_TILE));
-    float *acc = (float *)malloc(sizeof(float) * (size_t)N * SP24_TILE);
+    float *xT = (float *)sk_alloc(sizeof(float) * (size_t)kp * (size_t)(ntiles * SP24_TILE), 0);
+    float *acc = (float *)sk_alloc(sizeof(float) * (size_t)N * SP24_TILE, 0);
     if (xT == NULL || acc == NULL) {
-        free(xT);
-        free(acc);
+        sk_free(xT);
+        sk_free(acc);
         return -1;
     }
     (void)nthreads;
@@ -342,17 +414,21 @@ sp24_trans(long M, long N, long kh, long K, const float *x, long ldx, const floa
 #endif
     {
     long lo, hi, n0, n1;
-    thread_range(kp, &lo, &hi);
+    thread_range(kp / 8, &lo, &hi); /* kp is a multiple of 8: 8-column blocks */
+    lo *= 8;
+    hi *= 8;
     for (long i = 0; i < ntiles; ++i) {
         const long r0 = i * SP24_TILE, rr = M - r0 < SP24_TILE ? M - r0 : SP24_TILE, mt = (rr + 7) / 8 * 8;
         float *xt = xT + r0 * kp;
-        for (long k = lo; k < hi; ++k)
-            for (long r = rr; r < mt; ++r)
-                xt[k * mt + r] = 0.f;
-        for (long r = 0; r < rr; ++r) {
+        for (long r = 0; r < mt; r += 8) {
             const float *xr = x + (r0 + r) * ldx;
-            for (long k = lo; k < hi; ++k)
-                xt[k * mt + r] = k < K ? xr[k] : 0.f;
+            long k = lo;
+            if (r + 8 <= rr)
+                for (; k + 8 <= hi && k + 8 <= K; k += 8)
+                    transpose8(xr + k, ldx, xt + k * mt + r, mt);
+            for (; k < hi; ++k)
+                for (long j = r; j < r + 8; ++j)
+                    xt[k * mt + j] = j < rr && k < K ? x[(r0 + j) * ldx + k] : 0.f;
         }
     }
 #ifdef _OPENMP
@@ -386,8 +462,8 @@ sp24_trans(long M, long N, long kh, long K, const float *x, long ldx, const floa
         }
     }
     }
-    free(xT);
-    free(acc);
+    sk_free(xT);
+    sk_free(acc);
     return 0;
 }
 
@@ -651,7 +727,7 @@ w4_simd(long M, long N, long kp, long gs, const int8_t *xi, const uint8_t *q, co
         thread_range(pairs, &p0, &p1);
         /* with more than one tile of rows, a column pair's codes are decoded once per m block (one byte each)
            instead of once per tile */
-        uint8_t *wd = M > 4 ? (uint8_t *)malloc((size_t)(2 * kp)) : NULL;
+        uint8_t *wd = M > 4 ? (uint8_t *)sk_alloc((size_t)(2 * kp), 0) : NULL;
         if (M > 4 && wd == NULL)
             rc = 1;
         for (long m0 = 0; m0 < M && !rc; m0 += mc) {
@@ -695,7 +771,7 @@ w4_simd(long M, long N, long kp, long gs, const int8_t *xi, const uint8_t *q, co
                 }
             }
         }
-        free(wd);
+        sk_free(wd);
     }
     return rc ? -1 : 0;
 }
@@ -837,13 +913,13 @@ qlinear_run(int kind, const float *x, long M, long K, const void *w, const void 
     const long kp = kind == 0 ? (K + 15) / 16 * 16 : (K + gs - 1) / gs * gs; /* padded columns */
     const long G = kind == 1 ? kp / gs : 1;
     const size_t esz = kind == 0 ? sizeof(int16_t) : sizeof(int8_t);
-    float *codes = (float *)malloc(sizeof(float) * (size_t)(M * K + M));
-    void *xi = calloc((size_t)(M * kp), esz);
-    int32_t *xsum = (int32_t *)calloc((size_t)(M * G), sizeof(int32_t));
+    float *codes = (float *)sk_alloc(sizeof(float) * (size_t)(M * K + M), 0);
+    void *xi = sk_alloc((size_t)(M * kp) * esz, 1);
+    int32_t *xsum = (int32_t *)sk_alloc(sizeof(int32_t) * (size_t)(M * G), 1);
     if (codes == NULL || xi == NULL || xsum == NULL) {
-        free(codes);
-        free(xi);
-        free(xsum);
+        sk_free(codes);
+        sk_free(xi);
+        sk_free(xsum);
         return -1;
     }
     float *scale = codes + M * K;
@@ -886,9 +962,9 @@ qlinear_run(int kind, const float *x, long M, long K, const void *w, const void 
     else
         w4_plain(M, N, kp, gs, (const int8_t *)xi, (const uint8_t *)w, (const float *)aux1, y, N, nthreads);
     if (rc < 0) {
-        free(codes);
-        free(xi);
-        free(xsum);
+        sk_free(codes);
+        sk_free(xi);
+        sk_free(xsum);
         return -1;
     }
     const int parn = M >= 8 && M * N >= 65536 ? nthreads : 1;
@@ -926,9 +1002,9 @@ qlinear_run(int kind, const float *x, long M, long K, const void *w, const void 
         if (rout)
             sk_round(ym, N, rout);
     }
-    free(codes);
-    free(xi);
-    free(xsum);
+    sk_free(codes);
+    sk_free(xi);
+    sk_free(xsum);
     return 0;
 }
 
