@@ -74,6 +74,25 @@ def test_sp24_kernel_equals_float64_matmul(k, m):
     _close64(y, _ref64(layer, x))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sp24_kernel_many_rows_in_blocks(threads):
+    """More rows than one transposed block (1024 rows): the blocks one after another, the same bits on 1 and
+    2 threads."""
+    layer = _layer("2:4", 264, 53)
+    x = torch.randn(2 * 1024 + 37, 264)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            y = layer(x)
+            part = layer(x[1024:1024 + 40])
+    finally:
+        torch.set_num_threads(before)
+    assert _kernel_ran(layer)
+    _close64(y, _ref64(layer, x))
+    assert torch.equal(y[1024:1024 + 40], part)       # a row's result does not depend on its block
+
+
 @pytest.mark.parametrize("block", [(16, 16), (32, 64), (64, 32), (128, 16)])
 @pytest.mark.parametrize("shape", [(40, 50), (130, 200), (16, 16)])
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 17, 64])

@@ -54,6 +54,7 @@
 #define SP24_PERM_ROWS 3
 #define SP24_TILE 32 /* rows per tile of the transposed loop */
 #define SP24_KC 128  /* columns per chunk of the stored values (sparsekit/ops/_cpu_ext.py: SP24_CHUNK) */
+#define SP24_BLOCK_ROWS 1024 /* rows transposed at a time (the copy: 4 KB per input column) */
 #define BLK_COLS 16  /* output columns per block tile */
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -399,9 +400,11 @@ SK_AVX static int
 sp24_trans(long M, long N, long kh, long K, const float *x, long ldx, const float *vals, const uint8_t *off,
            const float *bias, float *y, long ldy, int nthreads)
 {
-    const long kp = 2 * kh, ntiles = (M + SP24_TILE - 1) / SP24_TILE;
-    /* tile i: rows SP24_TILE*i .. (at most SP24_TILE), transposed (kp, mt) with mt = the rows rounded up to 8 */
-    float *xT = (float *)sk_alloc(sizeof(float) * (size_t)kp * (size_t)(ntiles * SP24_TILE), 0);
+    const long kp = 2 * kh;
+    /* rows in blocks of at most SP24_BLOCK_ROWS (the transposed copy's size); tile i of a block: its rows
+       SP24_TILE*i .. (at most SP24_TILE), transposed (kp, mt) with mt = the rows rounded up to 8 */
+    const long mblk = ((M < SP24_BLOCK_ROWS ? M : SP24_BLOCK_ROWS) + SP24_TILE - 1) / SP24_TILE * SP24_TILE;
+    float *xT = (float *)sk_alloc(sizeof(float) * (size_t)kp * (size_t)mblk, 0);
     float *acc = (float *)sk_alloc(sizeof(float) * (size_t)N * SP24_TILE, 0);
     if (xT == NULL || acc == NULL) {
         sk_free(xT);
@@ -417,48 +420,59 @@ sp24_trans(long M, long N, long kh, long K, const float *x, long ldx, const floa
     thread_range(kp / 8, &lo, &hi); /* kp is a multiple of 8: 8-column blocks */
     lo *= 8;
     hi *= 8;
-    for (long i = 0; i < ntiles; ++i) {
-        const long r0 = i * SP24_TILE, rr = M - r0 < SP24_TILE ? M - r0 : SP24_TILE, mt = (rr + 7) / 8 * 8;
-        float *xt = xT + r0 * kp;
-        for (long r = 0; r < mt; r += 8) {
-            const float *xr = x + (r0 + r) * ldx;
-            long k = lo;
-            if (r + 8 <= rr)
-                for (; k + 8 <= hi && k + 8 <= K; k += 8)
-                    transpose8(xr + k, ldx, xt + k * mt + r, mt);
-            for (; k < hi; ++k)
-                for (long j = r; j < r + 8; ++j)
-                    xt[k * mt + j] = j < rr && k < K ? x[(r0 + j) * ldx + k] : 0.f;
+    thread_range(N, &n0, &n1);
+    for (long b0 = 0; b0 < M; b0 += SP24_BLOCK_ROWS) {
+        const long bm = M - b0 < SP24_BLOCK_ROWS ? M - b0 : SP24_BLOCK_ROWS;
+        const long ntiles = (bm + SP24_TILE - 1) / SP24_TILE;
+        const float *xb = x + b0 * ldx;
+        float *yb = y + b0 * ldy;
+        if (b0 > 0) {
+#ifdef _OPENMP
+#pragma omp barrier /* every thread done with the previous block's copy */
+#endif
         }
-    }
+        for (long i = 0; i < ntiles; ++i) {
+            const long r0 = i * SP24_TILE, rr = bm - r0 < SP24_TILE ? bm - r0 : SP24_TILE, mt = (rr + 7) / 8 * 8;
+            float *xt = xT + r0 * kp;
+            for (long r = 0; r < mt; r += 8) {
+                const float *xr = xb + (r0 + r) * ldx;
+                long k = lo;
+                if (r + 8 <= rr)
+                    for (; k + 8 <= hi && k + 8 <= K; k += 8)
+                        transpose8(xr + k, ldx, xt + k * mt + r, mt);
+                for (; k < hi; ++k)
+                    for (long j = r; j < r + 8; ++j)
+                        xt[k * mt + j] = j < rr && k < K ? xb[(r0 + j) * ldx + k] : 0.f;
+            }
+        }
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
-    thread_range(N, &n0, &n1);
-    for (long i = 0; i < ntiles; ++i) {
-        const long r0 = i * SP24_TILE, rr = M - r0 < SP24_TILE ? M - r0 : SP24_TILE, mt = (rr + 7) / 8 * 8;
-        const int nv = (int)(mt / 8);
-        const float *xt = xT + r0 * kp;
-        for (long t0 = 0; t0 < kh; t0 += SP24_KC / 2) {
-            const long cnt = kh - t0 < SP24_KC / 2 ? kh - t0 : SP24_KC / 2;
-            const float *xc = xt + 2 * t0 * mt;
-            const int first = t0 == 0;
-            for (long n = n0; n < n1; ++n) {
-                const float *v = vals + N * t0 + n * cnt;
-                const uint8_t *o = off + N * t0 + n * cnt;
-                float *a = acc + n * SP24_TILE;
-                switch (nv) {
-                case 1: sp24_t_chunk(1, v, o, cnt, xc, a, first); break;
-                case 2: sp24_t_chunk(2, v, o, cnt, xc, a, first); break;
-                case 3: sp24_t_chunk(3, v, o, cnt, xc, a, first); break;
-                default: sp24_t_chunk(4, v, o, cnt, xc, a, first); break;
+        for (long i = 0; i < ntiles; ++i) {
+            const long r0 = i * SP24_TILE, rr = bm - r0 < SP24_TILE ? bm - r0 : SP24_TILE, mt = (rr + 7) / 8 * 8;
+            const int nv = (int)(mt / 8);
+            const float *xt = xT + r0 * kp;
+            for (long t0 = 0; t0 < kh; t0 += SP24_KC / 2) {
+                const long cnt = kh - t0 < SP24_KC / 2 ? kh - t0 : SP24_KC / 2;
+                const float *xc = xt + 2 * t0 * mt;
+                const int first = t0 == 0;
+                for (long n = n0; n < n1; ++n) {
+                    const float *v = vals + N * t0 + n * cnt;
+                    const uint8_t *o = off + N * t0 + n * cnt;
+                    float *a = acc + n * SP24_TILE;
+                    switch (nv) {
+                    case 1: sp24_t_chunk(1, v, o, cnt, xc, a, first); break;
+                    case 2: sp24_t_chunk(2, v, o, cnt, xc, a, first); break;
+                    case 3: sp24_t_chunk(3, v, o, cnt, xc, a, first); break;
+                    default: sp24_t_chunk(4, v, o, cnt, xc, a, first); break;
+                    }
                 }
             }
-        }
-        for (long r = 0; r < rr; ++r) {
-            float *yr = y + (r0 + r) * ldy;
-            for (long n = n0; n < n1; ++n)
-                yr[n] = acc[n * SP24_TILE + r] + (bias ? bias[n] : 0.f);
+            for (long r = 0; r < rr; ++r) {
+                float *yr = yb + (r0 + r) * ldy;
+                for (long n = n0; n < n1; ++n)
+                    yr[n] = acc[n * SP24_TILE + r] + (bias ? bias[n] : 0.f);
+            }
         }
     }
     }
