@@ -14,10 +14,10 @@
  *     columns are two AVX2 registers; one permute of each by the low 3 bits of off (the column's position in its
  *     8-column half) and a blend give the 8 x values the 8 weights multiply.  x is read with Kp columns (the
  *     caller pads a K < Kp).
- *   - more rows: x is transposed into tiles of up to SP24_TILE rows (the rows of one column contiguous, zeros in
- *     the pad); for each tile and each chunk -- the chunk of the tile is 16 KB and stays in L1 -- every output
- *     column takes one broadcast per stored value and (rows / 8) multiply-adds; the column sums accumulate over
- *     the chunks in a (N, SP24_TILE) buffer.
+ *   - more rows: x is transposed (up to SP24_BLOCK_ROWS rows at a time) into tiles of up to SP24_TILE rows (the
+ *     rows of one column contiguous, zeros in the pad); for each tile and each chunk -- the chunk of the tile is
+ *     16 KB and stays in L1 -- every output column takes one broadcast per stored value and (rows / 8)
+ *     multiply-adds, 16 values per step; the column sums accumulate over the chunks in a (N, SP24_TILE) buffer.
  * Block-sparse (block_mm): the kept (bm, bk) blocks of block row r are j = crow[r] .. crow[r+1]-1 at block column
  * col[j], stored transposed (bT[j] is (bk, bm)); 16 outputs x up to 4 rows at a time, one broadcast of x and
  * two multiply-adds per block column k.  x is read with nbc*bk columns (the caller pads).  Dropped blocks are

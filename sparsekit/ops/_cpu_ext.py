@@ -271,7 +271,8 @@ def sp24_kernel(values: torch.Tensor, meta: torch.Tensor, k: int):
     run here (:func:`sparse_available`).  ``f`` returns None when ``x2`` holds an Inf or NaN: the dense matmul
     multiplies the pruned zeros too (0 * Inf = NaN), which the caller reproduces by running it.  Prepared once
     per weight: a float32 copy of the values and a one-byte column index per value, both in chunk-major order
-    (5 bytes per stored value); per call, more than 3 rows: a transposed float32 copy of ``x2``."""
+    (5 bytes per stored value); per call, more than 3 rows: a transposed float32 copy of up to 1024 rows of
+    ``x2`` at a time."""
     if not sparse_available():
         return None
     from ..formats._validate import sparse24_columns
