@@ -322,6 +322,29 @@ def test_sparse_int4_module_uses_the_2_4_kernel_from_2_rows(dtype, m, k, monkeyp
 
 
 
+@pytest.mark.parametrize("kind", ["w8a8", "w4a8"])
+def test_fused_linear_runs_large_batches_in_blocks(kind, monkeypatch):
+    """More rows than FUSED_BLOCK_ROWS: the blocks one after another (bounded scratch); every row's result --
+    exact integer sums, then scales, bias and rounding -- equals that of a short batch holding the row."""
+    from sparsekit.formats.int4 import pack_int4
+
+    monkeypatch.setattr(_cpu_ext, "FUSED_BLOCK_ROWS", 16)
+    torch.manual_seed(0)
+    if kind == "w8a8":
+        f = _cpu_ext.w8a8_kernel(torch.randint(-127, 128, (29, 40), dtype=torch.int8), torch.rand(29))
+        x = torch.randn(53, 40)
+    else:
+        q4 = pack_int4(torch.randint(0, 16, (29, 256)))
+        s4, z4 = (torch.rand(29, 4) * 0.1 + 0.01).half(), torch.randint(0, 16, (29, 4)).half()
+        f = _cpu_ext.w4a8_kernel(q4, s4, z4, 64, 256)
+        x = torch.randn(53, 256)
+    bias = torch.randn(29)
+    y = f(x, 8, torch.float16, bias)
+    assert y.shape == (53, 29)
+    for r0 in (0, 14, 16, 37, 50):
+        assert torch.equal(y[r0:r0 + 3], f(x[r0:r0 + 3].contiguous(), 8, torch.float16, bias))
+
+
 def test_plain_c_loops_equal_the_avx2_loops():
     """The plain C loops (what runs without AVX2 + FMA) compute the same sums as the AVX2 ones: the same integer
     results, float32 results up to summation order."""

@@ -334,6 +334,10 @@ def block_kernel(blocks: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, n:
     return f
 
 
+#: Rows per call of a fused quantized linear (larger batches run in blocks of this many rows).
+FUSED_BLOCK_ROWS = 1024
+
+
 def _fused(kind: int, n: int, k: int, w, aux1, aux2, gs: int, col_scale: Optional[torch.Tensor], keep: tuple):
     """The callable of a fused quantized linear (see :func:`w8a8_kernel`; kind 0: int8 codes, 1: int4)."""
     cs = None if col_scale is None else col_scale.detach().float().contiguous()
@@ -346,8 +350,13 @@ def _fused(kind: int, n: int, k: int, w, aux1, aux2, gs: int, col_scale: Optiona
         rows = x2.shape[0]
         y = _empty(rows, n, dtype=_float32)
         r = 0 if round_to is None else _ROUND_MODES[round_to]
-        run(kind, x2.data_ptr(), rows, k, wp, a1, a2, gs, n, cp, 0 if bias32 is None else bias32.data_ptr(),
-            y.data_ptr(), 127 if nbits == 8 else 7, r, r, _get_threads())
+        bp, qmax, th = 0 if bias32 is None else bias32.data_ptr(), 127 if nbits == 8 else 7, _get_threads()
+        xp, yp = x2.data_ptr(), y.data_ptr()
+        # at most FUSED_BLOCK_ROWS rows per call: the call's scratch (the codes: 6 bytes per input element for
+        # W8A8) stays bounded whatever the batch; every row's result is independent of the others (exact sums)
+        for r0 in range(0, rows, FUSED_BLOCK_ROWS):
+            rr = min(FUSED_BLOCK_ROWS, rows - r0)
+            run(kind, xp + 4 * r0 * k, rr, k, wp, a1, a2, gs, n, cp, bp, yp + 4 * r0 * n, qmax, r, r, th)
         return y
 
     f.keep = keep + (cs,)
