@@ -255,13 +255,8 @@ SP24_CHUNK = 128
 def _chunk_major(a: torch.Tensor) -> torch.Tensor:
     """(N, kh) per-value array in the kernel's chunk-major order: for each chunk of SP24_CHUNK/2 values per row,
     that chunk of row 0, of row 1, ... (a pass over one chunk reads the weights sequentially)."""
-    n, kh = a.shape
     c = SP24_CHUNK // 2
-    full = kh // c * c
-    parts = [a[:, :full].reshape(n, kh // c, c).transpose(0, 1).reshape(-1)] if full else []
-    if full < kh:
-        parts.append(a[:, full:].reshape(-1))
-    return torch.cat(parts).contiguous() if len(parts) != 1 else parts[0].contiguous()
+    return torch.cat([a[:, t0:t0 + c].reshape(-1) for t0 in range(0, a.shape[1], c)])
 
 
 def sp24_kernel(values: torch.Tensor, meta: torch.Tensor, k: int):
